@@ -1,0 +1,334 @@
+// CPU kernel of mf_ext::masked_mf_loss_and_grads: one fused pass over R computes the loss and
+// the gradients of R, P and Q that are asked for.
+//
+// The matrix is cut into at most 4 × 4 blocks ("tasks"), a number fixed by the shape alone.
+// Task (a, b) owns rows of group a and columns of group b; it writes its own slice of a dP
+// partial (one per column group) and of a dQ partial (one per row group), and the partials are
+// summed in a fixed order at the end. Results are therefore bitwise the same whatever the
+// thread count, and the extra memory is at most 4·r·(m + n) values, never m·n.
+//
+// Inside a task, columns are swept in tiles of kTileCols so that a tile's Q and dQ slices
+// (r × kTileCols) stay in cache while every row of the group passes over them. Per row and tile:
+//   pass 1: pred = p_iᵀ Q[:, tile], e = (R − pred)·observed, the loss and grad_R;
+//   pass 2: dP[:, i] += Q[:, tile]·e and dQ[:, tile] += p_i eᵀ (both scaled by −2 at the end).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../masked_mf_loss_checks.h"
+#include "simd.h"
+
+namespace mf_ext {
+namespace {
+
+using simd::Vec;
+
+constexpr int64_t kTileCols = 256;
+constexpr int64_t kMaxGroups = 4;
+
+// Everything a task reads and writes, as raw pointers taken once. P, Q are contiguous; Q is
+// zero-padded to n_pad columns so every tile is a whole number of 4-vector blocks.
+template <typename T>
+struct DenseProblem {
+  int64_t m, n, n_pad, r;
+  const T* R;
+  int64_t R_s0, R_s1;
+  const bool* mask;  // nullptr: observed where R != 0
+  int64_t M_s0, M_s1;
+  T* grad_R;  // nullptr: not wanted
+  int64_t G_s0, G_s1;
+  const T* P;       // (r, m)
+  const T* Q;       // (r, n_pad)
+  T* dP_parts;      // (col_groups, r, m) or nullptr
+  T* dQ_parts;      // (row_groups, r, n_pad) or nullptr
+  int64_t row_groups, col_groups;
+};
+
+struct TaskResult {
+  double loss = 0;
+  int64_t count = 0;
+};
+
+// [begin, end) of part `index` when `total` is cut into `parts` near-equal parts.
+inline std::pair<int64_t, int64_t> split(int64_t total, int64_t parts, int64_t index) {
+  return {total * index / parts, total * (index + 1) / parts};
+}
+
+// W entries of a row starting at `p` with stride `stride`, of which only `lanes` exist (the
+// rest read as 0).
+template <typename T>
+MF_EXT_INLINE typename Vec<T>::type load_chunk(const T* p, int64_t stride, int64_t lanes) {
+  constexpr int W = Vec<T>::width;
+  if (stride == 1 && lanes >= W) return simd::load(p);
+  alignas(64) T tmp[W] = {};
+  for (int64_t l = 0; l < std::min<int64_t>(lanes, W); ++l) tmp[l] = p[l * stride];
+  return simd::load(tmp);
+}
+
+template <typename T>
+MF_EXT_INLINE typename Vec<T>::type load_mask_chunk(const bool* p, int64_t stride, int64_t lanes) {
+  constexpr int W = Vec<T>::width;
+  if (stride == 1 && lanes >= W) return simd::load_mask<T>(p);
+  alignas(64) bool tmp[W] = {};
+  for (int64_t l = 0; l < std::min<int64_t>(lanes, W); ++l) tmp[l] = p[l * stride];
+  return simd::load_mask<T>(tmp);
+}
+
+template <typename T>
+MF_EXT_INLINE void store_chunk(T* p, int64_t stride, int64_t lanes, typename Vec<T>::type v) {
+  constexpr int W = Vec<T>::width;
+  if (stride == 1 && lanes >= W) return simd::store(p, v);
+  for (int64_t l = 0; l < std::min<int64_t>(lanes, W); ++l) p[l * stride] = v[l];
+}
+
+template <typename T, bool kGradP, bool kGradQ>
+MF_EXT_INLINE void run_task(const DenseProblem<T>& pb, int64_t task, TaskResult& result) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  constexpr int64_t kBlock = 4 * W;  // columns handled per step: 4 independent vectors
+  const int64_t r = pb.r, m = pb.m, n_pad = pb.n_pad;
+  const auto [i0, i1] = split(m, pb.row_groups, task / pb.col_groups);
+  auto [b0, b1] = split(n_pad / kBlock, pb.col_groups, task % pb.col_groups);
+  const int64_t j0 = b0 * kBlock, j1 = b1 * kBlock;
+  T* dP = kGradP ? pb.dP_parts + (task % pb.col_groups) * r * m : nullptr;
+  T* dQ = kGradQ ? pb.dQ_parts + (task / pb.col_groups) * r * n_pad : nullptr;
+
+  std::vector<T> p(r);
+  alignas(64) T e_buf[kTileCols];
+  const V zero = simd::broadcast<T>(0), one = simd::broadcast<T>(1), two = simd::broadcast<T>(2);
+  double loss = 0;
+  int64_t count = 0;
+
+  for (int64_t jt = j0; jt < j1; jt += kTileCols) {
+    const int64_t width = std::min(kTileCols, j1 - jt);  // a multiple of kBlock
+    const int64_t valid = pb.n - jt;                     // real columns from jt on
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t k = 0; k < r; ++k) p[k] = pb.P[k * m + i];
+      const T* R_row = pb.R + i * pb.R_s0 + jt * pb.R_s1;
+      const bool* M_row = pb.mask ? pb.mask + i * pb.M_s0 + jt * pb.M_s1 : nullptr;
+      T* G_row = pb.grad_R ? pb.grad_R + i * pb.G_s0 + jt * pb.G_s1 : nullptr;
+      V loss_v = zero, count_v = zero;
+
+      // Pass 1: prediction, masked error, loss, grad_R.
+      for (int64_t jj = 0; jj < width; jj += kBlock) {
+        V pred[4] = {zero, zero, zero, zero};
+        const T* q = pb.Q + jt + jj;
+        for (int64_t k = 0; k < r; ++k, q += n_pad) {
+          const V pk = simd::broadcast(p[k]);
+          for (int u = 0; u < 4; ++u) pred[u] += pk * simd::load(q + u * W);
+        }
+        for (int u = 0; u < 4; ++u) {
+          const int64_t col = jj + u * W;
+          const int64_t lanes = valid - col;
+          const V rv = load_chunk(R_row + col * pb.R_s1, pb.R_s1, lanes);
+          V observed;
+          if (M_row) {
+            observed = load_mask_chunk<T>(M_row + col * pb.M_s1, pb.M_s1, lanes);
+          } else {
+            observed = rv != zero ? one : zero;
+          }
+          // Multiply (not select) by the mask, as the reference does: NaN/Inf propagate alike.
+          V e = (rv - pred[u]) * observed;
+          if (lanes < W) {
+            for (int l = std::max<int64_t>(lanes, 0); l < W; ++l) e[l] = 0;  // padding
+          }
+          loss_v += e * e;
+          count_v += observed;
+          simd::store(e_buf + col, e);
+          if (G_row) store_chunk(G_row + col * pb.G_s1, pb.G_s1, lanes, two * e);
+        }
+      }
+      loss += static_cast<double>(simd::sum_lanes<T>(loss_v));
+      count += static_cast<int64_t>(simd::sum_lanes<T>(count_v));
+
+      // Pass 2: Σ_j e_j q_j into dP[:, i] and e_j p_i into dQ[:, j].
+      if constexpr (kGradP || kGradQ) {
+        const T* q = pb.Q + jt;
+        T* dq = kGradQ ? dQ + jt : nullptr;
+        for (int64_t k = 0; k < r; ++k, q += n_pad) {
+          const V pk = simd::broadcast(p[k]);
+          V acc[4] = {zero, zero, zero, zero};
+          for (int64_t jj = 0; jj < width; jj += kBlock) {
+            for (int u = 0; u < 4; ++u) {
+              const int64_t col = jj + u * W;
+              const V e = simd::load(e_buf + col);
+              if constexpr (kGradP) acc[u] += e * simd::load(q + col);
+              if constexpr (kGradQ) simd::store(dq + col, simd::load(dq + col) + e * pk);
+            }
+          }
+          if constexpr (kGradP) dP[k * m + i] += simd::sum_lanes<T>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+          if constexpr (kGradQ) dq += n_pad;
+        }
+      }
+    }
+  }
+  result.loss = loss;
+  result.count = count;
+}
+
+template <typename T>
+MF_EXT_INLINE void run_tasks(const DenseProblem<T>& pb, int64_t begin, int64_t end,
+                             TaskResult* results) {
+  const bool gP = pb.dP_parts != nullptr, gQ = pb.dQ_parts != nullptr;
+  for (int64_t t = begin; t < end; ++t) {
+    if (gP && gQ) run_task<T, true, true>(pb, t, results[t]);
+    else if (gP) run_task<T, true, false>(pb, t, results[t]);
+    else if (gQ) run_task<T, false, true>(pb, t, results[t]);
+    else run_task<T, false, false>(pb, t, results[t]);
+  }
+}
+
+// Non-template entry points, so that each can be cloned per instruction set.
+MF_EXT_TARGET_CLONES void run_tasks_float(const DenseProblem<float>& pb, int64_t begin,
+                                          int64_t end, TaskResult* results) {
+  run_tasks(pb, begin, end, results);
+}
+MF_EXT_TARGET_CLONES void run_tasks_double(const DenseProblem<double>& pb, int64_t begin,
+                                           int64_t end, TaskResult* results) {
+  run_tasks(pb, begin, end, results);
+}
+inline void run_tasks_any(const DenseProblem<float>& pb, int64_t b, int64_t e, TaskResult* r) {
+  run_tasks_float(pb, b, e, r);
+}
+inline void run_tasks_any(const DenseProblem<double>& pb, int64_t b, int64_t e, TaskResult* r) {
+  run_tasks_double(pb, b, e, r);
+}
+
+// out[k, j] = scale · Σ_g parts[g, k, j] (g in order), for j < cols of a (r, stride) layout.
+template <typename T>
+void reduce_parts(const T* parts, int64_t groups, int64_t r, int64_t cols, int64_t stride,
+                  T scale, T* out) {
+  at::parallel_for(0, r * cols, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t k = idx / cols, j = idx % cols;
+      T s = 0;
+      for (int64_t g = 0; g < groups; ++g) s += parts[(g * r + k) * stride + j];
+      out[idx] = s * scale;
+    }
+  });
+}
+
+// Runs the fused pass on R (m, n), P (r, m), Q (r, n); writes grad_R (if defined), and
+// grad_P / grad_Q (contiguous, if defined). Returns the loss.
+template <typename T>
+double masked_mf_loss_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
+                           const std::optional<at::Tensor>& mask, Reduction reduction,
+                           const at::Tensor& grad_R, const at::Tensor& grad_P,
+                           const at::Tensor& grad_Q) {
+  constexpr int64_t kBlock = 4 * Vec<T>::width;
+  const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
+  if (grad_P.defined()) grad_P.zero_();
+  if (grad_Q.defined()) grad_Q.zero_();
+  if (m == 0 || n == 0) return 0.0;
+
+  const int64_t n_pad = (n + kBlock - 1) / kBlock * kBlock;
+  at::Tensor P_c = P.contiguous();
+  at::Tensor Q_pad = at::zeros({r, n_pad}, Q.options());
+  Q_pad.narrow(1, 0, n).copy_(Q);
+
+  DenseProblem<T> pb{};
+  pb.m = m;
+  pb.n = n;
+  pb.n_pad = n_pad;
+  pb.r = r;
+  pb.R = R.const_data_ptr<T>();
+  pb.R_s0 = R.stride(0);
+  pb.R_s1 = R.stride(1);
+  if (mask.has_value()) {
+    pb.mask = mask->const_data_ptr<bool>();
+    pb.M_s0 = mask->stride(0);
+    pb.M_s1 = mask->stride(1);
+  }
+  if (grad_R.defined()) {
+    pb.grad_R = grad_R.mutable_data_ptr<T>();
+    pb.G_s0 = grad_R.stride(0);
+    pb.G_s1 = grad_R.stride(1);
+  }
+  pb.P = P_c.const_data_ptr<T>();
+  pb.Q = Q_pad.const_data_ptr<T>();
+  pb.row_groups = std::clamp<int64_t>((m + 63) / 64, 1, kMaxGroups);
+  pb.col_groups = std::clamp<int64_t>((n_pad / kBlock + 3) / 4, 1, kMaxGroups);
+  at::Tensor dP_parts, dQ_parts;
+  if (grad_P.defined() && r > 0) {
+    dP_parts = at::zeros({pb.col_groups, r, m}, P.options());
+    pb.dP_parts = dP_parts.mutable_data_ptr<T>();
+  }
+  if (grad_Q.defined() && r > 0) {
+    dQ_parts = at::zeros({pb.row_groups, r, n_pad}, Q.options());
+    pb.dQ_parts = dQ_parts.mutable_data_ptr<T>();
+  }
+
+  const int64_t tasks = pb.row_groups * pb.col_groups;
+  std::vector<TaskResult> results(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    run_tasks_any(pb, begin, end, results.data());
+  });
+
+  double loss = 0;
+  int64_t count = 0;
+  for (const TaskResult& t : results) {
+    loss += t.loss;
+    count += t.count;
+  }
+  const double scale = reduction == Reduction::Mean ? 1.0 / std::max<int64_t>(count, 1) : 1.0;
+  if (pb.dP_parts) {
+    reduce_parts<T>(pb.dP_parts, pb.col_groups, r, m, m, static_cast<T>(-2 * scale),
+                    grad_P.mutable_data_ptr<T>());
+  }
+  if (pb.dQ_parts) {
+    reduce_parts<T>(pb.dQ_parts, pb.row_groups, r, n, n_pad, static_cast<T>(-2 * scale),
+                    grad_Q.mutable_data_ptr<T>());
+  }
+  if (grad_R.defined() && scale != 1.0) grad_R.mul_(scale);
+  return loss * scale;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_grads_cpu(
+    const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
+    const std::optional<at::Tensor>& mask, c10::string_view reduction, bool grad_R, bool grad_P,
+    bool grad_Q) {
+  check_masked_mf_loss_args(R, P, Q, mask);
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  TORCH_CHECK_TYPE(R.scalar_type() == at::kFloat || R.scalar_type() == at::kDouble,
+                   "mf_ext.masked_mf_loss: the CPU kernel supports float32 and float64, got ",
+                   R.scalar_type());
+  const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
+  const auto opts = R.options();
+  at::Tensor loss = at::empty({}, opts);
+  at::Tensor dR = grad_R ? at::empty_like(R) : at::empty({0}, opts);
+  at::Tensor dP = grad_P ? at::empty({r, m}, opts) : at::empty({0}, opts);
+  at::Tensor dQ = grad_Q ? at::empty({r, n}, opts) : at::empty({0}, opts);
+  if (grad_R && (m == 0 || n == 0)) dR.zero_();
+
+  // The kernel streams R along its rows; a column-major R is the transposed problem
+  // L(Rᵀ, Q, P), which swaps the roles of P and Q.
+  const bool rows_unit = R.size(1) <= 1 || R.stride(1) == 1;
+  const bool cols_unit = R.size(0) <= 1 || R.stride(0) == 1;
+  const bool transpose = !rows_unit && cols_unit;
+  const at::Tensor R_k = transpose ? R.t() : R;
+  const at::Tensor P_k = transpose ? Q : P;
+  const at::Tensor Q_k = transpose ? P : Q;
+  std::optional<at::Tensor> mask_k = mask;
+  if (transpose && mask.has_value()) mask_k = mask->t();
+  const at::Tensor dR_k = grad_R ? (transpose ? dR.t() : dR) : at::Tensor();
+  at::Tensor dP_k = transpose ? (grad_Q ? dQ : at::Tensor()) : (grad_P ? dP : at::Tensor());
+  at::Tensor dQ_k = transpose ? (grad_P ? dP : at::Tensor()) : (grad_Q ? dQ : at::Tensor());
+
+  AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "masked_mf_loss_cpu", [&] {
+    const double value =
+        masked_mf_loss_impl<scalar_t>(R_k, P_k, Q_k, mask_k, red, dR_k, dP_k, dQ_k);
+    loss.fill_(value);
+  });
+  return {loss, dR, dP, dQ};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mf_ext, CPU, m) {
+  m.impl("masked_mf_loss_and_grads", &masked_mf_loss_and_grads_cpu);
+}
+
+}  // namespace mf_ext

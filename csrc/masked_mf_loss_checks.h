@@ -1,0 +1,63 @@
+// Argument checks of mf_ext::masked_mf_loss_and_grads, shared by the CPU and CUDA kernels so
+// both reject bad input with the same message.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string_view>
+
+namespace mf_ext {
+
+enum class Reduction { Sum, Mean };
+
+inline Reduction parse_reduction(std::string_view reduction) {
+  if (reduction == "sum") return Reduction::Sum;
+  if (reduction == "mean") return Reduction::Mean;
+  TORCH_CHECK_VALUE(false, "mf_ext.masked_mf_loss: reduction must be \"sum\" or \"mean\", got \"",
+                    reduction, "\"");
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "mf_ext.masked_mf_loss: ", name,
+                   " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_masked_mf_loss_args(const at::Tensor& R, const at::Tensor& P,
+                                      const at::Tensor& Q, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK_VALUE(R.dim() == 2, "mf_ext.masked_mf_loss: R must be 2-D (m, n), got shape ",
+                    R.sizes());
+  TORCH_CHECK_VALUE(P.dim() == 2, "mf_ext.masked_mf_loss: P must be 2-D (r, m), got shape ",
+                    P.sizes());
+  TORCH_CHECK_VALUE(Q.dim() == 2, "mf_ext.masked_mf_loss: Q must be 2-D (r, n), got shape ",
+                    Q.sizes());
+  check_floating(R, "R");
+  check_floating(P, "P");
+  check_floating(Q, "Q");
+  TORCH_CHECK_TYPE(P.scalar_type() == R.scalar_type() && Q.scalar_type() == R.scalar_type(),
+                   "mf_ext.masked_mf_loss: R, P and Q must have the same dtype, got R ",
+                   R.scalar_type(), ", P ", P.scalar_type(), ", Q ", Q.scalar_type());
+  TORCH_CHECK_VALUE(P.size(0) == Q.size(0), "mf_ext.masked_mf_loss: P has rank ", P.size(0),
+                    " (shape ", P.sizes(), ") but Q has rank ", Q.size(0), " (shape ", Q.sizes(),
+                    ")");
+  TORCH_CHECK_VALUE(P.size(1) == R.size(0), "mf_ext.masked_mf_loss: P has ", P.size(1),
+                    " columns but R has ", R.size(0), " rows (P ", P.sizes(), ", R ", R.sizes(),
+                    ")");
+  TORCH_CHECK_VALUE(Q.size(1) == R.size(1), "mf_ext.masked_mf_loss: Q has ", Q.size(1),
+                    " columns but R has ", R.size(1), " columns (Q ", Q.sizes(), ", R ",
+                    R.sizes(), ")");
+  TORCH_CHECK_VALUE(P.device() == R.device() && Q.device() == R.device(),
+                    "mf_ext.masked_mf_loss: R, P and Q must be on the same device, got R on ",
+                    R.device(), ", P on ", P.device(), ", Q on ", Q.device());
+  if (mask.has_value()) {
+    const at::Tensor& M = *mask;
+    TORCH_CHECK_TYPE(M.scalar_type() == at::kBool,
+                     "mf_ext.masked_mf_loss: mask must be a bool tensor, got ", M.scalar_type());
+    TORCH_CHECK_VALUE(M.sizes() == R.sizes(), "mf_ext.masked_mf_loss: mask has shape ",
+                      M.sizes(), " but R has shape ", R.sizes());
+    TORCH_CHECK_VALUE(M.device() == R.device(), "mf_ext.masked_mf_loss: mask is on ",
+                      M.device(), " but R is on ", R.device());
+  }
+}
+
+}  // namespace mf_ext

@@ -1,0 +1,23 @@
+// Every mf_ext operator schema, in one place. Kernels live in csrc/cpu/ and csrc/cuda/;
+// autograd and fake (meta) kernels in mf_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty module: importing mf_ext._C only loads this library, whose static initializers
+// register the operators below with the dispatcher. No pybind11, so the ops never graph-break.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(mf_ext, m) {
+  // Dense form, fused: the loss Σ_Ω (R − PᵀQ)² ("sum") or its mean over Ω ("mean"), and in the
+  // same pass the gradients of R, P and Q for which the grad_* flag is set (an empty tensor
+  // otherwise). R: (m, n); P: (r, m); Q: (r, n); mask: (m, n) bool, or None for Ω = {R ≠ 0}.
+  m.def(
+      "masked_mf_loss_and_grads(Tensor R, Tensor P, Tensor Q, Tensor? mask, str reduction, "
+      "bool grad_R, bool grad_P, bool grad_Q) -> (Tensor loss, Tensor grad_R, Tensor grad_P, "
+      "Tensor grad_Q)");
+}

@@ -1,0 +1,127 @@
+"""The operators' Python face: the only module that touches torch.library.
+
+For each op in csrc/mf_ext.cpp it registers a fake kernel (shapes only, for torch.compile and
+meta tensors) and autograd, and exposes the public function.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+try:
+    from mf_ext import _C  # noqa: F401  (loading the library registers the kernels)
+except ImportError as exc:  # pragma: no cover - exercised only by broken installs
+    raise ImportError(
+        f"mf_ext: the compiled kernels (mf_ext._C) could not be loaded: {exc}\n"
+        f"They must be built against the torch in use (torch {torch.__version__}). Rebuild with "
+        "`python setup.py build_ext --inplace` (or `pip install --no-build-isolation .`)."
+    ) from exc
+
+_REDUCTIONS = ("sum", "mean")
+
+
+# ---------------------------------------------------------------- masked_mf_loss (dense form)
+
+def _check_masked_mf_loss_args(R, P, Q, mask, reduction) -> None:
+    """The same checks, with the same messages, as csrc/masked_mf_loss_checks.h; run here for
+    fake tensors (torch.compile, meta), where the C++ kernel does not run."""
+    op = "mf_ext.masked_mf_loss"
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f'{op}: reduction must be "sum" or "mean", got "{reduction}"')
+    for name, t, dims in (("R", R, "(m, n)"), ("P", P, "(r, m)"), ("Q", Q, "(r, n)")):
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D {dims}, got shape {list(t.shape)}")
+    for name, t in (("R", R), ("P", P), ("Q", Q)):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if not (P.dtype == R.dtype == Q.dtype):
+        raise TypeError(f"{op}: R, P and Q must have the same dtype, got R {R.dtype}, "
+                        f"P {P.dtype}, Q {Q.dtype}")
+    if P.shape[0] != Q.shape[0]:
+        raise ValueError(f"{op}: P has rank {P.shape[0]} (shape {list(P.shape)}) but Q has rank "
+                         f"{Q.shape[0]} (shape {list(Q.shape)})")
+    if P.shape[1] != R.shape[0]:
+        raise ValueError(f"{op}: P has {P.shape[1]} columns but R has {R.shape[0]} rows")
+    if Q.shape[1] != R.shape[1]:
+        raise ValueError(f"{op}: Q has {Q.shape[1]} columns but R has {R.shape[1]} columns")
+    if not (P.device == R.device == Q.device):
+        raise ValueError(f"{op}: R, P and Q must be on the same device, got R on {R.device}, "
+                         f"P on {P.device}, Q on {Q.device}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{op}: mask must be a bool tensor, got {mask.dtype}")
+        if mask.shape != R.shape:
+            raise ValueError(f"{op}: mask has shape {list(mask.shape)} but R has shape "
+                             f"{list(R.shape)}")
+        if mask.device != R.device:
+            raise ValueError(f"{op}: mask is on {mask.device} but R is on {R.device}")
+
+
+@torch.library.register_fake("mf_ext::masked_mf_loss_and_grads")
+def _masked_mf_loss_and_grads_fake(R, P, Q, mask, reduction, grad_R, grad_P, grad_Q):
+    _check_masked_mf_loss_args(R, P, Q, mask, reduction)
+    m, n, r = R.shape[0], R.shape[1], P.shape[0]
+    none = R.new_empty((0,))
+    return (
+        R.new_empty(()),
+        torch.empty_like(R) if grad_R else none,  # the kernels use at::empty_like(R) too
+        R.new_empty((r, m)) if grad_P else none.clone(),
+        R.new_empty((r, n)) if grad_Q else none.clone(),
+    )
+
+
+def _masked_mf_loss_setup_context(ctx, inputs, output):
+    _, _, _, _, _, grad_R, grad_P, grad_Q = inputs
+    _, dR, dP, dQ = output
+    ctx.grad_flags = (grad_R, grad_P, grad_Q)
+    ctx.save_for_backward(dR, dP, dQ)
+    ctx.mark_non_differentiable(dR, dP, dQ)
+
+
+@once_differentiable  # the saved gradients are constants: a second derivative would be wrong
+def _masked_mf_loss_backward(ctx, grad_loss, _grad_dR, _grad_dP, _grad_dQ):
+    saved = ctx.saved_tensors
+    grads = []
+    for index, (name, flag, g) in enumerate(zip("RPQ", ctx.grad_flags, saved)):
+        if ctx.needs_input_grad[index] and not flag:
+            raise RuntimeError(
+                f"mf_ext.masked_mf_loss: {name} requires grad but the op was called with "
+                f"grad_{name}=False; call mf_ext.masked_mf_loss, which sets the flags")
+        grads.append(grad_loss * g if flag and ctx.needs_input_grad[index] else None)
+    return (*grads, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "mf_ext::masked_mf_loss_and_grads",
+    _masked_mf_loss_backward,
+    setup_context=_masked_mf_loss_setup_context,
+)
+
+
+def masked_mf_loss(
+    R: torch.Tensor,
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Σ_Ω (R − PᵀQ)² and, in the same fused pass, the gradients autograd will need.
+
+    R: (m, n); P: (r, m); Q: (r, n), all float32 or float64 (CPU), any strides.
+    mask: (m, n) bool, or None for Ω = {R ≠ 0} (the notebook's rule).
+    reduction: "sum" (the notebook's) or "mean" over Ω (0 when Ω is empty).
+    Returns a 0-dim tensor of R's dtype. Gradients flow to whichever of R, P, Q require grad
+    (first derivatives only). NaN or Inf in the inputs propagate exactly as in the reference:
+    the error is multiplied by the mask, so a NaN even at an unobserved entry gives a NaN loss.
+    """
+    if not isinstance(reduction, str):
+        raise TypeError(f"mf_ext.masked_mf_loss: reduction must be a str, got {type(reduction)}")
+    grad = torch.is_grad_enabled()
+    loss, _, _, _ = torch.ops.mf_ext.masked_mf_loss_and_grads(
+        R, P, Q, mask, reduction,
+        grad and R.requires_grad, grad and P.requires_grad, grad and Q.requires_grad,
+    )
+    return loss
