@@ -84,85 +84,117 @@ MF_EXT_INLINE void store_chunk(T* p, int64_t stride, int64_t lanes, typename Vec
   for (int64_t l = 0; l < std::min<int64_t>(lanes, W); ++l) p[l * stride] = v[l];
 }
 
-template <typename T, bool kGradP, bool kGradQ>
-MF_EXT_INLINE void run_task(const DenseProblem<T>& pb, int64_t task, TaskResult& result) {
+// Rows i .. i+NR−1 against one column tile [jt, jt + width). Several rows at once let every
+// load of Q and dQ feed NR multiply-adds instead of one.
+template <typename T, int NR, bool kGradP, bool kGradQ>
+MF_EXT_INLINE void process_rows(const DenseProblem<T>& pb, int64_t i, int64_t jt, int64_t width,
+                                T* dP, T* dQ, T* p, T* e_buf, double& loss, int64_t& count) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::width;
-  constexpr int64_t kBlock = 4 * W;  // columns handled per step: 4 independent vectors
+  constexpr int64_t kBlock = 4 * W;
+  const int64_t r = pb.r, m = pb.m, n_pad = pb.n_pad;
+  const int64_t valid = pb.n - jt;  // real columns from jt on
+  const V zero = simd::broadcast<T>(0), one = simd::broadcast<T>(1), two = simd::broadcast<T>(2);
+
+  for (int t = 0; t < NR; ++t) {
+    for (int64_t k = 0; k < r; ++k) p[t * r + k] = pb.P[k * m + i + t];
+  }
+
+  // Pass 1: prediction, masked error, loss, grad_R.
+  for (int64_t jj = 0; jj < width; jj += kBlock) {
+    V pred[NR][4];
+    for (int t = 0; t < NR; ++t) {
+      for (int u = 0; u < 4; ++u) pred[t][u] = zero;
+    }
+    const T* q = pb.Q + jt + jj;
+    for (int64_t k = 0; k < r; ++k, q += n_pad) {
+      V qv[4];
+      for (int u = 0; u < 4; ++u) qv[u] = simd::load(q + u * W);
+      for (int t = 0; t < NR; ++t) {
+        const V pk = simd::broadcast(p[t * r + k]);
+        for (int u = 0; u < 4; ++u) pred[t][u] += pk * qv[u];
+      }
+    }
+    for (int t = 0; t < NR; ++t) {
+      const int64_t row = i + t;
+      const T* R_row = pb.R + row * pb.R_s0 + jt * pb.R_s1;
+      const bool* M_row = pb.mask ? pb.mask + row * pb.M_s0 + jt * pb.M_s1 : nullptr;
+      T* G_row = pb.grad_R ? pb.grad_R + row * pb.G_s0 + jt * pb.G_s1 : nullptr;
+      V loss_v = zero, count_v = zero;
+      for (int u = 0; u < 4; ++u) {
+        const int64_t col = jj + u * W;
+        const int64_t lanes = valid - col;
+        const V rv = load_chunk(R_row + col * pb.R_s1, pb.R_s1, lanes);
+        const V observed = M_row ? load_mask_chunk<T>(M_row + col * pb.M_s1, pb.M_s1, lanes)
+                                 : (rv != zero ? one : zero);
+        // Multiply (not select) by the mask, as the reference does: NaN/Inf propagate alike.
+        V e = (rv - pred[t][u]) * observed;
+        if (lanes < W) {
+          for (int l = std::max<int64_t>(lanes, 0); l < W; ++l) e[l] = 0;  // padding
+        }
+        loss_v += e * e;
+        count_v += observed;
+        simd::store(e_buf + t * kTileCols + col, e);
+        if (G_row) store_chunk(G_row + col * pb.G_s1, pb.G_s1, lanes, two * e);
+      }
+      loss += static_cast<double>(simd::sum_lanes<T>(loss_v));
+      count += static_cast<int64_t>(simd::sum_lanes<T>(count_v));
+    }
+  }
+
+  // Pass 2: Σ_j e_j q_j into dP[:, i] and e_j p_i into dQ[:, j].
+  if constexpr (kGradP || kGradQ) {
+    const T* q = pb.Q + jt;
+    T* dq = kGradQ ? dQ + jt : nullptr;
+    for (int64_t k = 0; k < r; ++k, q += n_pad) {
+      V pk[NR], acc[NR];
+      for (int t = 0; t < NR; ++t) {
+        pk[t] = simd::broadcast(p[t * r + k]);
+        acc[t] = zero;
+      }
+      for (int64_t col = 0; col < width; col += W) {
+        const V qv = simd::load(q + col);
+        V dqv = kGradQ ? simd::load(dq + col) : zero;
+        for (int t = 0; t < NR; ++t) {
+          const V e = simd::load(e_buf + t * kTileCols + col);
+          if constexpr (kGradP) acc[t] += e * qv;
+          if constexpr (kGradQ) dqv += e * pk[t];
+        }
+        if constexpr (kGradQ) simd::store(dq + col, dqv);
+      }
+      if constexpr (kGradP) {
+        for (int t = 0; t < NR; ++t) dP[k * m + i + t] += simd::sum_lanes<T>(acc[t]);
+      }
+      if constexpr (kGradQ) dq += n_pad;
+    }
+  }
+}
+
+template <typename T, bool kGradP, bool kGradQ>
+MF_EXT_INLINE void run_task(const DenseProblem<T>& pb, int64_t task, TaskResult& result) {
+  constexpr int kRows = 4;
+  constexpr int64_t kBlock = 4 * Vec<T>::width;
   const int64_t r = pb.r, m = pb.m, n_pad = pb.n_pad;
   const auto [i0, i1] = split(m, pb.row_groups, task / pb.col_groups);
-  auto [b0, b1] = split(n_pad / kBlock, pb.col_groups, task % pb.col_groups);
+  const auto [b0, b1] = split(n_pad / kBlock, pb.col_groups, task % pb.col_groups);
   const int64_t j0 = b0 * kBlock, j1 = b1 * kBlock;
   T* dP = kGradP ? pb.dP_parts + (task % pb.col_groups) * r * m : nullptr;
   T* dQ = kGradQ ? pb.dQ_parts + (task / pb.col_groups) * r * n_pad : nullptr;
 
-  std::vector<T> p(r);
-  alignas(64) T e_buf[kTileCols];
-  const V zero = simd::broadcast<T>(0), one = simd::broadcast<T>(1), two = simd::broadcast<T>(2);
+  std::vector<T> p(kRows * r);
+  std::vector<T> e_buf(kRows * kTileCols);
   double loss = 0;
   int64_t count = 0;
-
   for (int64_t jt = j0; jt < j1; jt += kTileCols) {
     const int64_t width = std::min(kTileCols, j1 - jt);  // a multiple of kBlock
-    const int64_t valid = pb.n - jt;                     // real columns from jt on
-    for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t k = 0; k < r; ++k) p[k] = pb.P[k * m + i];
-      const T* R_row = pb.R + i * pb.R_s0 + jt * pb.R_s1;
-      const bool* M_row = pb.mask ? pb.mask + i * pb.M_s0 + jt * pb.M_s1 : nullptr;
-      T* G_row = pb.grad_R ? pb.grad_R + i * pb.G_s0 + jt * pb.G_s1 : nullptr;
-      V loss_v = zero, count_v = zero;
-
-      // Pass 1: prediction, masked error, loss, grad_R.
-      for (int64_t jj = 0; jj < width; jj += kBlock) {
-        V pred[4] = {zero, zero, zero, zero};
-        const T* q = pb.Q + jt + jj;
-        for (int64_t k = 0; k < r; ++k, q += n_pad) {
-          const V pk = simd::broadcast(p[k]);
-          for (int u = 0; u < 4; ++u) pred[u] += pk * simd::load(q + u * W);
-        }
-        for (int u = 0; u < 4; ++u) {
-          const int64_t col = jj + u * W;
-          const int64_t lanes = valid - col;
-          const V rv = load_chunk(R_row + col * pb.R_s1, pb.R_s1, lanes);
-          V observed;
-          if (M_row) {
-            observed = load_mask_chunk<T>(M_row + col * pb.M_s1, pb.M_s1, lanes);
-          } else {
-            observed = rv != zero ? one : zero;
-          }
-          // Multiply (not select) by the mask, as the reference does: NaN/Inf propagate alike.
-          V e = (rv - pred[u]) * observed;
-          if (lanes < W) {
-            for (int l = std::max<int64_t>(lanes, 0); l < W; ++l) e[l] = 0;  // padding
-          }
-          loss_v += e * e;
-          count_v += observed;
-          simd::store(e_buf + col, e);
-          if (G_row) store_chunk(G_row + col * pb.G_s1, pb.G_s1, lanes, two * e);
-        }
-      }
-      loss += static_cast<double>(simd::sum_lanes<T>(loss_v));
-      count += static_cast<int64_t>(simd::sum_lanes<T>(count_v));
-
-      // Pass 2: Σ_j e_j q_j into dP[:, i] and e_j p_i into dQ[:, j].
-      if constexpr (kGradP || kGradQ) {
-        const T* q = pb.Q + jt;
-        T* dq = kGradQ ? dQ + jt : nullptr;
-        for (int64_t k = 0; k < r; ++k, q += n_pad) {
-          const V pk = simd::broadcast(p[k]);
-          V acc[4] = {zero, zero, zero, zero};
-          for (int64_t jj = 0; jj < width; jj += kBlock) {
-            for (int u = 0; u < 4; ++u) {
-              const int64_t col = jj + u * W;
-              const V e = simd::load(e_buf + col);
-              if constexpr (kGradP) acc[u] += e * simd::load(q + col);
-              if constexpr (kGradQ) simd::store(dq + col, simd::load(dq + col) + e * pk);
-            }
-          }
-          if constexpr (kGradP) dP[k * m + i] += simd::sum_lanes<T>((acc[0] + acc[1]) + (acc[2] + acc[3]));
-          if constexpr (kGradQ) dq += n_pad;
-        }
-      }
+    int64_t i = i0;
+    for (; i + kRows <= i1; i += kRows) {
+      process_rows<T, kRows, kGradP, kGradQ>(pb, i, jt, width, dP, dQ, p.data(), e_buf.data(),
+                                             loss, count);
+    }
+    for (; i < i1; ++i) {
+      process_rows<T, 1, kGradP, kGradQ>(pb, i, jt, width, dP, dQ, p.data(), e_buf.data(), loss,
+                                         count);
     }
   }
   result.loss = loss;

@@ -44,11 +44,22 @@ MF_EXT_INLINE typename Vec<T>::type broadcast(T x) {
   return v + x;
 }
 
-// Sum of the lanes, always in lane order, so results never depend on anything but the inputs.
+// Sum of the lanes: halves added pairwise (64 → 32 → 16 bytes), then the rest in lane order.
+// A fixed order, so results never depend on anything but the inputs.
 template <typename T>
 MF_EXT_INLINE T sum_lanes(typename Vec<T>::type v) {
+  typedef T Half __attribute__((vector_size(32)));
+  typedef T Quarter __attribute__((vector_size(16)));
+  Half lo, hi;
+  __builtin_memcpy(&lo, &v, sizeof(Half));
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+  const Half h = lo + hi;
+  Quarter qlo, qhi;
+  __builtin_memcpy(&qlo, &h, sizeof(Quarter));
+  __builtin_memcpy(&qhi, reinterpret_cast<const char*>(&h) + sizeof(Quarter), sizeof(Quarter));
+  const Quarter q = qlo + qhi;
   T s = 0;
-  for (int l = 0; l < Vec<T>::width; ++l) s += v[l];
+  for (int l = 0; l < static_cast<int>(sizeof(Quarter) / sizeof(T)); ++l) s += q[l];
   return s;
 }
 
