@@ -1,0 +1,57 @@
+"""Shared by the benchmark scripts: machine description and CPU peak-memory measurement."""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import platform
+
+import torch
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} "
+            f"threads), Python {platform.python_version()}, {datetime.date.today().isoformat()}")
+
+
+def fix_mmap_threshold() -> None:
+    """Make glibc serve every block over 128 KiB by mmap and give it back on free, so the
+    process's peak RSS measures each call's own peak (see peak_rss_delta). Call it after the
+    timings: it makes large allocations slower than torch users normally see."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; also stops glibc raising it on its own
+    except OSError:
+        pass
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_delta(fn) -> float:
+    """Extra resident memory (MiB) at the peak of one call of fn, above what was resident
+    before it. Linux only: resets the high-water mark through /proc/self/clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
