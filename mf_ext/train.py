@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ class Factorization:
 
     P: torch.Tensor
     Q: torch.Tensor
-    losses: list = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
     observed: Optional[torch.Tensor] = None
 
     def reconstruction(self) -> torch.Tensor:
@@ -33,6 +34,7 @@ class Factorization:
 
     @property
     def final_loss(self) -> float:
+        """The last recorded loss: the one *before* the last step (NaN when steps == 0)."""
         return self.losses[-1] if self.losses else float("nan")
 
 
@@ -49,6 +51,66 @@ def _as_matrix(R: ArrayLike, dtype: Optional[torch.dtype], device) -> torch.Tens
     if dtype is None:
         dtype = R.dtype if R.dtype in (torch.float32, torch.float64) else torch.float64
     return R.detach().to(device=device, dtype=dtype)
+
+
+def _as_device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"mf_ext.factorize: device must be a torch device such as 'cpu' or "
+                         f"'cuda', got {device!r}") from exc
+
+
+def _check_int(name: str, value, minimum: int, maximum: Optional[int] = None) -> int:
+    """`value` as an int in [minimum, maximum]; bools and non-integers raise TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"mf_ext.factorize: {name} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"mf_ext.factorize: {name} must be an integer {bounds}, got {value!r}")
+    return int(value)
+
+
+def _as_init(init, m: int, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """init = (P0, Q0) as two finite tensors of shapes (r, m) and (r, n)."""
+    if not isinstance(init, (tuple, list)) or len(init) != 2:
+        raise TypeError(f"mf_ext.factorize: init must be a pair (P0, Q0), got "
+                        f"{type(init).__name__}")
+    try:
+        P0, Q0 = (torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+                  for x in init)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"mf_ext.factorize: init must hold two 2-D arrays of numbers: {exc}"
+                        ) from None
+    if (P0.dim() != 2 or Q0.dim() != 2 or P0.shape[0] != Q0.shape[0]
+            or P0.shape[1] != m or Q0.shape[1] != n):
+        raise ValueError(f"mf_ext.factorize: init must be (P0 of shape [r, {m}], Q0 of shape "
+                         f"[r, {n}]) for R of shape [{m}, {n}], got {list(P0.shape)} and "
+                         f"{list(Q0.shape)}")
+    for name, t in (("P0", P0), ("Q0", Q0)):
+        if t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"mf_ext.factorize: init {name} must hold real numbers, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"mf_ext.factorize: init {name} contains NaN or Inf")
+    if P0.shape[0] < 1:
+        raise ValueError(f"mf_ext.factorize: init must have rank >= 1, got {list(P0.shape)} "
+                         f"and {list(Q0.shape)}")
+    return P0, Q0
+
+
+def _as_mask(mask, R: torch.Tensor) -> torch.Tensor:
+    """mask as a bool tensor of R's shape (m, n)."""
+    if not isinstance(mask, torch.Tensor):
+        try:
+            mask = torch.as_tensor(np.asarray(mask))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"mf_ext.factorize: mask must be a bool array: {exc}") from None
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mf_ext.factorize: mask must be a bool tensor, got {mask.dtype}")
+    if mask.shape != R.shape:
+        raise ValueError(f"mf_ext.factorize: mask has shape {list(mask.shape)} but R has shape "
+                         f"{list(R.shape)}")
+    return mask
 
 
 def factorize(
@@ -71,39 +133,53 @@ def factorize(
     init: (P0 (r, m), Q0 (r, n)) to start from; otherwise uniform [0, 1) factors drawn from a
     torch.Generator seeded with `seed` (random when None), on the CPU so a seed gives the same
     start on every device. dtype: float32 or float64 (default: R's, float64 for integers).
-    Returns a Factorization with P, Q and the loss before each step.
+    reduction: "sum" (the notebook's) or "mean" over the observed entries.
+    Returns a Factorization with P (r, m), Q (r, n) and the loss before each step (`steps`
+    values). NaN/Inf at unobserved entries (possible with an explicit mask) are ignored.
+
+    Raises TypeError for arguments of the wrong type and ValueError for bad values (rank < 1,
+    steps < 0, lr <= 0 or not finite, NaN/Inf among the observed entries, init shapes that do
+    not fit R, a mask not of R's shape), each message naming the argument and the value.
     """
-    device = torch.device(device) if device is not None else (
-        R.device if isinstance(R, torch.Tensor) else torch.device("cpu"))
+    R_device = R.device if isinstance(R, torch.Tensor) else torch.device("cpu")
+    device = _as_device(device) if device is not None else R_device
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"mf_ext.factorize: dtype must be torch.float32 or torch.float64, "
+                        f"got {dtype!r}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f'mf_ext.factorize: reduction must be "sum" or "mean", got {reduction!r}')
     R = _as_matrix(R, dtype, device)
     m, n = R.shape
-    if rank is None:
-        rank = init[0].shape[0] if init is not None else 2
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"mf_ext.factorize: rank must be an integer >= 1, got {rank!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"mf_ext.factorize: steps must be an integer >= 0, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if init is not None:
+        P0, Q0 = _as_init(init, m, n)
+        if rank is None:
+            rank = P0.shape[0]
+    rank = _check_int("rank", 2 if rank is None else rank, minimum=1)
+    steps = _check_int("steps", steps, minimum=0)
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"mf_ext.factorize: lr must be a number, got {lr!r}")
+    if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"mf_ext.factorize: lr must be a finite number > 0, got {lr!r}")
+    lr = float(lr)
+    if seed is not None:
+        seed = _check_int("seed", seed, minimum=0, maximum=2**64 - 1)
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            mask = torch.as_tensor(np.asarray(mask))
-        if mask.dtype != torch.bool or mask.shape != R.shape:
-            raise ValueError(f"mf_ext.factorize: mask must be a bool tensor of R's shape "
-                             f"{list(R.shape)}, got {mask.dtype} {list(mask.shape)}")
-        mask = mask.to(device)
+        mask = _as_mask(mask, R).to(device)
     observed = (R != 0) if mask is None else mask
     bad = observed & ~torch.isfinite(R)
     if bool(bad.any()):
         i, j = (int(v) for v in bad.nonzero()[0])
         raise ValueError(f"mf_ext.factorize: R has {int(bad.sum())} NaN or Inf observed "
                          f"entries, the first at ({i}, {j}): {R[i, j].item()}")
+    if mask is not None and not bool(torch.isfinite(R).all()):
+        # The op multiplies the error by the mask, so NaN * 0 would poison the loss; the
+        # unobserved values do not enter the loss, so zeroing them changes nothing else.
+        R = R.masked_fill(~mask, 0)
 
     if init is not None:
-        P0, Q0 = (torch.as_tensor(x) for x in init)
-        if P0.shape != (rank, m) or Q0.shape != (rank, n):
-            raise ValueError(f"mf_ext.factorize: init must be (P0 of shape {[rank, m]}, Q0 of "
-                             f"shape {[rank, n]}), got {list(P0.shape)} and {list(Q0.shape)}")
+        if P0.shape[0] != rank:
+            raise ValueError(f"mf_ext.factorize: rank is {rank} but init has rank "
+                             f"{P0.shape[0]} (P0 {list(P0.shape)}, Q0 {list(Q0.shape)})")
     else:
         generator = torch.Generator()
         if seed is None:
@@ -115,8 +191,8 @@ def factorize(
     P = P0.detach().to(device=device, dtype=R.dtype).clone().requires_grad_(True)
     Q = Q0.detach().to(device=device, dtype=R.dtype).clone().requires_grad_(True)
 
-    # torch's fused Adam where it has one on this device; the default (foreach) on the CPU,
-    # which is what the reference loop uses, so the CPU trajectory matches it step for step.
+    # torch's fused Adam where it has one on this device; on the CPU torch's default, which is
+    # what the reference loop uses, so the CPU trajectory matches it step for step.
     fused = True if device.type == "cuda" else None
     optimizer = torch.optim.Adam([P, Q], lr=lr, fused=fused)
     losses = []
