@@ -34,3 +34,27 @@ def save_loss_curve(
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, format="png")
+
+
+def save_learning_curve(
+    train_rmse: Sequence[float],
+    val_rmse: Sequence[float],
+    path: Union[str, "os.PathLike[str]"],
+    title: str = "mf_ext: learning curve",
+) -> None:
+    """Training and validation RMSE per epoch (epochs 1 … len) to a PNG at `path`."""
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    epochs = range(1, len(train_rmse) + 1)
+    axes.plot(epochs, train_rmse, label="training RMSE")
+    if any(v is not None for v in val_rmse):
+        axes.plot(epochs, [math.nan if v is None else v for v in val_rmse],
+                  label="validation RMSE")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("RMSE")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png")

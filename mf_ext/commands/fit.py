@@ -1,0 +1,95 @@
+"""`mf-ext fit RATINGS`: train a MatrixFactorization on a ratings file, report test RMSE/MAE,
+save the model and the learning curve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from mf_ext.commands.errors import CliError
+from mf_ext.commands.options import (DEVICES, check_device, nonnegative_int, positive_float,
+                                     positive_int, seed_int)
+from mf_ext.data import FORMATS, load_ratings, train_test_split
+from mf_ext.model import MatrixFactorization
+
+HELP = "train a matrix-factorization recommender on a ratings file (u.data, ratings.dat, csv)"
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = MatrixFactorization()
+    parser.add_argument("ratings", help="ratings file: user item rating [timestamp] lines")
+    parser.add_argument("--format", choices=FORMATS, help="default: from the file name")
+    parser.add_argument("--rank", type=positive_int, default=defaults.rank)
+    parser.add_argument("--epochs", type=nonnegative_int, default=defaults.epochs)
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr)
+    parser.add_argument("--reg", type=float, default=defaults.reg, help="L2 on the factors")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="mini-batches of this many ratings (default: full batch)")
+    parser.add_argument("--test-fraction", type=fraction, default=0.2,
+                        help="share of ratings held out for the final test (default 0.2)")
+    parser.add_argument("--validation-fraction", type=fraction,
+                        default=defaults.validation_fraction,
+                        help="share of the training ratings used for early stopping")
+    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--device", choices=DEVICES, default="cpu")
+    parser.add_argument("--out", metavar="MODEL", help="where to save the model")
+    parser.add_argument("--plot", metavar="PNG", help="where to draw the learning curve")
+    parser.add_argument("--log-every", type=positive_int, default=10,
+                        help="print the RMSEs every this many epochs (default 10)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = check_device(args.device)
+    try:
+        data = load_ratings(args.ratings, args.format)
+        train, test = train_test_split(data, args.test_fraction, seed=args.seed)
+        model = MatrixFactorization(rank=args.rank, epochs=args.epochs, lr=args.lr, reg=args.reg,
+                                    batch_size=args.batch_size,
+                                    validation_fraction=args.validation_fraction,
+                                    seed=args.seed, device=str(device))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(f"{args.ratings}: {len(data)} ratings, {len(set(data.users.tolist()))} users, "
+          f"{len(set(data.items.tolist()))} items; training on {len(train)}, testing on "
+          f"{len(test)}", flush=True)
+
+    def log(record) -> None:
+        if record.epoch % args.log_every == 0 or record.epoch == 1:
+            val = "-" if record.val_rmse is None else f"{record.val_rmse:.4f}"
+            print(f"epoch {record.epoch:4d}  train RMSE {record.train_rmse:.4f}  "
+                  f"validation RMSE {val}", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    try:
+        model.fit(train, progress=not args.no_progress, callback=log)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    seconds = time.perf_counter() - start
+    note = " (interrupted: kept the best model so far)" if model.interrupted else ""
+    print(f"trained {len(model.history)} epochs in {seconds:.2f} s, best epoch "
+          f"{model.best_epoch}{note}")
+    if len(test):
+        scores = model.evaluate(test)
+        print(f"test RMSE {scores['rmse']:.4f}  MAE {scores['mae']:.4f}")
+    if args.out:
+        model.save(args.out)
+        print(f"model: {args.out}")
+    if args.plot:
+        from mf_ext.plot import save_learning_curve
+
+        save_learning_curve([h.train_rmse for h in model.history],
+                            [h.val_rmse for h in model.history], args.plot)
+        print(f"learning curve: {args.plot}")
+    return 0

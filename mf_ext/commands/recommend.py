@@ -1,0 +1,41 @@
+"""`mf-ext recommend MODEL USER`: the top-k items a saved model predicts for a user."""
+
+from __future__ import annotations
+
+import argparse
+
+from mf_ext.commands.errors import CliError
+from mf_ext.commands.options import positive_int
+from mf_ext.model import MatrixFactorization
+
+HELP = "print the top-k unrated items a saved model predicts for USER"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a model written by `mf-ext fit --out`")
+    parser.add_argument("user", help="the user's raw id, as in the ratings file")
+    parser.add_argument("-k", type=positive_int, default=10, help="how many items (default 10)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model = MatrixFactorization.load(args.model)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+    user = int(args.user) if model.user_map.ids.dtype.kind in "iu" and _is_int(args.user) \
+        else args.user
+    try:
+        recs = model.recommend(user, args.k)
+    except KeyError as exc:
+        raise CliError(str(exc.args[0])) from None
+    for rank, (item, score) in enumerate(recs, 1):
+        print(f"{rank:3d}. {item}\t{score:.3f}")
+    return 0
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False

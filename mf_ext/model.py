@@ -1,0 +1,370 @@
+"""MatrixFactorization: a biased matrix-factorization recommender trained with Adam on the fused
+observed-entries op (sklearn/Surprise-like API)."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from mf_ext.data import IdMap, Ratings, as_ratings
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_rmse: float
+    val_rmse: Optional[float]
+    seconds: float
+
+
+class MatrixFactorization:
+    """r̂(u, i) = μ + b_u + b_i + p_uᵀ q_i, fitted on observed ratings.
+
+    Objective (full batch, mean over the N training ratings):
+        (1/N) Σ_(u,i) (r_ui − r̂_ui)² + (reg/N) Σ_u n_u |p_u|² + (reg/N) Σ_i n_i |q_i|²
+                                      + (bias_reg/N) (Σ_u n_u b_u² + Σ_i n_i b_i²)
+    where n_u, n_i count each user's and item's training ratings: the same penalty per rating
+    that SGD recommenders (Surprise's SVD) apply, which keeps rare users' factors small.
+
+    Args:
+        rank: latent dimension r. epochs: maximum passes. lr: Adam's learning rate.
+        reg, bias_reg: the L2 weights above. batch_size: None for full-batch Adam (the
+        notebook's optimizer), else mini-batches of that many ratings, reshuffled each epoch.
+        validation_fraction: share of the training ratings held out for early stopping (0 to
+        train on all and run every epoch). patience: epochs without a better validation RMSE
+        before stopping; the best epoch's parameters are kept. clip: clip predictions to the
+        training ratings' range. seed: makes a run reproducible. device, dtype: where and in
+        what precision to train.
+    """
+
+    def __init__(
+        self,
+        rank: int = 64,
+        epochs: int = 200,
+        lr: float = 0.02,
+        reg: float = 0.1,
+        bias_reg: float = 0.01,
+        batch_size: Optional[int] = None,
+        validation_fraction: float = 0.05,
+        patience: int = 10,
+        init_std: float = 0.1,
+        clip: bool = True,
+        seed: Optional[int] = 0,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        _check_int("rank", rank, 1)
+        _check_int("epochs", epochs, 0)
+        _check_int("patience", patience, 1)
+        _check_positive("lr", lr)
+        _check_nonnegative("reg", reg)
+        _check_nonnegative("bias_reg", bias_reg)
+        _check_nonnegative("init_std", init_std)
+        if batch_size is not None:
+            _check_int("batch_size", batch_size, 1)
+        if not (isinstance(validation_fraction, (int, float)) and 0 <= validation_fraction < 1):
+            raise ValueError(f"mf_ext.MatrixFactorization: validation_fraction must be in "
+                             f"[0, 1), got {validation_fraction!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"mf_ext.MatrixFactorization: dtype must be torch.float32 or "
+                            f"torch.float64, got {dtype!r}")
+        self.rank, self.epochs, self.lr = rank, epochs, float(lr)
+        self.reg, self.bias_reg = float(reg), float(bias_reg)
+        self.batch_size, self.validation_fraction = batch_size, float(validation_fraction)
+        self.patience, self.init_std, self.clip = patience, float(init_std), clip
+        self.seed, self.device, self.dtype = seed, torch.device(device), dtype
+        self.history: list[EpochRecord] = []
+        self.interrupted = False
+        self._fitted = False
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(self, users: Any, items: Any = None, ratings: Any = None, *,
+            validation: Optional[Ratings] = None, progress: bool = False,
+            callback: Optional[Callable[[EpochRecord], None]] = None) -> "MatrixFactorization":
+        """Fit on equal-length array-likes of raw user ids, item ids and ratings (or a
+        DataFrame / scipy.sparse matrix / Ratings as the first argument). `validation`
+        (Ratings) replaces the held-out share for early stopping. Ctrl-C stops the fit and
+        keeps the best parameters so far (`interrupted` is then True)."""
+        data = as_ratings(users, items, ratings)
+        if len(data) == 0:
+            raise ValueError("mf_ext.MatrixFactorization.fit: no ratings given (empty input)")
+        bad = ~np.isfinite(data.ratings)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"mf_ext.MatrixFactorization.fit: {int(bad.sum())} ratings are NaN "
+                             f"or Inf, the first at position {k}: {data.ratings[k]}")
+        generator = torch.Generator()
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+        rng = np.random.default_rng(None if self.seed is None else self.seed)
+
+        train, held_out = data, validation
+        if held_out is None and self.validation_fraction > 0 and len(data) >= 20:
+            order = rng.permutation(len(data))
+            n_val = max(1, int(round(len(data) * self.validation_fraction)))
+            train, held_out = data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
+
+        self.user_map, self.item_map = IdMap(train.users), IdMap(train.items)
+        m, n = len(self.user_map), len(self.item_map)
+        seen_u, seen_i = self.user_map.index(data.users), self.item_map.index(data.items)
+        keep = (seen_u >= 0) & (seen_i >= 0)
+        self._set_rated(seen_u[keep], seen_i[keep], m)
+        dev, dt = self.device, self.dtype
+        rows = torch.as_tensor(self.user_map.index(train.users), device=dev)
+        cols = torch.as_tensor(self.item_map.index(train.items), device=dev)
+        values = torch.as_tensor(train.ratings, dtype=dt, device=dev)
+        self.global_mean = float(train.ratings.mean())
+        self.rating_range = (float(train.ratings.min()), float(train.ratings.max()))
+        residual = values - self.global_mean
+        user_counts = torch.bincount(rows, minlength=m).to(dt)
+        item_counts = torch.bincount(cols, minlength=n).to(dt)
+
+        P = (torch.randn(self.rank, m, generator=generator, dtype=dt) * self.init_std).to(dev)
+        Q = (torch.randn(self.rank, n, generator=generator, dtype=dt) * self.init_std).to(dev)
+        params = [P.requires_grad_(), Q.requires_grad_(),
+                  torch.zeros(m, dtype=dt, device=dev, requires_grad=True),
+                  torch.zeros(n, dtype=dt, device=dev, requires_grad=True)]
+        self.P, self.Q, self.user_bias, self.item_bias = params
+        optimizer = torch.optim.Adam(params, lr=self.lr,
+                                     fused=True if dev.type == "cuda" else None)
+
+        self.history, self.interrupted = [], False
+        self._fitted = True
+        best_rmse, best_state, best_epoch = math.inf, None, 0
+        bar = _progress_bar(self.epochs) if progress else None
+        try:
+            for epoch in range(1, self.epochs + 1):
+                start = time.perf_counter()
+                train_mse = self._epoch(optimizer, rows, cols, residual, user_counts,
+                                        item_counts, rng)
+                val_rmse = self.evaluate(held_out)["rmse"] if held_out is not None else None
+                record = EpochRecord(epoch, math.sqrt(max(train_mse, 0.0)), val_rmse,
+                                     time.perf_counter() - start)
+                self.history.append(record)
+                if callback is not None:
+                    callback(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(train=f"{record.train_rmse:.4f}",
+                                    val="-" if val_rmse is None else f"{val_rmse:.4f}",
+                                    refresh=False)
+                if val_rmse is not None:
+                    if val_rmse < best_rmse - 1e-6:
+                        best_rmse, best_epoch = val_rmse, epoch
+                        best_state = [p.detach().clone() for p in params]
+                    elif epoch - best_epoch >= self.patience:
+                        break
+        except KeyboardInterrupt:
+            self.interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
+        if best_state is not None:
+            with torch.no_grad():
+                for p, best in zip(params, best_state):
+                    p.copy_(best)
+        self.best_epoch = best_epoch if best_state is not None else len(self.history)
+        for p in params:
+            p.requires_grad_(False)
+        return self
+
+    def _epoch(self, optimizer, rows, cols, residual, user_counts, item_counts, rng) -> float:
+        """One pass over the training ratings; returns their mean squared error."""
+        from mf_ext.ops import observed_mf_loss
+
+        nnz = residual.numel()
+        if self.batch_size is None or self.batch_size >= nnz:
+            batches = [None]
+        else:
+            order = torch.as_tensor(rng.permutation(nnz), device=rows.device)
+            batches = list(torch.split(order, self.batch_size))
+        total = 0.0
+        for batch in batches:
+            r_, c_, v_ = (rows, cols, residual) if batch is None else (
+                rows[batch], cols[batch], residual[batch])
+            data = observed_mf_loss(r_, c_, v_, self.P, self.Q, self.user_bias, self.item_bias,
+                                    reduction="mean")
+            # Per-rating L2 (Surprise's form): penalties weighted by each user's/item's count,
+            # scaled like the data term so that full batch and mini-batches agree.
+            penalty = (self.reg * ((self.P * self.P).sum(0) @ user_counts
+                                   + (self.Q * self.Q).sum(0) @ item_counts)
+                       + self.bias_reg * (self.user_bias.square() @ user_counts
+                                          + self.item_bias.square() @ item_counts)) / nnz
+            optimizer.zero_grad(set_to_none=True)
+            (data + penalty).backward()
+            optimizer.step()
+            total += data.item() * v_.numel()
+        return total / nnz
+
+    # ------------------------------------------------------------------ using the model
+
+    def _check_fitted(self) -> None:
+        if not self._fitted:
+            raise RuntimeError("mf_ext.MatrixFactorization: call fit() (or load()) first")
+
+    def predict(self, users: Any, items: Any) -> np.ndarray:
+        """Predicted ratings for equal-length raw ids. Unknown users or items get the global
+        mean plus whichever bias is known (never NaN); clipped to the rating range if clip."""
+        self._check_fitted()
+        users, items = np.asarray(users), np.asarray(items)
+        if users.shape != items.shape or users.ndim != 1:
+            raise ValueError(f"mf_ext.MatrixFactorization.predict: users and items must be 1-D "
+                             f"of the same length, got shapes {list(users.shape)} and "
+                             f"{list(items.shape)}")
+        u = torch.as_tensor(self.user_map.index(users), device=self.device)
+        i = torch.as_tensor(self.item_map.index(items), device=self.device)
+        known_u, known_i = u >= 0, i >= 0
+        uc, ic = u.clamp_min(0), i.clamp_min(0)
+        with torch.no_grad():
+            pred = torch.full(u.shape, self.global_mean, dtype=self.dtype, device=self.device)
+            pred += torch.where(known_u, self.user_bias[uc], 0)
+            pred += torch.where(known_i, self.item_bias[ic], 0)
+            dots = (self.P[:, uc] * self.Q[:, ic]).sum(0)
+            pred += torch.where(known_u & known_i, dots, 0)
+            if self.clip:
+                pred.clamp_(*self.rating_range)
+        return pred.cpu().numpy().astype(np.float64)
+
+    def evaluate(self, users: Any, items: Any = None, ratings: Any = None) -> dict:
+        """{"rmse": …, "mae": …} on held-out ratings (same inputs as fit)."""
+        data = as_ratings(users, items, ratings)
+        if len(data) == 0:
+            raise ValueError("mf_ext.MatrixFactorization.evaluate: no ratings given")
+        error = self.predict(data.users, data.items) - data.ratings
+        return {"rmse": float(np.sqrt(np.mean(error ** 2))), "mae": float(np.mean(np.abs(error)))}
+
+    def recommend(self, user: Any, k: int = 10, exclude: Any = None) -> list:
+        """The k items with the highest predicted rating for `user` that it has not rated in
+        training (nor in `exclude`), as [(item id, predicted rating), …], best first."""
+        self._check_fitted()
+        _check_int("k", k, 1)
+        index = int(self.user_map.index(np.asarray([user]))[0])
+        if index < 0:
+            raise KeyError(f"mf_ext.MatrixFactorization.recommend: unknown user {user!r}")
+        with torch.no_grad():
+            scores = (self.global_mean + self.user_bias[index] + self.item_bias
+                      + self.P[:, index] @ self.Q)
+            if self.clip:
+                scores = scores.clamp(*self.rating_range)
+            scores = scores.cpu().double()
+        scores[torch.as_tensor(self._rated_items(index))] = -math.inf
+        if exclude is not None:
+            ex = self.item_map.index(np.asarray(exclude))
+            scores[torch.as_tensor(ex[ex >= 0])] = -math.inf
+        k = min(k, int(torch.isfinite(scores).sum()))
+        top = torch.topk(scores, k)
+        return [(self.item_map.raw(int(j)).item(), float(s))
+                for s, j in zip(top.values, top.indices)]
+
+    def _set_rated(self, user_index: np.ndarray, item_index: np.ndarray, m: int) -> None:
+        """What each user rated, as CSR arrays (for recommend to skip)."""
+        order = np.argsort(user_index, kind="stable")
+        self._rated_indptr = np.concatenate(
+            [[0], np.cumsum(np.bincount(user_index, minlength=m))]).astype(np.int64)
+        self._rated_indices = item_index[order].astype(np.int64)
+
+    def _rated_items(self, user_index: int) -> np.ndarray:
+        start, end = self._rated_indptr[user_index], self._rated_indptr[user_index + 1]
+        return self._rated_indices[start:end]
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str) -> None:
+        """Write the model atomically (a temporary file in the same folder, then a rename),
+        so an interrupted save never leaves a broken file."""
+        self._check_fitted()
+        state = {
+            "format_version": FORMAT_VERSION,
+            "config": {k: getattr(self, k) for k in (
+                "rank", "epochs", "lr", "reg", "bias_reg", "batch_size", "validation_fraction",
+                "patience", "init_std", "clip", "seed")},
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "global_mean": self.global_mean,
+            "rating_range": self.rating_range,
+            "user_ids": self.user_map.ids,
+            "item_ids": self.item_map.ids,
+            "P": self.P.detach().cpu(), "Q": self.Q.detach().cpu(),
+            "user_bias": self.user_bias.detach().cpu(), "item_bias": self.item_bias.detach().cpu(),
+            "rated_indptr": self._rated_indptr, "rated_indices": self._rated_indices,
+            "history": [vars(h) for h in self.history],
+        }
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".mf_ext-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu") -> "MatrixFactorization":
+        """A model written by save(). Refuses files of another format version clearly."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"mf_ext.MatrixFactorization.load: no such file {path!r}") \
+                from None
+        except Exception as exc:
+            raise ValueError(f"mf_ext.MatrixFactorization.load: {path!r} is not an mf_ext model "
+                             f"({type(exc).__name__}: {exc})") from None
+        if not isinstance(state, dict) or "format_version" not in state:
+            raise ValueError(f"mf_ext.MatrixFactorization.load: {path!r} is not an mf_ext model")
+        if state["format_version"] != FORMAT_VERSION:
+            raise ValueError(f"mf_ext.MatrixFactorization.load: {path!r} has model format "
+                             f"version {state['format_version']}, this mf_ext reads version "
+                             f"{FORMAT_VERSION}; refit or use a matching mf_ext")
+        dtype = getattr(torch, state["dtype"])
+        model = cls(**state["config"], device=device, dtype=dtype)
+        model.user_map, model.item_map = IdMap(state["user_ids"]), IdMap(state["item_ids"])
+        model.global_mean, model.rating_range = state["global_mean"], tuple(state["rating_range"])
+        model.P, model.Q = state["P"].to(device), state["Q"].to(device)
+        model.user_bias, model.item_bias = state["user_bias"].to(device), state["item_bias"].to(device)
+        model._rated_indptr, model._rated_indices = state["rated_indptr"], state["rated_indices"]
+        model.history = [EpochRecord(**h) for h in state["history"]]
+        model._fitted = True
+        return model
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"mf_ext.MatrixFactorization: {name} must be an integer >= {low}, "
+                         f"got {value!r}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"mf_ext.MatrixFactorization: {name} must be a finite number > 0, "
+                         f"got {value!r}")
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value >= 0):
+        raise ValueError(f"mf_ext.MatrixFactorization: {name} must be a finite number >= 0, "
+                         f"got {value!r}")
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="fit", unit="epoch")

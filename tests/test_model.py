@@ -1,0 +1,138 @@
+"""MatrixFactorization on synthetic ratings the tests make (never the MovieLens files)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mf_ext import MatrixFactorization
+from mf_ext.model import FORMAT_VERSION
+
+
+def synthetic(m=60, n=40, rank=3, density=0.4, seed=0, noise=0.1):
+    rng = np.random.default_rng(seed)
+    U, V = rng.normal(size=(m, rank)), rng.normal(size=(n, rank))
+    full = 3 + U @ V.T / np.sqrt(rank) + rng.normal(scale=noise, size=(m, n))
+    rows, cols = np.nonzero(rng.random((m, n)) < density)
+    users = np.array([f"u{r}" for r in rows])
+    return users, cols + 100, np.clip(full[rows, cols], 1, 5)
+
+
+def small_model(**kw):
+    params = dict(rank=4, epochs=150, lr=0.05, reg=0.01, validation_fraction=0.0, seed=0)
+    params.update(kw)
+    return MatrixFactorization(**params)
+
+
+def test_fit_learns_structure():
+    users, items, ratings = synthetic()
+    model = small_model().fit(users, items, ratings)
+    baseline = np.sqrt(np.mean((ratings - ratings.mean()) ** 2))
+    rmse = model.evaluate(users, items, ratings)["rmse"]
+    assert rmse < 0.5 * baseline
+    assert model.history[-1].train_rmse < model.history[0].train_rmse
+
+
+def test_seed_reproduces_a_run():
+    users, items, ratings = synthetic()
+    a = small_model(epochs=20).fit(users, items, ratings)
+    b = small_model(epochs=20).fit(users, items, ratings)
+    assert torch.equal(a.P, b.P) and torch.equal(a.item_bias, b.item_bias)
+
+
+def test_unknown_ids_get_the_mean_plus_known_bias_and_never_nan():
+    users, items, ratings = synthetic()
+    model = small_model(epochs=10, clip=False).fit(users, items, ratings)
+    known_item = items[0]
+    pred = model.predict(np.array(["nobody", "nobody"]), np.array([known_item, -5]))
+    j = model.item_map.index(np.array([known_item]))[0]
+    assert pred[0] == pytest.approx(model.global_mean + model.item_bias[j].item(), rel=1e-6)
+    assert pred[1] == pytest.approx(model.global_mean)
+    assert np.isfinite(pred).all()
+
+
+def test_clipping_to_the_rating_range():
+    users, items, ratings = synthetic()
+    model = small_model(epochs=10).fit(users, items, ratings)
+    pred = model.predict(users, items)
+    assert pred.min() >= ratings.min() and pred.max() <= ratings.max()
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    users, items, ratings = synthetic(noise=0.8)
+    model = MatrixFactorization(rank=16, epochs=400, lr=0.05, reg=0.0, validation_fraction=0.2,
+                                patience=5, seed=1).fit(users, items, ratings)
+    vals = [h.val_rmse for h in model.history]
+    assert len(vals) < 400  # overfits without regularization, so it stops early
+    assert model.best_epoch == int(np.argmin(vals)) + 1
+
+
+def test_minibatches():
+    users, items, ratings = synthetic()
+    model = small_model(batch_size=64, epochs=30, lr=0.01).fit(users, items, ratings)
+    assert model.evaluate(users, items, ratings)["rmse"] < np.std(ratings)
+
+
+def test_recommend_skips_rated_items():
+    users, items, ratings = synthetic()
+    model = small_model(epochs=10).fit(users, items, ratings)
+    rated = set(items[users == "u0"].tolist())
+    recs = model.recommend("u0", k=5)
+    assert len(recs) == 5 and not rated & {item for item, _ in recs}
+    assert [s for _, s in recs] == sorted((s for _, s in recs), reverse=True)
+    with pytest.raises(KeyError, match="unknown user 'ghost'"):
+        model.recommend("ghost")
+
+
+def test_save_load_round_trip(tmp_path):
+    users, items, ratings = synthetic()
+    model = small_model(epochs=10).fit(users, items, ratings)
+    path = str(tmp_path / "model.pt")
+    model.save(path)
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
+    loaded = MatrixFactorization.load(path)
+    np.testing.assert_array_equal(loaded.predict(users, items), model.predict(users, items))
+    assert loaded.recommend("u1", 3) == model.recommend("u1", 3)
+
+
+def test_load_refuses_other_versions_and_junk(tmp_path):
+    users, items, ratings = synthetic()
+    path = str(tmp_path / "model.pt")
+    small_model(epochs=2).fit(users, items, ratings).save(path)
+    state = torch.load(path, weights_only=False)
+    state["format_version"] = FORMAT_VERSION + 1
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=rf"format version {FORMAT_VERSION + 1}, this mf_ext reads"):
+        MatrixFactorization.load(path)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="is not an mf_ext model"):
+        MatrixFactorization.load(str(junk))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        MatrixFactorization.load(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rank=0), r"rank must be an integer >= 1, got 0"),
+    (dict(lr=0.0), r"lr must be a finite number > 0, got 0.0"),
+    (dict(lr=float("nan")), r"lr must be a finite number > 0, got nan"),
+    (dict(epochs=-1), r"epochs must be an integer >= 0, got -1"),
+    (dict(reg=-1.0), r"reg must be a finite number >= 0, got -1.0"),
+    (dict(validation_fraction=1.0), r"validation_fraction must be in \[0, 1\), got 1.0"),
+])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MatrixFactorization(**kwargs)
+
+
+def test_bad_fit_input():
+    model = small_model()
+    with pytest.raises(ValueError, match="no ratings given"):
+        model.fit([], [], [])
+    with pytest.raises(ValueError, match=r"1 ratings are NaN or Inf, the first at position 1: nan"):
+        model.fit([1, 2], [1, 2], [3.0, float("nan")])
+    with pytest.raises(ValueError, match=r"same length, got 2, 1 and 2"):
+        model.fit([1, 2], [1], [3.0, 4.0])
+    with pytest.raises(RuntimeError, match="call fit"):
+        MatrixFactorization().predict([1], [1])
