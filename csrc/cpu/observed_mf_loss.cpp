@@ -82,6 +82,30 @@ MF_EXT_INLINE int64_t load_index(const void* base, bool is_64, int64_t offset) {
                : static_cast<int64_t>(static_cast<const int32_t*>(base)[offset]);
 }
 
+// Sum of the lanes as a fixed pairwise tree (depth log2 W, not W as simd::sum_lanes): the
+// per-triple dot product sits on the critical path. The order depends on nothing but W.
+template <typename T>
+MF_EXT_INLINE T sum_lanes_tree(typename Vec<T>::type v) {
+  constexpr int W = Vec<T>::width;
+  alignas(64) T a[W];
+  simd::store(a, v);
+  for (int h = W / 2; h >= 1; h /= 2) {
+    for (int l = 0; l < h; ++l) a[l] += a[l + h];
+  }
+  return a[0];
+}
+
+// Triples are visited in random order over rows that do not fit in L2: fetch the rows of the
+// triple kPrefetchAhead positions on while this one computes.
+constexpr int64_t kPrefetchAhead = 8;
+
+template <int kWrite>
+MF_EXT_INLINE void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) {
+    __builtin_prefetch(static_cast<const char*>(row) + b, kWrite, 3);
+  }
+}
+
 template <typename T, bool kGradP, bool kGradQ>
 MF_EXT_INLINE void run_chunk(const ObservedProblem<T>& pb, int64_t chunk, ChunkResult& result) {
   using V = typename Vec<T>::type;
@@ -100,7 +124,20 @@ MF_EXT_INLINE void run_chunk(const ObservedProblem<T>& pb, int64_t chunk, ChunkR
 
   const T coef = T(-2) * pb.scale;
   double loss = 0;
+  const int64_t row_bytes = r_pad * static_cast<int64_t>(sizeof(T));
+  const int64_t prefetch_end = (m > 0 && n > 0) ? t1 - kPrefetchAhead : t0;
   for (int64_t t = t0; t < t1; ++t) {
+    if (t < prefetch_end) {
+      // Clamped, so a bad index (reported when reached) is never even prefetched.
+      const uint64_t ia = load_index(pb.rows, pb.rows_64, (t + kPrefetchAhead) * pb.rows_s);
+      const uint64_t ja = load_index(pb.cols, pb.cols_64, (t + kPrefetchAhead) * pb.cols_s);
+      const int64_t i_ahead = static_cast<int64_t>(std::min<uint64_t>(ia, m - 1));
+      const int64_t j_ahead = static_cast<int64_t>(std::min<uint64_t>(ja, n - 1));
+      prefetch_row<0>(pb.P + i_ahead * r_pad, row_bytes);
+      prefetch_row<0>(pb.Q + j_ahead * r_pad, row_bytes);
+      if constexpr (kGradP) prefetch_row<1>(dP + i_ahead * r_pad, row_bytes);
+      if constexpr (kGradQ) prefetch_row<1>(dQ + j_ahead * r_pad, row_bytes);
+    }
     const int64_t i = load_index(pb.rows, pb.rows_64, t * pb.rows_s);
     const int64_t j = load_index(pb.cols, pb.cols_64, t * pb.cols_s);
     if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(m) ||
@@ -115,7 +152,7 @@ MF_EXT_INLINE void run_chunk(const ObservedProblem<T>& pb, int64_t chunk, ChunkR
     const T* q = pb.Q + j * r_pad;
     V acc = simd::broadcast<T>(0);
     for (int64_t k = 0; k < r_pad; k += W) acc += simd::load(p + k) * simd::load(q + k);
-    T pred = simd::sum_lanes<T>(acc);
+    T pred = sum_lanes_tree<T>(acc);
     if (pb.row_bias) pred += pb.row_bias[i * pb.row_bias_s];
     if (pb.col_bias) pred += pb.col_bias[j * pb.col_bias_s];
     const T e = pb.values[t * pb.values_s] - pred;
