@@ -105,7 +105,8 @@ def main() -> None:
 
     fused = times["mf_ext.observed_mf_loss (fused)"]
     print(f"### observed_mf_loss, forward + backward (P, Q, row_bias, col_bias), CPU\n")
-    print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}, mf_ext "
+    threads = f"{args.threads} thread" + ("s" if args.threads != 1 else "")
+    print(f"{cpu_name()}, {threads}, torch {torch.__version__}, mf_ext "
           f"{mf_ext.__version__}, {dtype}; m = {args.m:,}, n = {args.n:,}, nnz = {args.nnz:,} "
           f"(Zipf-like popularity, unsorted), r = {args.rank}. Median of "
           f"torch.utils.benchmark blocked_autorange.\n")
