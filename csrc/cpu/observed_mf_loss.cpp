@@ -82,17 +82,27 @@ MF_EXT_INLINE int64_t load_index(const void* base, bool is_64, int64_t offset) {
                : static_cast<int64_t>(static_cast<const int32_t*>(base)[offset]);
 }
 
-// Sum of the lanes as a fixed pairwise tree (depth log2 W, not W as simd::sum_lanes): the
-// per-triple dot product sits on the critical path. The order depends on nothing but W.
-template <typename T>
-MF_EXT_INLINE T sum_lanes_tree(typename Vec<T>::type v) {
-  constexpr int W = Vec<T>::width;
-  alignas(64) T a[W];
-  simd::store(a, v);
-  for (int h = W / 2; h >= 1; h /= 2) {
-    for (int l = 0; l < h; ++l) a[l] += a[l + h];
-  }
-  return a[0];
+// Sum of the lanes as a fixed pairwise tree (lane l + lane l + W/2, and so on down), kept in
+// registers: the per-triple dot product sits on the critical path, and simd::sum_lanes (W
+// dependent adds) or a tree through memory costs several times more. The order depends on
+// nothing but W.
+MF_EXT_INLINE float sum_lanes_tree(Vec<float>::type v) {
+  typedef float f8 __attribute__((vector_size(32)));
+  typedef float f4 __attribute__((vector_size(16)));
+  typedef float f2 __attribute__((vector_size(8)));
+  const f8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const f2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+  return c[0] + c[1];
+}
+
+MF_EXT_INLINE double sum_lanes_tree(Vec<double>::type v) {
+  typedef double d4 __attribute__((vector_size(32)));
+  typedef double d2 __attribute__((vector_size(16)));
+  const d4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const d2 b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
+  return b[0] + b[1];
 }
 
 // Triples are visited in random order over rows that do not fit in L2: fetch the rows of the
@@ -152,7 +162,7 @@ MF_EXT_INLINE void run_chunk(const ObservedProblem<T>& pb, int64_t chunk, ChunkR
     const T* q = pb.Q + j * r_pad;
     V acc = simd::broadcast<T>(0);
     for (int64_t k = 0; k < r_pad; k += W) acc += simd::load(p + k) * simd::load(q + k);
-    T pred = sum_lanes_tree<T>(acc);
+    T pred = sum_lanes_tree(acc);
     if (pb.row_bias) pred += pb.row_bias[i * pb.row_bias_s];
     if (pb.col_bias) pred += pb.col_bias[j * pb.col_bias_s];
     const T e = pb.values[t * pb.values_s] - pred;
