@@ -20,4 +20,15 @@ TORCH_LIBRARY(mf_ext, m) {
       "masked_mf_loss_and_grads(Tensor R, Tensor P, Tensor Q, Tensor? mask, str reduction, "
       "bool grad_R, bool grad_P, bool grad_Q) -> (Tensor loss, Tensor grad_R, Tensor grad_P, "
       "Tensor grad_Q)");
+  // Observed-entries form, fused: Σ_t w_t (values_t − p_iᵀ q_j − row_bias_i − col_bias_j)² with
+  // i = rows_t, j = cols_t ("sum"), or that sum divided by nnz ("mean": the unweighted count),
+  // and in the same pass the gradients whose grad_* flag is set (an empty tensor otherwise).
+  // rows, cols: (nnz,) int32/int64; values, weights: (nnz,); P: (r, m); Q: (r, n);
+  // row_bias: (m,); col_bias: (n,). Missing weights are 1, missing biases 0.
+  m.def(
+      "observed_mf_loss_and_grads(Tensor rows, Tensor cols, Tensor values, Tensor P, Tensor Q, "
+      "Tensor? row_bias, Tensor? col_bias, Tensor? weights, str reduction, bool grad_values, "
+      "bool grad_P, bool grad_Q, bool grad_row_bias, bool grad_col_bias, bool grad_weights) -> "
+      "(Tensor loss, Tensor grad_values, Tensor grad_P, Tensor grad_Q, Tensor grad_row_bias, "
+      "Tensor grad_col_bias, Tensor grad_weights)");
 }

@@ -125,3 +125,151 @@ def masked_mf_loss(
         grad and R.requires_grad, grad and P.requires_grad, grad and Q.requires_grad,
     )
     return loss
+
+
+# ---------------------------------------------------------------- observed_mf_loss (triples)
+
+def _check_observed_mf_loss_args(rows, cols, values, P, Q, row_bias, col_bias, weights,
+                                 reduction) -> None:
+    """The same checks, with the same messages, as csrc/observed_mf_loss_checks.h; run here for
+    fake tensors (torch.compile, meta), where the C++ kernel does not run. Index ranges need the
+    data, so only the kernels check them."""
+    op = "mf_ext.observed_mf_loss"
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f'{op}: reduction must be "sum" or "mean", got "{reduction}"')
+    for name, t in (("rows", rows), ("cols", cols)):
+        if t.dim() != 1:
+            raise ValueError(f"{op}: {name} must be 1-D (nnz,), got shape {list(t.shape)}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{op}: {name} must be an int32 or int64 tensor, got {t.dtype}")
+    if values.dim() != 1:
+        raise ValueError(f"{op}: values must be 1-D (nnz,), got shape {list(values.shape)}")
+    if not (rows.shape[0] == cols.shape[0] == values.shape[0]):
+        raise ValueError(f"{op}: rows, cols and values must have the same length, got rows "
+                         f"{rows.shape[0]}, cols {cols.shape[0]}, values {values.shape[0]}")
+    for name, t, dims in (("P", P, "(r, m)"), ("Q", Q, "(r, n)")):
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D {dims}, got shape {list(t.shape)}")
+    if not values.dtype.is_floating_point:
+        raise TypeError(f"{op}: values must be a floating-point tensor, got {values.dtype}")
+    if not (P.dtype == values.dtype == Q.dtype):
+        raise TypeError(f"{op}: values, P and Q must have the same dtype, got values "
+                        f"{values.dtype}, P {P.dtype}, Q {Q.dtype}")
+    if P.shape[0] != Q.shape[0]:
+        raise ValueError(f"{op}: P has rank {P.shape[0]} (shape {list(P.shape)}) but Q has rank "
+                         f"{Q.shape[0]} (shape {list(Q.shape)})")
+    if not (rows.device == cols.device == values.device == P.device == Q.device):
+        raise ValueError(f"{op}: rows, cols, values, P and Q must be on the same device, got "
+                         f"rows on {rows.device}, cols on {cols.device}, values on "
+                         f"{values.device}, P on {P.device}, Q on {Q.device}")
+    for name, t, expected, what in (
+        ("row_bias", row_bias, P.shape[1], "m, the columns of P"),
+        ("col_bias", col_bias, Q.shape[1], "n, the columns of Q"),
+        ("weights", weights, values.shape[0], "nnz, the length of values"),
+    ):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != expected:
+            raise ValueError(f"{op}: {name} must have shape ({expected},) ({what}), got shape "
+                             f"{list(t.shape)}")
+        if t.dtype != values.dtype:
+            raise TypeError(f"{op}: {name} must have the dtype of values ({values.dtype}), got "
+                            f"{t.dtype}")
+        if t.device != values.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but values is on {values.device}")
+
+
+@torch.library.register_fake("mf_ext::observed_mf_loss_and_grads")
+def _observed_mf_loss_and_grads_fake(rows, cols, values, P, Q, row_bias, col_bias, weights,
+                                     reduction, grad_values, grad_P, grad_Q, grad_row_bias,
+                                     grad_col_bias, grad_weights):
+    _check_observed_mf_loss_args(rows, cols, values, P, Q, row_bias, col_bias, weights,
+                                 reduction)
+    for flag, name, t in ((grad_row_bias, "row_bias", row_bias),
+                          (grad_col_bias, "col_bias", col_bias), (grad_weights, "weights", weights)):
+        if flag and t is None:
+            raise ValueError(f"mf_ext.observed_mf_loss: grad_{name}=True but {name} is None")
+    nnz, r, m, n = values.shape[0], P.shape[0], P.shape[1], Q.shape[1]
+
+    def maybe(wanted, shape):
+        return values.new_empty(shape if wanted else (0,))
+
+    return (
+        values.new_empty(()),
+        maybe(grad_values, (nnz,)),
+        maybe(grad_P, (r, m)),
+        maybe(grad_Q, (r, n)),
+        maybe(grad_row_bias, (m,)),
+        maybe(grad_col_bias, (n,)),
+        maybe(grad_weights, (nnz,)),
+    )
+
+
+# Inputs of the op that can carry a gradient, by position, with the flag that computes it.
+_OBSERVED_GRAD_INPUTS = (
+    (2, "values"), (3, "P"), (4, "Q"), (5, "row_bias"), (6, "col_bias"), (7, "weights"))
+
+
+def _observed_mf_loss_setup_context(ctx, inputs, output):
+    ctx.grad_flags = tuple(inputs[9:15])
+    grads = output[1:]
+    ctx.save_for_backward(*grads)
+    ctx.mark_non_differentiable(*grads)
+
+
+@once_differentiable  # the saved gradients are constants: a second derivative would be wrong
+def _observed_mf_loss_backward(ctx, grad_loss, *_grad_outputs):
+    grads = [None] * 15
+    for (index, name), flag, g in zip(_OBSERVED_GRAD_INPUTS, ctx.grad_flags, ctx.saved_tensors):
+        if not ctx.needs_input_grad[index]:
+            continue
+        if not flag:
+            raise RuntimeError(
+                f"mf_ext.observed_mf_loss: {name} requires grad but the op was called with "
+                f"grad_{name}=False; call mf_ext.observed_mf_loss, which sets the flags")
+        grads[index] = grad_loss * g
+    return tuple(grads)
+
+
+torch.library.register_autograd(
+    "mf_ext::observed_mf_loss_and_grads",
+    _observed_mf_loss_backward,
+    setup_context=_observed_mf_loss_setup_context,
+)
+
+
+def observed_mf_loss(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    row_bias: Optional[torch.Tensor] = None,
+    col_bias: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Σ_t w_t (values_t − P[:, i]ᵀQ[:, j] − row_bias[i] − col_bias[j])², i = rows_t, j = cols_t,
+    computed with its gradients in one fused pass over the triples.
+
+    rows, cols: (nnz,) int32 or int64, each in [0, m) / [0, n) (out of range raises IndexError);
+    values: (nnz,); P: (r, m); Q: (r, n); row_bias: (m,) or None; col_bias: (n,) or None;
+    weights: (nnz,) or None (all 1). Floats are float32 or float64 (CPU), all of one dtype; any
+    strides. The triples may come in any order; a repeated (i, j) counts once per occurrence.
+    reduction: "sum", or "mean", which divides by nnz — the unweighted count of triples, not the
+    sum of the weights — and gives 0 when nnz == 0.
+    Returns a 0-dim tensor of values' dtype. Gradients flow to whichever of values, P, Q,
+    row_bias, col_bias, weights require grad (first derivatives only).
+    """
+    if not isinstance(reduction, str):
+        raise TypeError(f"mf_ext.observed_mf_loss: reduction must be a str, got {type(reduction)}")
+    grad = torch.is_grad_enabled()
+
+    def wants(t):
+        return grad and t is not None and t.requires_grad
+
+    loss = torch.ops.mf_ext.observed_mf_loss_and_grads(
+        rows, cols, values, P, Q, row_bias, col_bias, weights, reduction,
+        wants(values), wants(P), wants(Q), wants(row_bias), wants(col_bias), wants(weights),
+    )[0]
+    return loss

@@ -52,3 +52,35 @@ def adam_reference_loop(
         loss.backward()
         optimizer.step()
     return P.detach(), Q.detach(), losses
+
+
+def observed_mf_loss_reference(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    row_bias: Optional[torch.Tensor] = None,
+    col_bias: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Σ_t w_t (values_t − P[:, rows_t]·Q[:, cols_t] − row_bias[rows_t] − col_bias[cols_t])².
+
+    rows, cols: (nnz,) integer; values, weights: (nnz,); P: (r, m); Q: (r, n); row_bias: (m,);
+    col_bias: (n,). reduction "mean" divides by nnz, the unweighted count (0 when nnz == 0).
+    Gathers the (r, nnz) columns of P and Q, so its memory grows as nnz·r.
+    """
+    rows, cols = rows.long(), cols.long()
+    pred = (P[:, rows] * Q[:, cols]).sum(0)
+    if row_bias is not None:
+        pred = pred + row_bias[rows]
+    if col_bias is not None:
+        pred = pred + col_bias[cols]
+    squared = torch.square(values - pred)
+    if weights is not None:
+        squared = squared * weights
+    loss = torch.sum(squared)
+    if reduction == "mean":
+        loss = loss / max(values.shape[0], 1)
+    return loss

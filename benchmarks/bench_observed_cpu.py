@@ -1,0 +1,123 @@
+"""CPU benchmark of mf_ext.observed_mf_loss: forward + backward on a MovieLens-1M-sized synthetic
+problem, against the eager pure-PyTorch reference and the torch.compile'd reference, all timed
+in the same run. Prints a Markdown table.
+
+    ./dev python benchmarks/bench_observed_cpu.py [--nnz N] [--rank R] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+import torch.utils.benchmark as benchmark
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+import mf_ext  # noqa: E402
+from mf_ext import observed_mf_loss, observed_mf_loss_reference  # noqa: E402
+
+
+def zipf_indices(count: int, size: int, exponent: float, g: torch.Generator) -> torch.Tensor:
+    """`count` indices in [0, size) drawn with probability ∝ 1/(rank+1)^exponent, the ranks
+    shuffled so popular ids are scattered (as user and item ids are in real data)."""
+    popularity = 1.0 / torch.arange(1, size + 1, dtype=torch.float64) ** exponent
+    ids = torch.multinomial(popularity, count, replacement=True, generator=g)
+    return torch.randperm(size, generator=g)[ids]
+
+
+def make_problem(m, n, nnz, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = zipf_indices(nnz, m, 0.6, g)
+    cols = zipf_indices(nnz, n, 1.0, g)
+    values = torch.randint(1, 6, (nnz,), generator=g).to(dtype)
+    P = (torch.randn(r, m, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    Q = (torch.randn(r, n, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    row_bias = (torch.randn(m, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    col_bias = (torch.randn(n, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    return rows, cols, values, P, Q, row_bias, col_bias
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", type=int, default=6040)
+    parser.add_argument("--n", type=int, default=3706)
+    parser.add_argument("--nnz", type=int, default=1_000_209)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--min-run-time", type=float, default=2.0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.float32
+    rows, cols, values, P, Q, row_bias, col_bias = make_problem(
+        args.m, args.n, args.nnz, args.rank, dtype)
+    params = (P, Q, row_bias, col_bias)
+    compiled_reference = torch.compile(observed_mf_loss_reference)
+
+    def step(fn):
+        def run():
+            loss = fn(rows, cols, values, P, Q, row_bias, col_bias)
+            return torch.autograd.grad(loss, params)
+        return run
+
+    candidates = {
+        "mf_ext.observed_mf_loss (fused)": step(observed_mf_loss),
+        "reference, eager": step(observed_mf_loss_reference),
+        "reference, torch.compile": step(compiled_reference),
+    }
+    # Agreement first (and the warm-up, compilation included).
+    expected = candidates["reference, eager"]()
+    for name, fn in candidates.items():
+        got = fn()
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-3, msg=name)
+
+    times = {}
+    for name, fn in candidates.items():
+        fn()
+        times[name] = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(
+            min_run_time=args.min_run_time).median
+
+    # The GEMM rate in the same run, and the compute floor of the fused op at that rate:
+    # per triple 2r (dot) + 2r + 2r (the two rank-1 updates) + ~4 (biases, error, loss) flops.
+    size = 2048
+    A = torch.randn(size, size, dtype=dtype)
+    B = torch.randn(size, size, dtype=dtype)
+    torch.mm(A, B)
+    mm_time = benchmark.Timer("torch.mm(A, B)", globals={"torch": torch, "A": A, "B": B}) \
+        .blocked_autorange(min_run_time=args.min_run_time).median
+    gemm_rate = 2 * size**3 / mm_time
+    flops = (6 * args.rank + 4) * args.nnz
+    floor = flops / gemm_rate
+
+    fused = times["mf_ext.observed_mf_loss (fused)"]
+    print(f"### observed_mf_loss, forward + backward (P, Q, row_bias, col_bias), CPU\n")
+    threads = f"{args.threads} thread" + ("s" if args.threads != 1 else "")
+    print(f"{cpu_name()}, {threads}, torch {torch.__version__}, mf_ext "
+          f"{mf_ext.__version__}, {dtype}; m = {args.m:,}, n = {args.n:,}, nnz = {args.nnz:,} "
+          f"(Zipf-like popularity, unsorted), r = {args.rank}. Median of "
+          f"torch.utils.benchmark blocked_autorange.\n")
+    print("| implementation | time (ms) | fused is faster by | GFLOP/s at (6r+4)·nnz |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, t in times.items():
+        print(f"| {name} | {t * 1e3:.2f} | {t / fused:.2f}× | {flops / t / 1e9:.1f} |")
+    print(f"| compute floor: (6r+4)·nnz = {flops / 1e9:.3f} GFLOP at the torch.mm rate "
+          f"({gemm_rate / 1e9:.1f} GFLOP/s, {size}² float32) | {floor * 1e3:.2f} | "
+          f"fused is {fused / floor:.1f}× the floor | |")
+
+
+if __name__ == "__main__":
+    main()
