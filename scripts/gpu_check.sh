@@ -26,20 +26,20 @@ step "environment"
 } 2>&1 | tee "$OUT/env.txt"
 
 step "build: $PY setup.py build_ext --inplace (MAX_JOBS=$MAX_JOBS)"
-if ! timeout 200 "$PY" setup.py build_ext --inplace 2>&1 | tee "$OUT/build.log"; then
+if ! timeout 150 "$PY" setup.py build_ext --inplace 2>&1 | tee "$OUT/build.log"; then
   step "build FAILED (see build.log)"
   exit 1
 fi
 grep -h "mf_ext setup:" "$OUT/build.log" | tee -a "$OUT/summary.txt"
 
 step "tests: pytest -x -q tests"
-timeout 170 "$PY" -m pytest -x -q tests 2>&1 | tee "$OUT/pytest.log"
+timeout 180 "$PY" -m pytest -x -q tests 2>&1 | tee "$OUT/pytest.log"
 tests_rc=$?
 tail -n 1 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
 
 # The benchmark runs even when a test failed, so a failure does not hide the timings.
 step "benchmark: benchmarks/bench_dense_cuda.py"
-timeout 170 "$PY" benchmarks/bench_dense_cuda.py --out "$OUT/bench_dense_cuda.md" 2>&1 | tee "$OUT/bench.log"
+timeout 150 "$PY" benchmarks/bench_dense_cuda.py --out "$OUT/bench_dense_cuda.md" 2>&1 | tee "$OUT/bench.log"
 bench_rc=$?
 
 step "done: tests rc=$tests_rc, benchmark rc=$bench_rc"

@@ -292,10 +292,12 @@ __global__ void __launch_bounds__(kThreads)
 
       // Phase 3: dP[k, rows] += Σ_cols e q_k, dQ[k, cols] += Σ_rows e p_k. The block owns these
       // slices of its partials: the first tile of its row (column) range writes, later ones add.
+      // Chunks go last to first: the last one is still staged from phase 1.
       const bool first_col = tc == tc0, first_row = tr == tr0;
-      for (int64_t k0 = 0; k0 < r; k0 += KC) {
+      const int64_t last_k0 = (r - 1) / KC * KC;  // r ≥ 1 here: partials exist only then
+      for (int64_t k0 = last_k0; k0 >= 0; k0 -= KC) {
         const int kc = r - k0 < KC ? static_cast<int>(r - k0) : KC;
-        if (r > KC) {  // otherwise the only chunk is still staged from phase 1
+        if (k0 != last_k0) {
           __syncthreads();  // the previous chunk is done with Ps, Qs, dP_rows, dQ_warp
           stage_rank_chunk<scalar_t, acc_t, KC>(pb, k0, kc, i0, j0, Ps, Qs);
         }
