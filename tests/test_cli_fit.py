@@ -1,0 +1,62 @@
+"""`mf-ext fit` and `mf-ext recommend` end to end, on a small ratings file the test writes."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "mf_ext", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ratings_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    users, items = rng.normal(size=(40, 2)), rng.normal(size=(30, 2))
+    lines = []
+    for u in range(40):
+        for i in rng.choice(30, size=12, replace=False):
+            r = np.clip(np.round(3 + users[u] @ items[i]), 1, 5)
+            lines.append(f"{u + 1}\t{i + 1}\t{int(r)}\t0")
+    path = tmp_path_factory.mktemp("data") / "u.data"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_fit_then_recommend(ratings_file, tmp_path):
+    model, curve = str(tmp_path / "model.pt"), str(tmp_path / "curve.png")
+    fit = run_cli("fit", ratings_file, "--epochs", "30", "--rank", "4", "--out", model,
+                  "--plot", curve, "--validation-fraction", "0.1", "--no-progress")
+    assert fit.returncode == 0, fit.stderr
+    assert "480 ratings, 40 users, 30 items" in fit.stdout
+    assert "test RMSE" in fit.stdout and "MAE" in fit.stdout and "trained" in fit.stdout
+    assert "validation RMSE" in fit.stderr  # the per-epoch log
+    with open(curve, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    rec = run_cli("recommend", model, "1", "-k", "3")
+    assert rec.returncode == 0, rec.stderr
+    assert len(rec.stdout.strip().splitlines()) == 3
+
+
+def test_fit_reports_bad_lines(tmp_path):
+    path = tmp_path / "u.data"
+    path.write_text("1\t2\t3\t0\n1\t2\n")
+    result = run_cli("fit", str(path))
+    assert result.returncode == 1
+    assert "line 2" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recommend_errors(ratings_file, tmp_path):
+    result = run_cli("recommend", str(tmp_path / "missing.pt"), "1")
+    assert result.returncode == 1 and "no such file" in result.stderr
+    model = str(tmp_path / "m.pt")
+    assert run_cli("fit", ratings_file, "--epochs", "2", "--out", model, "--no-progress").returncode == 0
+    result = run_cli("recommend", model, "999")
+    assert result.returncode == 1 and "unknown user 999" in result.stderr
