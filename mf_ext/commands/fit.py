@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     def log(record) -> None:
         if record.epoch % args.log_every == 0 or record.epoch == 1:
             val = "-" if record.val_rmse is None else f"{record.val_rmse:.4f}"
-            print(f"epoch {record.epoch:4d}  train RMSE {record.train_rmse:.4f}  "
-                  f"validation RMSE {val}", file=sys.stderr, flush=True)
+            _write(f"epoch {record.epoch:4d}  train RMSE {record.train_rmse:.4f}  "
+                   f"validation RMSE {val}")
 
     start = time.perf_counter()
     try:
@@ -93,3 +93,13 @@ def run(args: argparse.Namespace) -> int:
                             [h.val_rmse for h in model.history], args.plot)
         print(f"learning curve: {args.plot}")
     return 0
+
+
+def _write(line: str) -> None:
+    """A log line on stderr that does not tear the progress bar."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
+        return
+    tqdm.write(line, file=sys.stderr)
