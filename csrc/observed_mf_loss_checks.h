@@ -8,7 +8,7 @@
 #include <optional>
 #include <string_view>
 
-#include "masked_mf_loss_checks.h"  // enum Reduction
+#include "masked_mf_loss_common.h"  // enum Reduction
 
 namespace mf_ext {
 

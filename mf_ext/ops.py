@@ -26,7 +26,7 @@ _REDUCTIONS = ("sum", "mean")
 # ---------------------------------------------------------------- masked_mf_loss (dense form)
 
 def _check_masked_mf_loss_args(R, P, Q, mask, reduction) -> None:
-    """The same checks, with the same messages, as csrc/masked_mf_loss_checks.h; run here for
+    """The same checks, with the same messages, as csrc/masked_mf_loss_common.h; run here for
     fake tensors (torch.compile, meta), where the C++ kernel does not run."""
     op = "mf_ext.masked_mf_loss"
     if reduction not in _REDUCTIONS:
@@ -110,7 +110,8 @@ def masked_mf_loss(
 ) -> torch.Tensor:
     """Σ_Ω (R − PᵀQ)² and, in the same fused pass, the gradients autograd will need.
 
-    R: (m, n); P: (r, m); Q: (r, n), all float32 or float64 (CPU), any strides.
+    R: (m, n); P: (r, m); Q: (r, n), one dtype and device, any strides: float32 or float64 on
+    the CPU; on CUDA also float16 and bfloat16 (computed in float32, returned in the input dtype).
     mask: (m, n) bool, or None for Ω = {R ≠ 0} (the notebook's rule).
     reduction: "sum" (the notebook's) or "mean" over Ω (0 when Ω is empty).
     Returns a 0-dim tensor of R's dtype. Gradients flow to whichever of R, P, Q require grad

@@ -18,7 +18,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../masked_mf_loss_checks.h"
+#include "../masked_mf_loss_common.h"
 #include "simd.h"
 
 namespace mf_ext {
@@ -327,34 +327,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_gr
   TORCH_CHECK_TYPE(R.scalar_type() == at::kFloat || R.scalar_type() == at::kDouble,
                    "mf_ext.masked_mf_loss: the CPU kernel supports float32 and float64, got ",
                    R.scalar_type());
-  const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
-  const auto opts = R.options();
-  at::Tensor loss = at::empty({}, opts);
-  at::Tensor dR = grad_R ? at::empty_like(R) : at::empty({0}, opts);
-  at::Tensor dP = grad_P ? at::empty({r, m}, opts) : at::empty({0}, opts);
-  at::Tensor dQ = grad_Q ? at::empty({r, n}, opts) : at::empty({0}, opts);
-  if (grad_R && (m == 0 || n == 0)) dR.zero_();
-
-  // The kernel streams R along its rows; a column-major R is the transposed problem
-  // L(Rᵀ, Q, P), which swaps the roles of P and Q.
-  const bool rows_unit = R.size(1) <= 1 || R.stride(1) == 1;
-  const bool cols_unit = R.size(0) <= 1 || R.stride(0) == 1;
-  const bool transpose = !rows_unit && cols_unit;
-  const at::Tensor R_k = transpose ? R.t() : R;
-  const at::Tensor P_k = transpose ? Q : P;
-  const at::Tensor Q_k = transpose ? P : Q;
-  std::optional<at::Tensor> mask_k = mask;
-  if (transpose && mask.has_value()) mask_k = mask->t();
-  const at::Tensor dR_k = grad_R ? (transpose ? dR.t() : dR) : at::Tensor();
-  at::Tensor dP_k = transpose ? (grad_Q ? dQ : at::Tensor()) : (grad_P ? dP : at::Tensor());
-  at::Tensor dQ_k = transpose ? (grad_P ? dP : at::Tensor()) : (grad_Q ? dQ : at::Tensor());
-
+  MaskedMfOutputs out = allocate_outputs(R, P, grad_R, grad_P, grad_Q);
+  if (grad_R && R.numel() == 0) out.grad_R.zero_();
+  const RowMajorProblem k = orient_rows(R, P, Q, mask, out, grad_R, grad_P, grad_Q);
   AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "masked_mf_loss_cpu", [&] {
-    const double value =
-        masked_mf_loss_impl<scalar_t>(R_k, P_k, Q_k, mask_k, red, dR_k, dP_k, dQ_k);
-    loss.fill_(value);
+    out.loss.fill_(masked_mf_loss_impl<scalar_t>(k.R, k.P, k.Q, k.mask, red, k.grad_R, k.grad_P,
+                                                 k.grad_Q));
   });
-  return {loss, dR, dP, dQ};
+  return {out.loss, out.grad_R, out.grad_P, out.grad_Q};
 }
 
 }  // namespace

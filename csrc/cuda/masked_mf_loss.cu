@@ -26,7 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../masked_mf_loss_checks.h"
+#include "../masked_mf_loss_common.h"
 
 namespace mf_ext {
 namespace {
@@ -545,38 +545,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_gr
   check_masked_mf_loss_args(R, P, Q, mask);
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
   const c10::cuda::CUDAGuard guard(R.device());
-  const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
-  const auto opts = R.options();
-  at::Tensor loss = at::empty({}, opts);
-  at::Tensor dR = grad_R ? at::empty_like(R) : at::empty({0}, opts);
-  at::Tensor dP = grad_P ? at::empty({r, m}, opts) : at::empty({0}, opts);
-  at::Tensor dQ = grad_Q ? at::empty({r, n}, opts) : at::empty({0}, opts);
-  if (m == 0 || n == 0) {  // nothing observed: zero loss and gradients, no kernel
-    loss.zero_();
-    dP.zero_();
-    dQ.zero_();
-    return {loss, dR, dP, dQ};
+  MaskedMfOutputs out = allocate_outputs(R, P, grad_R, grad_P, grad_Q);
+  if (R.numel() == 0) {  // nothing observed: zero loss and gradients, no kernel
+    out.loss.zero_();
+    out.grad_P.zero_();
+    out.grad_Q.zero_();
+    return {out.loss, out.grad_R, out.grad_P, out.grad_Q};
   }
-
-  // The kernel reads R along its rows; a column-major R is the transposed problem
-  // L(Rᵀ, Q, P), which swaps the roles of P and Q (as the CPU kernel does).
-  const bool rows_unit = R.size(1) <= 1 || R.stride(1) == 1;
-  const bool cols_unit = R.size(0) <= 1 || R.stride(0) == 1;
-  const bool transpose = !rows_unit && cols_unit;
-  const at::Tensor R_k = transpose ? R.t() : R;
-  const at::Tensor P_k = transpose ? Q : P;
-  const at::Tensor Q_k = transpose ? P : Q;
-  std::optional<at::Tensor> mask_k = mask;
-  if (transpose && mask.has_value()) mask_k = mask->t();
-  const at::Tensor dR_k = grad_R ? (transpose ? dR.t() : dR) : at::Tensor();
-  const at::Tensor dP_k = transpose ? (grad_Q ? dQ : at::Tensor()) : (grad_P ? dP : at::Tensor());
-  const at::Tensor dQ_k = transpose ? (grad_P ? dP : at::Tensor()) : (grad_Q ? dQ : at::Tensor());
-
+  const RowMajorProblem k = orient_rows(R, P, Q, mask, out, grad_R, grad_P, grad_Q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, R.scalar_type(),
                                   "masked_mf_loss_cuda", [&] {
-    masked_mf_loss_launch<scalar_t>(R_k, P_k, Q_k, mask_k, red, loss, dR_k, dP_k, dQ_k);
+    masked_mf_loss_launch<scalar_t>(k.R, k.P, k.Q, k.mask, red, out.loss, k.grad_R, k.grad_P,
+                                    k.grad_Q);
   });
-  return {loss, dR, dP, dQ};
+  return {out.loss, out.grad_R, out.grad_P, out.grad_Q};
 }
 
 }  // namespace

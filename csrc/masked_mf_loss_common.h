@@ -1,5 +1,6 @@
-// Argument checks of mf_ext::masked_mf_loss_and_grads, shared by the CPU and CUDA kernels so
-// both reject bad input with the same message.
+// What the CPU and CUDA kernels of mf_ext::masked_mf_loss_and_grads share: the argument checks
+// (so both reject bad input with the same message), the outputs' allocation and the choice of
+// orientation.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -58,6 +59,45 @@ inline void check_masked_mf_loss_args(const at::Tensor& R, const at::Tensor& P,
     TORCH_CHECK_VALUE(M.device() == R.device(), "mf_ext.masked_mf_loss: mask is on ",
                       M.device(), " but R is on ", R.device());
   }
+}
+
+// The op's outputs; a gradient that is not wanted is an empty (0,) tensor. grad_R has R's
+// layout (at::empty_like), grad_P and grad_Q are contiguous, as the fake kernel says.
+struct MaskedMfOutputs {
+  at::Tensor loss, grad_R, grad_P, grad_Q;
+};
+
+inline MaskedMfOutputs allocate_outputs(const at::Tensor& R, const at::Tensor& P, bool grad_R,
+                                        bool grad_P, bool grad_Q) {
+  const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
+  const auto opts = R.options();
+  return {at::empty({}, opts), grad_R ? at::empty_like(R) : at::empty({0}, opts),
+          grad_P ? at::empty({r, m}, opts) : at::empty({0}, opts),
+          grad_Q ? at::empty({r, n}, opts) : at::empty({0}, opts)};
+}
+
+// The problem as the kernels see it, R read along its rows. A column-major R is the transposed
+// problem L(Rᵀ, Q, P), which swaps the roles of P and Q (and of their gradients). Gradients not
+// wanted are undefined tensors.
+struct RowMajorProblem {
+  at::Tensor R, P, Q;
+  std::optional<at::Tensor> mask;
+  at::Tensor grad_R, grad_P, grad_Q;
+};
+
+inline RowMajorProblem orient_rows(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
+                                   const std::optional<at::Tensor>& mask,
+                                   const MaskedMfOutputs& out, bool grad_R, bool grad_P,
+                                   bool grad_Q) {
+  const bool rows_unit = R.size(1) <= 1 || R.stride(1) == 1;
+  const bool cols_unit = R.size(0) <= 1 || R.stride(0) == 1;
+  const at::Tensor dR = grad_R ? out.grad_R : at::Tensor();
+  const at::Tensor dP = grad_P ? out.grad_P : at::Tensor();
+  const at::Tensor dQ = grad_Q ? out.grad_Q : at::Tensor();
+  if (rows_unit || !cols_unit) return {R, P, Q, mask, dR, dP, dQ};
+  std::optional<at::Tensor> mask_t;
+  if (mask.has_value()) mask_t = mask->t();
+  return {R.t(), Q, P, mask_t, dR.defined() ? dR.t() : dR, dQ, dP};
 }
 
 }  // namespace mf_ext
