@@ -256,7 +256,9 @@ def observed_mf_loss(
     rows, cols: (nnz,) int32 or int64, each in [0, m) / [0, n) (out of range raises IndexError);
     values: (nnz,); P: (r, m); Q: (r, n); row_bias: (m,) or None; col_bias: (n,) or None;
     weights: (nnz,) or None (all 1). Floats are float32 or float64 (on CUDA also float16 and
-    bfloat16, accumulated in float32), all of one dtype and device; any strides. The triples may come in any order; a repeated (i, j) counts once per occurrence.
+    bfloat16, accumulated in float32), all of one dtype and device; any strides. The triples
+    may come in any order; a repeated (i, j) counts once per occurrence. On CUDA the gradients
+    are summed with atomics (last bits may vary) unless torch.use_deterministic_algorithms(True).
     reduction: "sum", or "mean", which divides by nnz — the unweighted count of triples, not the
     sum of the weights — and gives 0 when nnz == 0.
     Returns a 0-dim tensor of values' dtype. Gradients flow to whichever of values, P, Q,
