@@ -1,9 +1,9 @@
 """Data-parallel MatrixFactorization throughput (ratings·epochs/s) per process count, CPU/gloo.
 
-    ./dev python benchmarks/bench_distributed.py [--procs 1,2] [--ratings 1000000] ...
+    ./dev python benchmarks/bench_distributed.py [--configs 1x1,1x2,2x1] [--ratings N] ...
 
-For each process count P it starts P workers (this script with --worker, a file:// rendezvous),
-each training full-batch on its shard of one synthetic set with cores/P threads. Throughput is
+For each configuration PxT it starts P workers (this script with --worker, a file:// rendezvous)
+of T threads each, each training full-batch on its shard of one synthetic set. Throughput is
 N / (median epoch time over epochs 2…E); epoch 1 (first touches, allocator warm-up) is left out.
 It also times the step's all-reduce alone (a flat buffer of the gradients' size). P = 1 is the
 plain single-process fit. GPU counts need more than one GPU (not measured here).
@@ -46,7 +46,7 @@ def worker(args) -> None:
     from mf_ext.distributed import shard_ratings
 
     world = args.world
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(args.threads)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{args.rendezvous}",
                                 rank=args.worker_rank, world_size=world,
@@ -75,10 +75,10 @@ def worker(args) -> None:
                           "train_rmse": model.history[-1].train_rmse}))
 
 
-def launch(args, world: int) -> dict:
+def launch(args, world: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, os.path.abspath(__file__), "--worker-rank", "{rank}",
-                   "--world", str(world), "--rendezvous", os.path.join(tmp, "rdzv"),
+                   "--world", str(world), "--threads", str(threads), "--rendezvous", os.path.join(tmp, "rdzv"),
                    "--ratings", str(args.ratings), "--users", str(args.users), "--items",
                    str(args.items), "--rank", str(args.rank), "--epochs", str(args.epochs),
                    "--dtype", args.dtype]
@@ -93,15 +93,17 @@ def launch(args, world: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--procs", default="1,2", help="process counts (default 1,2)")
-    parser.add_argument("--ratings", type=int, default=1_000_000)
-    parser.add_argument("--users", type=int, default=20_000)
-    parser.add_argument("--items", type=int, default=5_000)
+    parser.add_argument("--configs", default="1x1,1x2,2x1",
+                        help="processes x threads each, comma-separated (default 1x1,1x2,2x1)")
+    parser.add_argument("--ratings", type=int, default=2_000_000)
+    parser.add_argument("--users", type=int, default=50_000)
+    parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--worker-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--rendezvous", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker_rank is not None:
@@ -112,7 +114,8 @@ def main() -> None:
 
     bytes_per = torch.finfo(getattr(torch, args.dtype)).bits // 8
     bucket_mb = bytes_per * (args.rank + 1) * (args.users + args.items) / 2**20
-    print(f"Machine: {machine_line()}\n")
+    print(f"Machine: {machine_line()}; load average at start "
+          f"{os.getloadavg()[0]:.1f} (other jobs share the cores)\n")
     print(f"Synthetic set: N = {args.ratings:,} ratings, m = {args.users:,} users, "
           f"n = {args.items:,} items, r = {args.rank}, {args.dtype}, full batch, "
           f"{args.epochs} epochs (median of epochs 2…{args.epochs}); gradient all-reduce "
@@ -121,8 +124,9 @@ def main() -> None:
           "all-reduce ms/step | final train RMSE |")
     print("|---|---|---|---|---|---|---|")
     base = None
-    for world in [int(p) for p in args.procs.split(",")]:
-        r = launch(args, world)
+    for config in args.configs.split(","):
+        world, threads = (int(x) for x in config.split("x"))
+        r = launch(args, world, threads)
         rate = args.ratings / r["epoch_s"]
         base = base or rate
         allreduce = "-" if r["allreduce_ms"] != r["allreduce_ms"] else f"{r['allreduce_ms']:.2f}"
