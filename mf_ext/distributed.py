@@ -142,10 +142,11 @@ class DataParallel:
         """This rank's batches for one epoch as (local index or None for all, global number of
         ratings in that step). Mini-batches: steps = ceil(N / batch_size) on every rank, each
         rank splitting its own shuffled shard into that many near-equal parts, so a step sees
-        ~batch_size ratings in all. `rng` advances identically on every rank."""
+        ~batch_size ratings in all; at most as many steps as the largest shard has ratings, so
+        that no step is empty on every rank. `rng` advances identically on every rank."""
         if batch_size is None or batch_size >= self.n_train:
             return [(None, self.n_train)]
-        steps = math.ceil(self.n_train / batch_size)
+        steps = min(math.ceil(self.n_train / batch_size), max(self.train_sizes))
         shuffle = np.random.default_rng([int(rng.integers(2**32)), self.rank])
         parts = np.array_split(shuffle.permutation(n_local), steps)
         counts = [sum(_block(size, k, steps)[1] - _block(size, k, steps)[0]

@@ -156,6 +156,39 @@ def test_shard_ratings_is_balanced_and_deterministic():
         shard_ratings(data, 0, 0)
 
 
+@pytest.fixture
+def group_of_one(tmp_path):
+    """A one-rank gloo group in this process (torn down after the test)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_distributed_true_with_one_rank_equals_the_plain_fit(group_of_one):
+    users, items, ratings = synthetic()
+    settings = dict(rank=4, epochs=20, reg=0.05, validation_fraction=0.2, seed=0,
+                    dtype=torch.float64)
+    auto = MatrixFactorization(**settings).fit(users, items, ratings)  # one rank: plain fit
+    forced = MatrixFactorization(**settings).fit(users, items, ratings, distributed=True)
+    for name in ("P", "Q", "user_bias", "item_bias"):
+        assert relative_difference(getattr(forced, name), getattr(auto, name)) <= 1e-12, name
+    assert [h.val_rmse for h in forced.history] == pytest.approx(
+        [h.val_rmse for h in auto.history], rel=1e-12)
+
+
+def test_minibatch_steps_are_equal_across_ranks_and_never_empty(group_of_one):
+    from mf_ext.distributed import DataParallel
+
+    sync = DataParallel(torch.device("cpu"))
+    sync.rank, sync.train_sizes, sync.n_train = 1, [3, 5, 4], 12  # as if 3 ranks
+    steps = sync.batches(5, 1, np.random.default_rng(0))
+    assert len(steps) == 5  # ceil(12 / 1) capped at the largest shard: no step empty everywhere
+    assert [count for _, count in steps] == [3, 3, 3, 2, 1]  # array_split of 3, 5 and 4 in 5
+    assert sorted(torch.cat([index for index, _ in steps]).tolist()) == list(range(5))
+    assert sync.batches(5, 100, np.random.default_rng(0)) == [(None, 12)]  # full batch
+
+
 def test_distributed_true_needs_a_process_group():
     users, items, ratings = synthetic()
     with pytest.raises(RuntimeError, match="no torch.distributed process group is initialized"):
