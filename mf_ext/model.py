@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mf_ext.data import IdMap, Ratings, as_ratings
+from mf_ext.distributed import data_parallel
 
 FORMAT_VERSION = 1
 
@@ -98,13 +99,20 @@ class MatrixFactorization:
 
     def fit(self, users: Any, items: Any = None, ratings: Any = None, *,
             validation: Optional[Ratings] = None, progress: bool = False,
-            callback: Optional[Callable[[EpochRecord], None]] = None) -> "MatrixFactorization":
+            callback: Optional[Callable[[EpochRecord], None]] = None,
+            distributed: Optional[bool] = None) -> "MatrixFactorization":
         """Fit on equal-length array-likes of raw user ids, item ids and ratings (or a
         DataFrame / scipy.sparse matrix / Ratings as the first argument). `validation`
         (Ratings) replaces the held-out share for early stopping. Ctrl-C stops the fit and
-        keeps the best parameters so far (`interrupted` is then True)."""
+        keeps the best parameters so far (`interrupted` is then True).
+
+        distributed: None (default) trains data-parallel when a torch.distributed process
+        group with more than one rank is initialized, True requires one, False never. Then
+        each rank passes its shard of the ratings (mf_ext.distributed.shard_ratings) and of
+        `validation`, and all ranks end with the same model (docs/distributed.md)."""
         data = as_ratings(users, items, ratings)
-        if len(data) == 0:
+        sync = data_parallel(distributed, self.device)
+        if len(data) == 0 and sync is None:
             raise ValueError("mf_ext.MatrixFactorization.fit: no ratings given (empty input)")
         bad = ~np.isfinite(data.ratings)
         if bad.any():
@@ -119,25 +127,38 @@ class MatrixFactorization:
         rng = np.random.default_rng(None if self.seed is None else self.seed)
 
         train, held_out = data, validation
-        if held_out is None and self.validation_fraction > 0 and len(data) >= 20:
+        if sync is not None:  # global statistics agreed across ranks (mf_ext/distributed.py)
+            sizes = sync.check_inputs(data, validation)
+            if held_out is None and self.validation_fraction > 0:
+                train, held_out = sync.hold_out(data, self.validation_fraction, rng, sizes)
+        elif held_out is None and self.validation_fraction > 0 and len(data) >= 20:
             order = rng.permutation(len(data))
             n_val = max(1, int(round(len(data) * self.validation_fraction)))
             train, held_out = data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
 
-        self.user_map, self.item_map = IdMap(train.users), IdMap(train.items)
+        self.user_map, self.item_map = (IdMap(train.users), IdMap(train.items)) if sync is None \
+            else sync.id_maps(train)
         m, n = len(self.user_map), len(self.item_map)
         seen_u, seen_i = self.user_map.index(data.users), self.item_map.index(data.items)
         keep = (seen_u >= 0) & (seen_i >= 0)
-        self._set_rated(seen_u[keep], seen_i[keep], m)
+        seen_u, seen_i = (seen_u[keep], seen_i[keep]) if sync is None \
+            else sync.rated_pairs(seen_u[keep], seen_i[keep])
+        self._set_rated(seen_u, seen_i, m)
         dev, dt = self.device, self.dtype
         rows = torch.as_tensor(self.user_map.index(train.users), device=dev)
         cols = torch.as_tensor(self.item_map.index(train.items), device=dev)
         values = torch.as_tensor(train.ratings, dtype=dt, device=dev)
-        self.global_mean = float(train.ratings.mean())
-        self.rating_range = (float(train.ratings.min()), float(train.ratings.max()))
+        if sync is None:
+            self.global_mean = float(train.ratings.mean())
+            self.rating_range = (float(train.ratings.min()), float(train.ratings.max()))
+        else:
+            _, self.global_mean, self.rating_range = sync.rating_stats(train.ratings)
         residual = values - self.global_mean
-        user_counts = torch.bincount(rows, minlength=m).to(dt)
-        item_counts = torch.bincount(cols, minlength=n).to(dt)
+        user_counts = torch.bincount(rows, minlength=m)
+        item_counts = torch.bincount(cols, minlength=n)
+        if sync is not None:
+            sync.sum_counts(user_counts, item_counts)
+        user_counts, item_counts = user_counts.to(dt), item_counts.to(dt)
 
         P = (torch.randn(self.rank, m, generator=generator, dtype=dt) * self.init_std).to(dev)
         Q = (torch.randn(self.rank, n, generator=generator, dtype=dt) * self.init_std).to(dev)
@@ -161,10 +182,10 @@ class MatrixFactorization:
             for epoch in range(1, self.epochs + 1):
                 start = time.perf_counter()
                 train_mse = self._epoch(optimizer, rows, cols, residual, user_counts,
-                                        item_counts, rng)
+                                        item_counts, rng, sync)
                 if scheduler is not None:
                     scheduler.step()
-                val_rmse = self.evaluate(held_out)["rmse"] if held_out is not None else None
+                val_rmse = self._validation_rmse(held_out, sync)
                 record = EpochRecord(epoch, math.sqrt(max(train_mse, 0.0)), val_rmse,
                                      time.perf_counter() - start)
                 self.history.append(record)
@@ -195,22 +216,30 @@ class MatrixFactorization:
             p.requires_grad_(False)
         return self
 
-    def _epoch(self, optimizer, rows, cols, residual, user_counts, item_counts, rng) -> float:
+    def _epoch(self, optimizer, rows, cols, residual, user_counts, item_counts, rng,
+               sync=None) -> float:
         """One pass over the training ratings; returns their mean squared error."""
         from mf_ext.ops import observed_mf_loss
 
-        nnz = residual.numel()
-        if self.batch_size is None or self.batch_size >= nnz:
-            batches = [None]
+        nnz = residual.numel() if sync is None else sync.n_train  # N of the objective
+        if sync is not None:
+            batches = sync.batches(residual.numel(), self.batch_size, rng)
+        elif self.batch_size is None or self.batch_size >= nnz:
+            batches = [(None, nnz)]
         else:
             order = torch.as_tensor(rng.permutation(nnz), device=rows.device)
-            batches = list(torch.split(order, self.batch_size))
+            batches = [(b, len(b)) for b in torch.split(order, self.batch_size)]
+        params = [self.P, self.Q, self.user_bias, self.item_bias]
         total = 0.0
-        for batch in batches:
+        for batch, count in batches:
             r_, c_, v_ = (rows, cols, residual) if batch is None else (
                 rows[batch], cols[batch], residual[batch])
+            # Distributed: this shard's squared errors over the step's GLOBAL count, so that the
+            # all-reduced (summed) gradient is the single-process one.
             data = observed_mf_loss(r_, c_, v_, self.P, self.Q, self.user_bias, self.item_bias,
-                                    reduction="mean")
+                                    reduction="mean") if sync is None else (
+                observed_mf_loss(r_, c_, v_, self.P, self.Q, self.user_bias, self.item_bias,
+                                 reduction="sum") / count)
             # Per-rating L2 (Surprise's form): penalties weighted by each user's/item's count,
             # scaled like the data term so that full batch and mini-batches agree.
             penalty = (self.reg * ((self.P * self.P).sum(0) @ user_counts
@@ -218,10 +247,24 @@ class MatrixFactorization:
                        + self.bias_reg * (self.user_bias.square() @ user_counts
                                           + self.item_bias.square() @ item_counts)) / nnz
             optimizer.zero_grad(set_to_none=True)
-            (data + penalty).backward()
+            # The penalty is global: rank 0 alone adds it, so the sum counts it once.
+            (data + penalty if sync is None or sync.rank == 0 else data).backward()
+            if sync is None:
+                total += data.item() * v_.numel()
+            else:
+                total += sync.all_reduce_gradients(params, data.detach() * count)
             optimizer.step()
-            total += data.item() * v_.numel()
         return total / nnz
+
+    def _validation_rmse(self, held_out: Optional[Ratings], sync=None) -> Optional[float]:
+        """RMSE on the held-out ratings; distributed, over all ranks' shards of them."""
+        if held_out is None:
+            return None
+        if sync is None:
+            return self.evaluate(held_out)["rmse"]
+        error = self.predict(held_out.users, held_out.items) - held_out.ratings \
+            if len(held_out) else np.zeros(0)
+        return sync.rmse(float(np.square(error).sum()), len(error))
 
     # ------------------------------------------------------------------ using the model
 

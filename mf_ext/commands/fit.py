@@ -7,9 +7,12 @@ import argparse
 import sys
 import time
 
+import torch.distributed as dist
+
 from mf_ext.commands.errors import CliError
 from mf_ext.commands.options import (DEVICES, check_device, nonnegative_int, positive_float,
                                      positive_int, seed_int)
+from mf_ext import distributed
 from mf_ext.data import FORMATS, load_ratings, train_test_split
 from mf_ext.model import MatrixFactorization
 
@@ -52,6 +55,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
+    # Under torchrun (RANK, WORLD_SIZE set): every rank reads the file, splits it identically
+    # and trains data-parallel on its shard of the training ratings; rank 0 alone prints,
+    # tests and writes (docs/distributed.md).
+    if not distributed.launched_by_torchrun():
+        return _run(args, device)
+    device = distributed.init_from_environment(str(device))
+    try:
+        return _run(args, device, rank=dist.get_rank(), world_size=dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, device, rank: int = 0, world_size: int = 1) -> int:
+    main = rank == 0
     try:
         data = load_ratings(args.ratings, args.format)
         train, test = train_test_split(data, args.test_fraction, seed=args.seed)
@@ -61,22 +78,27 @@ def run(args: argparse.Namespace) -> int:
                                     seed=args.seed, device=str(device))
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    print(f"{args.ratings}: {len(data)} ratings, {len(set(data.users.tolist()))} users, "
-          f"{len(set(data.items.tolist()))} items; training on {len(train)}, testing on "
-          f"{len(test)}", flush=True)
+    if main:
+        where = f" ({world_size} processes)" if world_size > 1 else ""
+        print(f"{args.ratings}: {len(data)} ratings, {len(set(data.users.tolist()))} users, "
+              f"{len(set(data.items.tolist()))} items; training on {len(train)}{where}, "
+              f"testing on {len(test)}", flush=True)
 
     def log(record) -> None:
-        if record.epoch % args.log_every == 0 or record.epoch == 1:
+        if main and (record.epoch % args.log_every == 0 or record.epoch == 1):
             val = "-" if record.val_rmse is None else f"{record.val_rmse:.4f}"
             _write(f"epoch {record.epoch:4d}  train RMSE {record.train_rmse:.4f}  "
                    f"validation RMSE {val}")
 
     start = time.perf_counter()
     try:
-        model.fit(train, progress=not args.no_progress, callback=log)
+        model.fit(distributed.shard_ratings(train, rank, world_size),
+                  progress=main and not args.no_progress, callback=log)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     seconds = time.perf_counter() - start
+    if not main:
+        return 0
     note = " (interrupted: kept the best model so far)" if model.interrupted else ""
     print(f"trained {len(model.history)} epochs in {seconds:.2f} s, best epoch "
           f"{model.best_epoch}{note}")

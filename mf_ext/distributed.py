@@ -1,0 +1,227 @@
+"""Data-parallel training of MatrixFactorization over torch.distributed (docs/distributed.md).
+
+Each rank holds a shard of the ratings and full copies of the factors and biases. The ranks agree
+once on the global statistics (id maps, mean rating, rating range, per-user/item counts, N); then
+every step each rank computes its shard's gradient of the loss normalized by the GLOBAL rating
+count, one bucketed all-reduce sums them (so the sum is the single-process gradient), and every
+rank takes the same Adam step: all ranks end with the same model.
+
+    shard = shard_ratings(ratings, rank, world_size)      # contiguous, balanced, deterministic
+    model.fit(shard)                                      # inside an initialized process group
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mf_ext.data import IdMap, Ratings
+
+_WHO = "mf_ext.MatrixFactorization.fit"
+
+
+def shard_ratings(data: Ratings, rank: int, world_size: int) -> Ratings:
+    """Rank `rank`'s share of `data`: the rank-th of `world_size` contiguous blocks whose sizes
+    differ by at most one (np.array_split's). Deterministic: the same data gives every rank the
+    same partition, and the shards concatenated in rank order are `data` again."""
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"mf_ext.shard_ratings: world_size must be an integer >= 1, got "
+                         f"{world_size!r}")
+    if not (isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"mf_ext.shard_ratings: rank must be in [0, {world_size}), got {rank!r}")
+    start, end = _block(len(data), rank, world_size)
+    return data.subset(np.arange(start, end))
+
+
+def _block(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def data_parallel(distributed: Optional[bool], device: torch.device) -> Optional["DataParallel"]:
+    """fit's `distributed` option resolved: None (auto) trains data-parallel when a process group
+    is initialized with more than one rank; True requires one (any size); False never."""
+    if distributed is None:
+        distributed = (dist.is_available() and dist.is_initialized()
+                       and dist.get_world_size() > 1)
+    if not distributed:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{_WHO}: distributed=True but no torch.distributed process group is "
+                           f"initialized; call torch.distributed.init_process_group first (or "
+                           f"launch with torchrun)")
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        raise ValueError(f"{_WHO}: the process group uses nccl, which needs device=\"cuda\"; got "
+                         f"device={str(device)!r} (use gloo for CPU training)")
+    return DataParallel(device)
+
+
+class DataParallel:
+    """The collectives MatrixFactorization.fit needs, on the default process group. Every method
+    is a collective: all ranks call it, in the same order."""
+
+    def __init__(self, device: torch.device):
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = device
+        self.train_sizes: List[int] = []  # each rank's number of training ratings
+        self.n_train = 0                  # their sum, the N of the objective
+
+    # ---------------------------------------------------------------- agreement, once per fit
+
+    def check_inputs(self, data: Ratings, validation: Optional[Ratings]) -> List[int]:
+        """Each rank's number of ratings; the ranks must agree on whether a validation set
+        was passed (else they would disagree on the per-epoch collectives)."""
+        rows = self._gather_objects((len(data), validation is not None), "input-size all-gather")
+        given = [has for _, has in rows]
+        if any(given) and not all(given):
+            raise ValueError(f"{_WHO}: validation= was given on ranks "
+                             f"{[k for k, has in enumerate(given) if has]} but not on the others; "
+                             f"pass each rank its shard of the validation set (possibly empty)")
+        return [size for size, _ in rows]
+
+    def hold_out(self, data: Ratings, fraction: float, rng: np.random.Generator,
+                 sizes: Sequence[int]) -> Tuple[Ratings, Optional[Ratings]]:
+        """The single-process rule (a random `fraction` of all N ratings, when N >= 20), drawn
+        over the global positions: with shard_ratings' contiguous shards this holds out exactly
+        the ratings a single process would. `rng` advances identically on every rank."""
+        total, offset = sum(sizes), sum(sizes[:self.rank])
+        if total < 20:
+            return data, None
+        order = rng.permutation(total)
+        held = np.zeros(total, dtype=bool)
+        held[order[:max(1, int(round(total * fraction)))]] = True
+        mine = held[offset:offset + len(data)]
+        return data.subset(np.flatnonzero(~mine)), data.subset(np.flatnonzero(mine))
+
+    def id_maps(self, train: Ratings) -> Tuple[IdMap, IdMap]:
+        """The user and item maps of the union of all ranks' training ids."""
+        parts = self._gather_objects((np.unique(train.users), np.unique(train.items)), "id-map all-gather")
+        return tuple(IdMap(_concatenate([p[k] for p in parts])) for k in (0, 1))
+
+    def rated_pairs(self, users: np.ndarray, items: np.ndarray
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+        """Every rank's (user index, item index) pairs, in rank order (for recommend)."""
+        small = np.int32 if max(users.max(initial=0), items.max(initial=0)) < 2**31 else np.int64
+        parts = self._gather_objects((users.astype(small), items.astype(small)), "rated-pairs all-gather")
+        return tuple(_concatenate([p[k] for p in parts]).astype(np.int64) for k in (0, 1))
+
+    def rating_stats(self, values: np.ndarray) -> Tuple[int, float, Tuple[float, float]]:
+        """(N, mean, (min, max)) of all ranks' training ratings. Also records the per-rank
+        sizes that mini-batching needs."""
+        local = (len(values), float(values.sum()),
+                 float(values.min()) if len(values) else math.inf,
+                 float(values.max()) if len(values) else -math.inf)
+        rows = self._gather_objects(local, "statistics all-gather")
+        self.train_sizes = [row[0] for row in rows]
+        self.n_train = sum(self.train_sizes)
+        if self.n_train == 0:
+            raise ValueError(f"{_WHO}: no ratings given on any of the {self.world_size} ranks")
+        mean = math.fsum(row[1] for row in rows) / self.n_train
+        return self.n_train, mean, (min(r[2] for r in rows), max(r[3] for r in rows))
+
+    def sum_counts(self, user_counts: torch.Tensor, item_counts: torch.Tensor) -> None:
+        """All-reduces the per-user and per-item rating counts in place (one call)."""
+        both = torch.cat([user_counts, item_counts])
+        with self._collective("count all-reduce"):
+            dist.all_reduce(both)
+        user_counts.copy_(both[:len(user_counts)])
+        item_counts.copy_(both[len(user_counts):])
+
+    # ---------------------------------------------------------------- every epoch / step
+
+    def batches(self, n_local: int, batch_size: Optional[int], rng: np.random.Generator,
+                ) -> List[Tuple[Optional[torch.Tensor], int]]:
+        """This rank's batches for one epoch as (local index or None for all, global number of
+        ratings in that step). Mini-batches: steps = ceil(N / batch_size) on every rank, each
+        rank splitting its own shuffled shard into that many near-equal parts, so a step sees
+        ~batch_size ratings in all; at most as many steps as the largest shard has ratings, so
+        that no step is empty on every rank. `rng` advances identically on every rank."""
+        if batch_size is None or batch_size >= self.n_train:
+            return [(None, self.n_train)]
+        steps = min(math.ceil(self.n_train / batch_size), max(self.train_sizes))
+        shuffle = np.random.default_rng([int(rng.integers(2**32)), self.rank])
+        parts = np.array_split(shuffle.permutation(n_local), steps)
+        counts = [sum(_block(size, k, steps)[1] - _block(size, k, steps)[0]
+                      for size in self.train_sizes) for k in range(steps)]
+        return [(torch.as_tensor(p, device=self.device), c) for p, c in zip(parts, counts)]
+
+    def all_reduce_gradients(self, params: Sequence[torch.Tensor], loss_sum: torch.Tensor
+                             ) -> float:
+        """Sums every rank's gradients of `params` and `loss_sum` with ONE all-reduce of a flat
+        buffer, writes the sums back into the .grad fields; returns the summed loss_sum."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        bucket = torch.cat([g.reshape(-1) for g in grads]
+                           + [loss_sum.detach().reshape(1).to(grads[0].dtype)])
+        with self._collective("gradient all-reduce"):
+            dist.all_reduce(bucket)
+        for p, flat in zip(params, torch.split(bucket[:-1], [g.numel() for g in grads])):
+            p.grad = flat.view_as(p)
+        return float(bucket[-1])
+
+    def rmse(self, squared_error_sum: float, count: int) -> float:
+        """The RMSE over all ranks' held-out ratings (NaN when there are none)."""
+        sums = torch.tensor([squared_error_sum, float(count)], dtype=torch.float64,
+                            device=self.device)
+        with self._collective("validation all-reduce"):
+            dist.all_reduce(sums)
+        return math.sqrt(sums[0].item() / sums[1].item()) if sums[1].item() > 0 else math.nan
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _gather_objects(self, obj, what: str) -> list:
+        out = [None] * self.world_size
+        with self._collective(what):
+            dist.all_gather_object(out, obj)
+        return out
+
+    @contextlib.contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """Turns a collective's failure (a rank raised and left, or the group timed out) into
+        one clear error that says so, on the ranks still running."""
+        try:
+            yield
+        except RuntimeError as exc:  # DistBackendError and gloo/nccl errors derive from it
+            raise RuntimeError(
+                f"{_WHO}: rank {self.rank} of {self.world_size}: the {what} failed; another rank "
+                f"probably raised an error or stopped (see its output), or the process group's "
+                f"timeout expired. ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
+            ) from exc
+
+
+def _concatenate(parts: List[np.ndarray]) -> np.ndarray:
+    """np.concatenate that ignores empty parts, whose dtype (float64 for an empty shard's
+    np.unique) would otherwise turn integer ids into floats."""
+    full = [p for p in parts if len(p)]
+    return np.concatenate(full) if full else parts[0]
+
+
+# ---------------------------------------------------------------- the CLI under torchrun
+
+def launched_by_torchrun() -> bool:
+    """True when the environment of a torchrun worker is present (RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_environment(device: str, timeout_s: float = 1800.0) -> torch.device:
+    """Initializes the default process group from torchrun's environment: nccl for CUDA (one GPU
+    per local rank), gloo for the CPU. Returns the device this rank trains on."""
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        backend, target = "nccl", torch.device("cuda", local)
+    else:
+        backend, target = "gloo", torch.device(device)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return target
+
+
+__all__ = ["shard_ratings", "data_parallel", "DataParallel", "launched_by_torchrun",
+           "init_from_environment"]
