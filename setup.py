@@ -6,6 +6,10 @@ Switches (environment variables):
   CUDA_HOME                        the toolkit folder (else found from `nvcc` on the PATH)
   TORCH_CUDA_ARCH_LIST             GPU targets (default "9.0+PTX": H200 code plus portable PTX)
   MAX_JOBS                         parallel compile jobs
+  MF_EXT_SANITIZE=1                build with AddressSanitizer + UBSan (scripts/sanitize.sh)
+
+Also writes mf_ext/_build_info.py (not in git): the torch version built against, CUDA on/off
+and the GPU targets, read by `mf-ext info` and checked when mf_ext is imported.
 """
 
 from __future__ import annotations
@@ -84,6 +88,36 @@ cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
 extra_link = ["-fopenmp"]
 define_macros = []  # py_limited_api=True makes torch define Py_LIMITED_API
 include_dirs = [os.path.join(ROOT, "csrc")]
+
+if os.environ.get("MF_EXT_SANITIZE") == "1":
+    if WITH_CUDA:
+        sys.exit("mf_ext setup: MF_EXT_SANITIZE=1 builds the CPU kernels only; set MF_EXT_CUDA=0")
+    # Debug-friendly sanitizer build for scripts/sanitize.sh (CPU only: nvcc objects would not be
+    # instrumented). -O1 keeps stack traces readable; the runtime must be LD_PRELOADed.
+    sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+    cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1"] + sanitize
+    extra_link += sanitize
+
+
+def write_build_info() -> None:
+    """mf_ext/_build_info.py: what this build was made with (rewritten only when it changes)."""
+    import torch
+
+    text = (
+        '"""Written by setup.py at build time; not in git."""\n'
+        f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+        f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
+        f"WITH_CUDA = {WITH_CUDA!r}\n"
+        f"CUDA_ARCH_LIST = {os.environ['TORCH_CUDA_ARCH_LIST'] if WITH_CUDA else None!r}\n"
+        f"SANITIZE = {os.environ.get('MF_EXT_SANITIZE') == '1'!r}\n"
+    )
+    path = os.path.join(ROOT, "mf_ext", "_build_info.py")
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+write_build_info()
 
 if WITH_CUDA:
     cuda_includes, cuda_libs = pip_cuda_dirs()

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 from mf_ext.commands.errors import CliError
 
 PROG = "mf-ext"
-COMMANDS = ("demo", "fit", "recommend")  # module names in mf_ext/commands/, in the order `--help` lists them
+COMMANDS = ("demo", "fit", "recommend", "info")  # module names in mf_ext/commands/, in the order `--help` lists them
 
 
 class _Parser(argparse.ArgumentParser):

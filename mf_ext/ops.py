@@ -6,10 +6,31 @@ meta tensors) and autograd, and exposes the public function.
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
+
+
+def _check_build_matches(build_info, torch_version: str) -> None:
+    """Refuses kernels built against another torch (their C++ ABI differs: loading them can fail
+    with an undefined symbol, or worse). build_info: mf_ext/_build_info.py, written by setup.py;
+    None for builds that predate it."""
+    built = getattr(build_info, "TORCH_VERSION", None)
+    if built is not None and built != str(torch_version):
+        raise ImportError(
+            f"mf_ext: the compiled kernels were built against torch {built}, but torch "
+            f"{torch_version} is installed. Rebuild mf_ext with this torch: `python setup.py "
+            "build_ext --inplace` in a source checkout (or `./dev build`), or "
+            "`pip install --no-build-isolation --force-reinstall --no-deps .`")
+
+
+try:
+    _build_info = importlib.import_module("mf_ext._build_info")
+except ImportError:
+    _build_info = None
+_check_build_matches(_build_info, torch.__version__)
 
 try:
     from mf_ext import _C  # noqa: F401  (loading the library registers the kernels)

@@ -195,7 +195,7 @@ def test_bitwise_deterministic_across_thread_counts(dtype):
     # Big enough for the maximal 4 x 4 task grid, odd so that tails are exercised.
     R, P, Q, M = random_problem(301, 1203, 7, dtype, mask=True)
     results = []
-    for threads in (1, 2, 3):
+    for threads in (1, 2, 3, 4):
         torch.set_num_threads(threads)
         for mask in (None, M):
             results.append(OP(R, P, Q, mask, "mean", True, True, True))

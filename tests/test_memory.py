@@ -1,0 +1,56 @@
+"""Resident memory stays flat over many forward + backward calls of each op (a leak of even a
+few hundred bytes per call would show). Linux only: it reads VmRSS from /proc/self/status."""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import pytest
+import torch
+
+from helpers import random_problem
+from mf_ext import masked_mf_loss, observed_mf_loss
+from test_observed_mf_loss import random_triples
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="reads VmRSS from /proc/self/status")
+
+CALLS = 10_000
+WARM_UP = 1_000
+MAX_GROWTH_MIB = 50
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024  # the line reads "VmRSS:  123456 kB"
+    raise AssertionError("no VmRSS line in /proc/self/status")
+
+
+def masked_step():
+    R, P, Q, M = random_problem(9, 7, 3, torch.float32, mask=True)
+    R.requires_grad_(), P.requires_grad_(), Q.requires_grad_()
+    return lambda: masked_mf_loss(R, P, Q, M, "mean").backward()
+
+
+def observed_step():
+    args = random_triples(9, 7, 3, 20, torch.float32, biases=True, weights=True)
+    for k in ("values", "P", "Q", "row_bias", "col_bias", "weights"):
+        args[k].requires_grad_()
+    return lambda: observed_mf_loss(**args, reduction="mean").backward()
+
+
+@pytest.mark.parametrize("make_step", [masked_step, observed_step], ids=["masked", "observed"])
+def test_resident_memory_stays_flat(make_step):
+    step = make_step()
+    for _ in range(WARM_UP):
+        step()
+    gc.collect()
+    before = resident_mib()
+    for _ in range(CALLS):
+        step()  # .grad accumulates in place: no allocation that outlives the call
+    gc.collect()
+    growth = resident_mib() - before
+    assert growth < MAX_GROWTH_MIB, f"resident memory grew {growth:.1f} MiB over {CALLS} calls"
