@@ -21,9 +21,10 @@ def random_problem(m, n, r, dtype=torch.float64, observed=0.5, seed=0, mask=Fals
 
 def loss_and_grads(fn, R, P, Q, mask=None, reduction="sum", grad_R=True):
     """fn's loss and its gradients w.r.t. (R, P, Q) through autograd (None where not asked)."""
-    R = R.detach().clone().requires_grad_(grad_R)
-    P = P.detach().clone().requires_grad_(True)
-    Q = Q.detach().clone().requires_grad_(True)
+    # detach() keeps the layout (clone() would make sliced views contiguous)
+    R = R.detach().requires_grad_(grad_R)
+    P = P.detach().requires_grad_(True)
+    Q = Q.detach().requires_grad_(True)
     loss = fn(R, P, Q, mask, reduction)
     inputs = (R, P, Q) if grad_R else (P, Q)
     grads = torch.autograd.grad(loss, inputs)

@@ -47,7 +47,7 @@ def run_op(R, P, Q, mask=None, reduction="sum", grads=(True, True, True)):
 def reference_with_grads(R, P, Q, mask=None, reduction="sum"):
     """Loss, grad_R, grad_P, grad_Q of the pure-PyTorch reference, through autograd, on the
     device and dtype of the inputs."""
-    R, P, Q = (t.detach().clone().requires_grad_(True) for t in (R, P, Q))
+    R, P, Q = (t.detach().requires_grad_(True) for t in (R, P, Q))  # keeps the layout
     loss = masked_mf_loss_reference(R, P, Q, mask, reduction)
     gR, gP, gQ = torch.autograd.grad(loss, (R, P, Q), allow_unused=True)
     zeros = torch.zeros_like

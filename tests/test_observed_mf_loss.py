@@ -47,7 +47,7 @@ FLOAT_ARGS = ("values", "P", "Q", "row_bias", "col_bias", "weights")
 def loss_and_grads(fn, args, reduction="sum", grad=FLOAT_ARGS):
     """fn's loss and its gradients w.r.t. the float inputs named in `grad` (None for the
     others and for missing optional inputs), in the order of NAMES."""
-    args = {k: (v.detach().clone().requires_grad_(k in grad) if k in FLOAT_ARGS and v is not None
+    args = {k: (v.detach().requires_grad_(k in grad) if k in FLOAT_ARGS and v is not None
                 else v) for k, v in args.items()}
     loss = fn(**args, reduction=reduction)
     wanted = [args[k] for k in FLOAT_ARGS if args[k] is not None and args[k].requires_grad]
