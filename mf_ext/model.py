@@ -345,18 +345,19 @@ class MatrixFactorization:
         self._check_fitted()
         state = {
             "format_version": FORMAT_VERSION,
-            "config": {k: getattr(self, k) for k in (
+            "config": {k: _plain(getattr(self, k)) for k in (
                 "rank", "epochs", "lr", "reg", "bias_reg", "batch_size", "validation_fraction",
                 "patience", "init_std", "lr_schedule", "clip", "seed")},
             "dtype": str(self.dtype).replace("torch.", ""),
             "global_mean": self.global_mean,
             "rating_range": self.rating_range,
-            "user_ids": self.user_map.ids,
-            "item_ids": self.item_map.ids,
+            "user_ids": _ids_to_file(self.user_map.ids),
+            "item_ids": _ids_to_file(self.item_map.ids),
             "P": self.P.detach().cpu(), "Q": self.Q.detach().cpu(),
             "user_bias": self.user_bias.detach().cpu(), "item_bias": self.item_bias.detach().cpu(),
-            "rated_indptr": self._rated_indptr, "rated_indices": self._rated_indices,
-            "history": [vars(h) for h in self.history],
+            "rated_indptr": torch.from_numpy(self._rated_indptr),
+            "rated_indices": torch.from_numpy(self._rated_indices),
+            "history": [{k: _plain(v) for k, v in vars(h).items()} for h in self.history],
         }
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".mf_ext-", suffix=".tmp", dir=folder)
@@ -373,9 +374,11 @@ class MatrixFactorization:
 
     @classmethod
     def load(cls, path: str, device: str = "cpu") -> "MatrixFactorization":
-        """A model written by save(). Refuses files of another format version clearly."""
+        """A model written by save(). Refuses files of another format version clearly. The file
+        is read with torch.load(weights_only=True): tensors and plain Python values only, so
+        opening an untrusted file cannot run code."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"mf_ext.MatrixFactorization.load: no such file {path!r}") \
                 from None
@@ -388,16 +391,38 @@ class MatrixFactorization:
             raise ValueError(f"mf_ext.MatrixFactorization.load: {path!r} has model format "
                              f"version {state['format_version']}, this mf_ext reads version "
                              f"{FORMAT_VERSION}; refit or use a matching mf_ext")
-        dtype = getattr(torch, state["dtype"])
+        dtype = {"float32": torch.float32, "float64": torch.float64}.get(state.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"mf_ext.MatrixFactorization.load: {path!r} has an unknown dtype "
+                             f"{state.get('dtype')!r}")
         model = cls(**state["config"], device=device, dtype=dtype)
-        model.user_map, model.item_map = IdMap(state["user_ids"]), IdMap(state["item_ids"])
+        model.user_map = IdMap(_ids_from_file(state["user_ids"]))
+        model.item_map = IdMap(_ids_from_file(state["item_ids"]))
         model.global_mean, model.rating_range = state["global_mean"], tuple(state["rating_range"])
         model.P, model.Q = state["P"].to(device), state["Q"].to(device)
         model.user_bias, model.item_bias = state["user_bias"].to(device), state["item_bias"].to(device)
-        model._rated_indptr, model._rated_indices = state["rated_indptr"], state["rated_indices"]
+        model._rated_indptr = state["rated_indptr"].numpy()
+        model._rated_indices = state["rated_indices"].numpy()
         model.history = [EpochRecord(**h) for h in state["history"]]
         model._fitted = True
         return model
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python ones, so that a saved model holds nothing but tensors and plain
+    values (what torch.load(weights_only=True) accepts)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _ids_to_file(ids: np.ndarray):
+    """Integer ids as an int64 tensor, any others as a list of str."""
+    if ids.dtype.kind in "iu":
+        return torch.from_numpy(ids.astype(np.int64))
+    return [str(x) for x in ids.tolist()]
+
+
+def _ids_from_file(ids) -> np.ndarray:
+    return ids.numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids, dtype=str)
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

@@ -136,3 +136,24 @@ def test_bad_fit_input():
         model.fit([1, 2], [1], [3.0, 4.0])
     with pytest.raises(RuntimeError, match="call fit"):
         MatrixFactorization().predict([1], [1])
+
+
+class _Payload:
+    """Stands for an arbitrary pickled object, which a model file must never run."""
+
+
+def test_load_reads_tensors_and_plain_values_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": FORMAT_VERSION, "config": _Payload()}, path)
+    with pytest.raises(ValueError, match="is not an mf_ext model"):
+        MatrixFactorization.load(str(path))
+
+
+def test_integer_ids_round_trip(tmp_path):
+    users, items, ratings = synthetic()
+    int_users = np.array([int(u[1:]) for u in users])
+    model = small_model(epochs=5).fit(int_users, items, ratings)
+    model.save(str(tmp_path / "m.pt"))
+    loaded = MatrixFactorization.load(str(tmp_path / "m.pt"))
+    assert loaded.user_map.ids.dtype == np.int64
+    np.testing.assert_array_equal(loaded.predict(int_users, items), model.predict(int_users, items))
