@@ -189,6 +189,15 @@ class MatrixFactorization:
                 record = EpochRecord(epoch, math.sqrt(max(train_mse, 0.0)), val_rmse,
                                      time.perf_counter() - start)
                 self.history.append(record)
+                # The best state first, so that an interrupt in the callback or the progress
+                # bar still counts this epoch.
+                stop = False
+                if val_rmse is not None:
+                    if val_rmse < best_rmse - 1e-6:
+                        best_rmse, best_epoch = val_rmse, epoch
+                        best_state = [p.detach().clone() for p in params]
+                    else:
+                        stop = epoch - best_epoch >= self.patience
                 if callback is not None:
                     callback(record)
                 if bar is not None:
@@ -196,12 +205,8 @@ class MatrixFactorization:
                     bar.set_postfix(train=f"{record.train_rmse:.4f}",
                                     val="-" if val_rmse is None else f"{val_rmse:.4f}",
                                     refresh=False)
-                if val_rmse is not None:
-                    if val_rmse < best_rmse - 1e-6:
-                        best_rmse, best_epoch = val_rmse, epoch
-                        best_state = [p.detach().clone() for p in params]
-                    elif epoch - best_epoch >= self.patience:
-                        break
+                if stop:
+                    break
         except KeyboardInterrupt:
             self.interrupted = True
         finally:

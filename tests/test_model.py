@@ -157,3 +157,36 @@ def test_integer_ids_round_trip(tmp_path):
     loaded = MatrixFactorization.load(str(tmp_path / "m.pt"))
     assert loaded.user_map.ids.dtype == np.int64
     np.testing.assert_array_equal(loaded.predict(int_users, items), model.predict(int_users, items))
+
+
+def test_ctrl_c_during_fit_keeps_the_best_model():
+    users, items, ratings = synthetic(noise=0.5)
+
+    def interrupt_at_epoch_8(record):
+        if record.epoch == 8:
+            raise KeyboardInterrupt
+
+    model = small_model(epochs=100, validation_fraction=0.2).fit(
+        users, items, ratings, callback=interrupt_at_epoch_8)
+    assert model.interrupted and len(model.history) == 8
+    vals = [h.val_rmse for h in model.history]
+    assert model.best_epoch == int(np.argmin(vals)) + 1
+    assert np.isfinite(model.predict(users, items)).all()
+
+
+def test_interrupted_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    users, items, ratings = synthetic()
+    model = small_model(epochs=3).fit(users, items, ratings)
+    path = str(tmp_path / "model.pt")
+    model.save(path)
+    before = open(path, "rb").read()
+
+    def torn_write(obj, f):
+        f.write(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torn_write)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["model.pt"]
