@@ -9,9 +9,12 @@ them contiguous). Example counts come from the hypothesis profile (tests/conftes
 
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis")
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from helpers import assert_close_to_reference as assert_masked_close
 from mf_ext import masked_mf_loss, observed_mf_loss
