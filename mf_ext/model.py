@@ -32,13 +32,17 @@ class MatrixFactorization:
 
     Objective (full batch, mean over the N training ratings):
         (1/N) Σ_(u,i) (r_ui − r̂_ui)² + (reg/N) Σ_u n_u |p_u|² + (reg/N) Σ_i n_i |q_i|²
-                                      + (bias_reg/N) (Σ_u n_u b_u² + Σ_i n_i b_i²)
-    where n_u, n_i count each user's and item's training ratings: the same penalty per rating
-    that SGD recommenders (Surprise's SVD) apply, which keeps rare users' factors small.
+                                      + (bias_reg/N) (Σ_u n_u^α b_u² + Σ_i n_i^α b_i²)
+    where n_u, n_i count each user's and item's training ratings: on the factors, the same
+    penalty per rating that SGD recommenders (Surprise's SVD) apply, which keeps rare users'
+    factors small. On the biases the counts enter as n^α (α = bias_count_exponent, default 0.5):
+    α = 1 is the per-rating penalty, which shrinks every bias by the same factor whatever its
+    count; α = 0 is the classic baseline shrinkage b_u ≈ Σ residuals / (n_u + bias_reg); 0.5
+    lies between and fitted MovieLens-100K best (benchmarks/results/movielens_100k.md).
 
     Args:
         rank: latent dimension r. epochs: maximum passes. lr: Adam's learning rate.
-        reg, bias_reg: the L2 weights above. batch_size: None for full-batch Adam (the
+        reg, bias_reg: the L2 weights above. bias_count_exponent: α above, in [0, 1]. batch_size: None for full-batch Adam (the
         notebook's optimizer), else mini-batches of that many ratings, reshuffled each epoch.
         validation_fraction: share of the training ratings held out for early stopping (0, the
         default, trains on all of them for `epochs`). patience: epochs without a better
@@ -56,7 +60,8 @@ class MatrixFactorization:
         epochs: int = 160,
         lr: float = 0.05,
         reg: float = 0.12,
-        bias_reg: float = 0.05,
+        bias_reg: float = 0.25,
+        bias_count_exponent: float = 0.5,
         batch_size: Optional[int] = None,
         validation_fraction: float = 0.0,
         patience: int = 10,
@@ -74,6 +79,10 @@ class MatrixFactorization:
         _check_nonnegative("reg", reg)
         _check_nonnegative("bias_reg", bias_reg)
         _check_nonnegative("init_std", init_std)
+        if isinstance(bias_count_exponent, bool) or not isinstance(
+                bias_count_exponent, (int, float)) or not 0 <= bias_count_exponent <= 1:
+            raise ValueError(f"mf_ext.MatrixFactorization: bias_count_exponent must be a number "
+                             f"in [0, 1], got {bias_count_exponent!r}")
         if batch_size is not None:
             _check_int("batch_size", batch_size, 1)
         if not (isinstance(validation_fraction, (int, float)) and 0 <= validation_fraction < 1):
@@ -87,6 +96,7 @@ class MatrixFactorization:
                             f"torch.float64, got {dtype!r}")
         self.rank, self.epochs, self.lr = rank, epochs, float(lr)
         self.reg, self.bias_reg = float(reg), float(bias_reg)
+        self.bias_count_exponent = float(bias_count_exponent)
         self.batch_size, self.validation_fraction = batch_size, float(validation_fraction)
         self.patience, self.init_std, self.clip = patience, float(init_std), clip
         self.lr_schedule = lr_schedule
@@ -159,6 +169,10 @@ class MatrixFactorization:
         if sync is not None:
             sync.sum_counts(user_counts, item_counts)
         user_counts, item_counts = user_counts.to(dt), item_counts.to(dt)
+        # The biases' penalty weights n^α, computed once (0^α is 1 for α = 0: unseen ids have
+        # no gradient from the data, so their bias stays 0 either way).
+        bias_weights = (user_counts.pow(self.bias_count_exponent),
+                        item_counts.pow(self.bias_count_exponent))
 
         P = (torch.randn(self.rank, m, generator=generator, dtype=dt) * self.init_std).to(dev)
         Q = (torch.randn(self.rank, n, generator=generator, dtype=dt) * self.init_std).to(dev)
@@ -182,7 +196,7 @@ class MatrixFactorization:
             for epoch in range(1, self.epochs + 1):
                 start = time.perf_counter()
                 train_mse = self._epoch(optimizer, rows, cols, residual, user_counts,
-                                        item_counts, rng, sync)
+                                        item_counts, bias_weights, rng, sync)
                 if scheduler is not None:
                     scheduler.step()
                 val_rmse = self._validation_rmse(held_out, sync)
@@ -221,8 +235,8 @@ class MatrixFactorization:
             p.requires_grad_(False)
         return self
 
-    def _epoch(self, optimizer, rows, cols, residual, user_counts, item_counts, rng,
-               sync=None) -> float:
+    def _epoch(self, optimizer, rows, cols, residual, user_counts, item_counts, bias_weights,
+               rng, sync=None) -> float:
         """One pass over the training ratings; returns their mean squared error."""
         from mf_ext.ops import observed_mf_loss
 
@@ -245,12 +259,13 @@ class MatrixFactorization:
                                     reduction="mean") if sync is None else (
                 observed_mf_loss(r_, c_, v_, self.P, self.Q, self.user_bias, self.item_bias,
                                  reduction="sum") / count)
-            # Per-rating L2 (Surprise's form): penalties weighted by each user's/item's count,
-            # scaled like the data term so that full batch and mini-batches agree.
+            # Per-rating L2 (Surprise's form): factor penalties weighted by each user's/item's
+            # count, bias penalties by count^bias_count_exponent, scaled like the data term so
+            # that full batch and mini-batches agree.
             penalty = (self.reg * ((self.P * self.P).sum(0) @ user_counts
                                    + (self.Q * self.Q).sum(0) @ item_counts)
-                       + self.bias_reg * (self.user_bias.square() @ user_counts
-                                          + self.item_bias.square() @ item_counts)) / nnz
+                       + self.bias_reg * (self.user_bias.square() @ bias_weights[0]
+                                          + self.item_bias.square() @ bias_weights[1])) / nnz
             optimizer.zero_grad(set_to_none=True)
             # The penalty is global: rank 0 alone adds it, so the sum counts it once.
             (data + penalty if sync is None or sync.rank == 0 else data).backward()
@@ -351,8 +366,8 @@ class MatrixFactorization:
         state = {
             "format_version": FORMAT_VERSION,
             "config": {k: _plain(getattr(self, k)) for k in (
-                "rank", "epochs", "lr", "reg", "bias_reg", "batch_size", "validation_fraction",
-                "patience", "init_std", "lr_schedule", "clip", "seed")},
+                "rank", "epochs", "lr", "reg", "bias_reg", "bias_count_exponent", "batch_size",
+                "validation_fraction", "patience", "init_std", "lr_schedule", "clip", "seed")},
             "dtype": str(self.dtype).replace("torch.", ""),
             "global_mean": self.global_mean,
             "rating_range": self.rating_range,
@@ -400,7 +415,9 @@ class MatrixFactorization:
         if dtype is None:
             raise ValueError(f"mf_ext.MatrixFactorization.load: {path!r} has an unknown dtype "
                              f"{state.get('dtype')!r}")
-        model = cls(**state["config"], device=device, dtype=dtype)
+        config = dict(state["config"])
+        config.setdefault("bias_count_exponent", 1.0)  # files saved before the option: n^1
+        model = cls(**config, device=device, dtype=dtype)
         model.user_map = IdMap(_ids_from_file(state["user_ids"]))
         model.item_map = IdMap(_ids_from_file(state["item_ids"]))
         model.global_mean, model.rating_range = state["global_mean"], tuple(state["rating_range"])

@@ -96,6 +96,35 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.recommend("u1", 3) == model.recommend("u1", 3)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_bias_penalty_weighs_counts_by_the_exponent(alpha):
+    # init_std=0 keeps the factors at 0 (zero gradient), so the fit is the biases-only convex
+    # problem, whose optimum satisfies, for every user u (and likewise every item):
+    #     Σ_(i rated by u) (r_ui − μ − b_u − b_i) = bias_reg · n_u^alpha · b_u
+    users, items, ratings = synthetic(density=0.3)
+    model = MatrixFactorization(rank=1, epochs=600, lr=0.05, init_std=0.0, bias_reg=2.0,
+                                bias_count_exponent=alpha, lr_schedule="cosine", clip=False,
+                                dtype=torch.float64).fit(users, items, ratings)
+    assert model.bias_count_exponent == alpha
+    u = model.user_map.index(users)
+    residual = ratings - model.predict(users, items)
+    n_u = np.bincount(u).astype(float)
+    b_u = model.user_bias.numpy()
+    np.testing.assert_allclose(np.bincount(u, weights=residual), 2.0 * n_u ** alpha * b_u,
+                               atol=1e-3)
+
+
+def test_save_load_keeps_bias_count_exponent(tmp_path):
+    users, items, ratings = synthetic()
+    path = str(tmp_path / "model.pt")
+    small_model(epochs=2, bias_count_exponent=0.25).fit(users, items, ratings).save(path)
+    assert MatrixFactorization.load(path).bias_count_exponent == 0.25
+    state = torch.load(path, weights_only=False)  # a file from before the option existed
+    del state["config"]["bias_count_exponent"]
+    torch.save(state, path)
+    assert MatrixFactorization.load(path).bias_count_exponent == 1.0
+
+
 def test_load_refuses_other_versions_and_junk(tmp_path):
     users, items, ratings = synthetic()
     path = str(tmp_path / "model.pt")
@@ -120,6 +149,9 @@ def test_load_refuses_other_versions_and_junk(tmp_path):
     (dict(epochs=-1), r"epochs must be an integer >= 0, got -1"),
     (dict(reg=-1.0), r"reg must be a finite number >= 0, got -1.0"),
     (dict(validation_fraction=1.0), r"validation_fraction must be in \[0, 1\), got 1.0"),
+    (dict(bias_count_exponent=1.5), r"bias_count_exponent must be a number in \[0, 1\], got 1.5"),
+    (dict(bias_count_exponent=-0.1), r"bias_count_exponent must be a number in \[0, 1\], got -0.1"),
+    (dict(bias_count_exponent=True), r"bias_count_exponent must be a number in \[0, 1\], got True"),
 ])
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
