@@ -1,27 +1,33 @@
-// CPU kernel of mf_ext::observed_mf_loss_and_grads: one fused pass over the observed triples
-// (rows[t], cols[t], values[t]) computes the loss and the gradients that are asked for.
-//
-// P (r, m) and Q (r, n) are first copied once into row layout, (m, r_pad) and (n, r_pad) with
-// r zero-padded to whole vectors, so that each triple reads two contiguous r-vectors p_i, q_j:
+// CPU kernel of mf_ext::observed_mf_loss_and_grads: the loss and the gradients that are asked
+// for, from the observed triples (rows[t], cols[t], values[t]) in any order:
 //   e   = values[t] − (p_iᵀ q_j + row_bias[i] + col_bias[j])
 //   L  += w_t e²
 //   g   = −2 · scale · w_t · e                      (∂L/∂pred)
 //   dP[i] += g q_j,  dQ[j] += g p_i,  drow_bias[i] += g,  dcol_bias[j] += g
 // Nothing of size nnz × r is ever formed.
 //
-// Determinism: the triples are cut into `chunks` contiguous ranges, a number fixed by the shapes
-// alone (at most kMaxChunks). Each chunk is processed by one thread, in order, into its own
-// partials of dP, dQ and the bias gradients (O(r·(m + n)) each), and the partials are summed in
-// chunk order at the end. Results are therefore bitwise the same whatever the thread count, and
-// the triples may come in any order (duplicates count once per occurrence).
+// P (r, m) and Q (r, n) are first copied once into row layout, (m, r_pad) and (n, r_pad) with
+// r zero-padded to whole vectors, so that each triple reads two contiguous r-vectors. In random
+// order every triple would read p_i, q_j and read-modify-write dP[i], dQ[j] from outside L2, so
+// the triples are first bucketed (a stable counting sort, O(nnz), into small temporaries of one
+// index pair, value and weight per triple) by tile: a block of "outer" indices × a block of
+// "inner" ones (outer = rows when m ≥ n, else cols; the math is symmetric), each block's rows of
+// the factor and its gradient sized to stay in L2. Inside a tile the triples are sorted once
+// more by outer index, so p and its gradient stay in registers along each run of one outer index.
 //
-// Indices are checked in the same pass: a triple whose row or column is out of range is never
-// read through; the chunk stops and records it, and the lowest such position is reported.
+// Determinism: tiles, chunks and all orders depend on the shapes and the data only. A chunk is a
+// run of outer blocks, cut at fixed fractions of nnz; it owns those outer gradient rows outright
+// and writes the inner gradients into its own partial (O(r·inner)), summed in chunk order at the
+// end. Results are therefore bitwise the same whatever the thread count.
+//
+// Indices are checked by the bucketing pass, before anything is read through them; the lowest
+// bad position is reported (its row if both are bad).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "../observed_mf_loss_checks.h"
@@ -32,55 +38,63 @@ namespace {
 
 using simd::Vec;
 
+// The bucketing pass is cut into at most kMaxSegments segments of at least kMinSegmentTriples.
+constexpr int64_t kMaxSegments = 8;
+constexpr int64_t kMinSegmentTriples = 1 << 16;
+// Chunks (units of parallel work over outer blocks), at most kMaxChunks; a chunk gets at least
+// kMinChunkTriples triples and at least 8 per inner index, so that zeroing and summing its
+// inner partial (r per inner index) stays small next to its own work (r per triple).
 constexpr int64_t kMaxChunks = 8;
-// A chunk gets at least this many triples, and at least 8·(m + n) so that zeroing and summing
-// its partials (r·(m + n) each) stays small next to its own work (r per triple).
-constexpr int64_t kMinChunkTriples = 4096;
-constexpr int64_t kTriplesPerRowOrColumn = 8;
-
-// Everything a chunk reads and writes, as raw pointers taken once.
-template <typename T>
-struct ObservedProblem {
-  int64_t nnz, m, n, r_pad, chunks;
-  const void* rows;  // int32 or int64, per rows_64
-  const void* cols;
-  bool rows_64, cols_64;
-  int64_t rows_s, cols_s;
-  const T* values;
-  int64_t values_s;
-  const T* weights;  // nullptr: all 1
-  int64_t weights_s;
-  const T* row_bias;  // nullptr: none
-  int64_t row_bias_s;
-  const T* col_bias;
-  int64_t col_bias_s;
-  const T* P;  // (m, r_pad)
-  const T* Q;  // (n, r_pad)
-  T scale;     // 1, or 1/nnz for "mean"
-  T* grad_values;        // (nnz,) or nullptr
-  T* grad_weights;       // (nnz,) or nullptr
-  T* dP_parts;           // (chunks, m, r_pad) or nullptr
-  T* dQ_parts;           // (chunks, n, r_pad) or nullptr
-  T* drow_bias_parts;    // (chunks, m) or nullptr
-  T* dcol_bias_parts;    // (chunks, n) or nullptr
-};
-
-struct ChunkResult {
-  double loss = 0;
-  int64_t bad_position = -1;  // first triple with an out-of-range index, -1 if none
-  int64_t bad_value = 0;
-  bool bad_is_col = false;
-};
-
-// [begin, end) of part `index` when `total` is cut into `parts` near-equal parts.
-inline std::pair<int64_t, int64_t> split(int64_t total, int64_t parts, int64_t index) {
-  return {total * index / parts, total * (index + 1) / parts};
-}
+constexpr int64_t kMinChunkTriples = 1 << 15;
+constexpr int64_t kTriplesPerInner = 8;
+// Bytes of factor rows + gradient rows a block covers (both blocks of a tile fit in L2 at once).
+constexpr int64_t kOuterBlockBytes = int64_t(1) << 18;
+constexpr int64_t kInnerBlockBytes = int64_t(1) << 18;
+// Tiles are capped at max(outer blocks, nnz / kMinTileTriples) (huge, very sparse shapes).
+constexpr int64_t kMinTileTriples = 64;
 
 MF_EXT_INLINE int64_t load_index(const void* base, bool is_64, int64_t offset) {
   return is_64 ? static_cast<const int64_t*>(base)[offset]
                : static_cast<int64_t>(static_cast<const int32_t*>(base)[offset]);
 }
+
+// One side of the problem: the rows (P, row_bias) or the cols (Q, col_bias).
+template <typename T>
+struct Side {
+  int64_t size;        // m or n
+  const T* factor;     // (size, r_pad)
+  const T* bias;       // nullptr: none
+  int64_t bias_s;
+  T* grad;             // outer: (size, r_pad); inner: (chunks, size, r_pad); or nullptr
+  T* grad_bias;        // outer: (size,); inner: (chunks, size); or nullptr
+};
+
+// The triples bucketed by tile, then by outer index inside each tile's processing.
+template <typename T>
+struct Bucketed {
+  int64_t outer_shift, inner_shift, outer_blocks, inner_blocks;
+  std::vector<int64_t> tile_begin;  // (tiles + 1,)
+  // Per triple, in tile order: (outer − block start) << inner_shift | (inner − block start).
+  std::unique_ptr<uint32_t[]> keys;
+  std::unique_ptr<T[]> values, weights;   // weights null: all 1
+  std::unique_ptr<int64_t[]> positions;   // original t, only for grad_values / grad_weights
+};
+
+template <typename T>
+struct ObservedProblem {
+  int64_t nnz, r_pad;
+  Side<T> outer, inner;
+  T scale;          // 1, or 1/nnz for "mean"
+  T* grad_values;   // (nnz,) or nullptr
+  T* grad_weights;  // (nnz,) or nullptr
+  std::vector<int64_t> chunk_blocks;  // chunk c: outer blocks [chunk_blocks[c], [c + 1])
+};
+
+struct BadIndex {
+  int64_t position = -1;  // first triple with an out-of-range index, -1 if none
+  int64_t value = 0;
+  bool is_col = false;
+};
 
 // Sum of the lanes as a fixed pairwise tree (lane l + lane l + W/2, and so on down), kept in
 // registers: the per-triple dot product sits on the critical path, and simd::sum_lanes (W
@@ -105,115 +119,334 @@ MF_EXT_INLINE double sum_lanes_tree(Vec<double>::type v) {
   return b[0] + b[1];
 }
 
-// Triples are visited in random order over rows that do not fit in L2: fetch the rows of the
-// triple kPrefetchAhead positions on while this one computes.
-constexpr int64_t kPrefetchAhead = 8;
+// Counts (kScatter false) or scatters (true) the triples [t0, t1) by tile. Counting also checks
+// the indices: it stops at the first bad one and returns it. `next`: the segment's counters, or
+// its write positions.
+template <bool kScatter, typename T, typename IR, typename IC>
+BadIndex bucket_segment(const IR* rows, int64_t rows_s, const IC* cols, int64_t cols_s,
+                        const T* values, int64_t values_s, const T* weights, int64_t weights_s,
+                        int64_t t0, int64_t t1, int64_t m, int64_t n, bool rows_outer,
+                        int64_t outer_shift, int64_t inner_shift, int64_t inner_blocks,
+                        int64_t* next, uint32_t* keys, T* sorted_values, T* sorted_weights,
+                        int64_t* positions) {
+  const uint64_t outer_mask = (uint64_t(1) << outer_shift) - 1;
+  const uint64_t inner_mask = (uint64_t(1) << inner_shift) - 1;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t i = static_cast<int64_t>(rows[t * rows_s]);
+    const int64_t j = static_cast<int64_t>(cols[t * cols_s]);
+    if (!kScatter) {
+      const bool row_bad = static_cast<uint64_t>(i) >= static_cast<uint64_t>(m);
+      if (row_bad || static_cast<uint64_t>(j) >= static_cast<uint64_t>(n)) {
+        return BadIndex{t, row_bad ? i : j, !row_bad};
+      }
+    }
+    const uint64_t a = rows_outer ? i : j, b = rows_outer ? j : i;
+    const int64_t tile = static_cast<int64_t>((a >> outer_shift) * inner_blocks + (b >> inner_shift));
+    if (!kScatter) {
+      ++next[tile];
+      continue;
+    }
+    const int64_t pos = next[tile]++;
+    keys[pos] = static_cast<uint32_t>(((a & outer_mask) << inner_shift) | (b & inner_mask));
+    sorted_values[pos] = values[t * values_s];
+    if (sorted_weights) sorted_weights[pos] = weights[t * weights_s];
+    if (positions) positions[pos] = t;
+  }
+  return BadIndex{};
+}
 
-template <int kWrite>
-MF_EXT_INLINE void prefetch_row(const void* row, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) {
-    __builtin_prefetch(static_cast<const char*>(row) + b, kWrite, 3);
+template <bool kScatter, typename T>
+BadIndex bucket_segment_any(const at::Tensor& rows, const at::Tensor& cols, const T* values,
+                            int64_t values_s, const T* weights, int64_t weights_s, int64_t t0,
+                            int64_t t1, int64_t m, int64_t n, bool rows_outer,
+                            const Bucketed<T>& bk, int64_t* next, uint32_t* keys,
+                            T* sorted_values, T* sorted_weights, int64_t* positions) {
+  auto go = [&](auto* rows_p, auto* cols_p) {
+    return bucket_segment<kScatter>(rows_p, rows.stride(0), cols_p, cols.stride(0), values,
+                                    values_s, weights, weights_s, t0, t1, m, n, rows_outer,
+                                    bk.outer_shift, bk.inner_shift, bk.inner_blocks, next, keys,
+                                    sorted_values, sorted_weights, positions);
+  };
+  const bool r64 = rows.scalar_type() == at::kLong, c64 = cols.scalar_type() == at::kLong;
+  if (r64 && c64) return go(rows.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>());
+  if (r64) return go(rows.const_data_ptr<int64_t>(), cols.const_data_ptr<int32_t>());
+  if (c64) return go(rows.const_data_ptr<int32_t>(), cols.const_data_ptr<int64_t>());
+  return go(rows.const_data_ptr<int32_t>(), cols.const_data_ptr<int32_t>());
+}
+
+// Sorts the triples into bk by tile (stable: each tile keeps the triples' order) and checks the
+// indices on the way. Segments of the triples are counted and scattered in parallel; the offsets
+// are laid out tile-major, segment-minor, so the result is the same whatever the thread count.
+template <typename T>
+BadIndex bucket_triples(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& values,
+                        const std::optional<at::Tensor>& weights, int64_t m, int64_t n,
+                        bool rows_outer, bool keep_positions, Bucketed<T>& bk) {
+  const int64_t nnz = values.size(0);
+  const T* values_p = values.const_data_ptr<T>();
+  const int64_t values_s = values.stride(0);
+  const T* weights_p = weights.has_value() ? weights->const_data_ptr<T>() : nullptr;
+  const int64_t weights_s = weights.has_value() ? weights->stride(0) : 0;
+
+  const int64_t segments = std::clamp<int64_t>(nnz / kMinSegmentTriples, 1, kMaxSegments);
+  const int64_t tiles = bk.outer_blocks * bk.inner_blocks;
+  std::vector<int64_t> offsets(segments * tiles, 0);  // counts, then write positions
+  std::vector<BadIndex> bad(segments);
+  at::parallel_for(0, segments, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      bad[s] = bucket_segment_any<false, T>(
+          rows, cols, values_p, values_s, weights_p, weights_s, nnz * s / segments,
+          nnz * (s + 1) / segments, m, n, rows_outer, bk, offsets.data() + s * tiles, nullptr,
+          nullptr, nullptr, nullptr);
+    }
+  });
+  for (const BadIndex& b : bad) {
+    if (b.position >= 0) return b;  // segments are in triple order: the lowest bad position
+  }
+  bk.tile_begin.assign(tiles + 1, 0);
+  int64_t total = 0;
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    bk.tile_begin[tile] = total;
+    for (int64_t s = 0; s < segments; ++s) {
+      const int64_t count = offsets[s * tiles + tile];
+      offsets[s * tiles + tile] = total;
+      total += count;
+    }
+  }
+  bk.tile_begin[tiles] = total;
+  bk.keys.reset(new uint32_t[nnz]);  // uninitialized: every entry is written below
+  bk.values.reset(new T[nnz]);
+  if (weights_p) bk.weights.reset(new T[nnz]);
+  if (keep_positions) bk.positions.reset(new int64_t[nnz]);
+  at::parallel_for(0, segments, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      bucket_segment_any<true, T>(rows, cols, values_p, values_s, weights_p, weights_s,
+                                  nnz * s / segments, nnz * (s + 1) / segments, m, n, rows_outer,
+                                  bk, offsets.data() + s * tiles, bk.keys.get(), bk.values.get(),
+                                  bk.weights.get(), bk.positions.get());
+    }
+  });
+  return BadIndex{};
+}
+
+// Vectors of an r-row: in registers when their count NV is a compile-time constant, else on
+// the heap (NV == 0).
+template <typename V, int NV>
+struct RowVectors {
+  V v[NV];
+  explicit RowVectors(int64_t) {}
+  MF_EXT_INLINE V* data() { return v; }
+};
+template <typename V>
+struct RowVectors<V, 0> {
+  std::vector<V> v;
+  explicit RowVectors(int64_t count) : v(count) {}
+  MF_EXT_INLINE V* data() { return v.data(); }
+};
+
+// p · q over nv vectors: products summed as a fixed pairwise tree (shorter latency than a
+// chain), then across lanes.
+template <typename T, int NV>
+MF_EXT_INLINE T dot_row(const typename Vec<T>::type* p, const T* q, int64_t nv) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  if constexpr (NV == 0) {
+    V even = simd::broadcast<T>(0), odd = simd::broadcast<T>(0);
+    int64_t v = 0;
+    for (; v + 1 < nv; v += 2) {
+      even += p[v] * simd::load(q + v * W);
+      odd += p[v + 1] * simd::load(q + (v + 1) * W);
+    }
+    if (v < nv) even += p[v] * simd::load(q + v * W);
+    return sum_lanes_tree(even + odd);
+  } else {
+    V prod[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) prod[v] = p[v] * simd::load(q + v * W);
+#pragma GCC unroll 8
+    for (int width = 1; width < NV; width *= 2) {
+#pragma GCC unroll 8
+      for (int v = 0; v + width < NV; v += 2 * width) prod[v] += prod[v + width];
+    }
+    return sum_lanes_tree(prod[0]);
   }
 }
 
-template <typename T, bool kGradP, bool kGradQ>
-MF_EXT_INLINE void run_chunk(const ObservedProblem<T>& pb, int64_t chunk, ChunkResult& result) {
+// The triples of inner block positions kPrefetchAhead on are fetched while this one computes
+// (their rows are in L2 by then, most of the time; this brings them to L1).
+constexpr int64_t kPrefetchAhead = 4;
+
+// One chunk: zeroes its outer gradient rows and its inner partials, then runs its tiles.
+template <typename T, int NV>
+MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& bk,
+                               int64_t chunk) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::width;
-  const int64_t r_pad = pb.r_pad, m = pb.m, n = pb.n;
-  const auto [t0, t1] = split(pb.nnz, pb.chunks, chunk);
-  // Each chunk zeroes its own partials (in parallel, and first touched by the thread using them).
-  T* dP = kGradP ? pb.dP_parts + chunk * m * r_pad : nullptr;
-  T* dQ = kGradQ ? pb.dQ_parts + chunk * n * r_pad : nullptr;
-  T* drb = pb.drow_bias_parts ? pb.drow_bias_parts + chunk * m : nullptr;
-  T* dcb = pb.dcol_bias_parts ? pb.dcol_bias_parts + chunk * n : nullptr;
-  if constexpr (kGradP) std::fill(dP, dP + m * r_pad, T(0));
-  if constexpr (kGradQ) std::fill(dQ, dQ + n * r_pad, T(0));
-  if (drb) std::fill(drb, drb + m, T(0));
-  if (dcb) std::fill(dcb, dcb + n, T(0));
+  const int64_t r_pad = NV > 0 ? NV * W : pb.r_pad;
+  const int64_t nv = r_pad / W;
+  const Side<T>& A = pb.outer;
+  const Side<T>& B = pb.inner;
+  const int64_t block0 = pb.chunk_blocks[chunk], block1 = pb.chunk_blocks[chunk + 1];
+  const int64_t a_begin = std::min(block0 << bk.outer_shift, A.size);
+  const int64_t a_end = std::min(block1 << bk.outer_shift, A.size);
+  T* dA = A.grad;
+  T* dbA = A.grad_bias;
+  T* dB = B.grad ? B.grad + chunk * B.size * r_pad : nullptr;
+  T* dbB = B.grad_bias ? B.grad_bias + chunk * B.size : nullptr;
+  if (dA) std::fill(dA + a_begin * r_pad, dA + a_end * r_pad, T(0));
+  if (dbA) std::fill(dbA + a_begin, dbA + a_end, T(0));
+  if (dB) std::fill(dB, dB + B.size * r_pad, T(0));
+  if (dbB) std::fill(dbB, dbB + B.size, T(0));
 
-  const T coef = T(-2) * pb.scale;
-  double loss = 0;
+  const int64_t ib = bk.inner_blocks, inner_shift = bk.inner_shift;
+  const uint32_t inner_mask = (uint32_t(1) << inner_shift) - 1;
+  int64_t max_tile = 0;
+  for (int64_t tile = block0 * ib; tile < block1 * ib; ++tile) {
+    max_tile = std::max(max_tile, bk.tile_begin[tile + 1] - bk.tile_begin[tile]);
+  }
+  const uint32_t* keys = bk.keys.get();
+  const T* values = bk.values.get();
+  const T* weights = bk.weights.get();
+  const int64_t* positions = bk.positions.get();
+  std::unique_ptr<uint32_t[]> run_b(new uint32_t[max_tile]);
+  std::unique_ptr<T[]> run_v(new T[max_tile]);
+  std::unique_ptr<T[]> run_w(weights ? new T[max_tile] : nullptr);
+  std::unique_ptr<int64_t[]> run_pos(positions ? new int64_t[max_tile] : nullptr);
+  const int64_t block_size = int64_t(1) << bk.outer_shift;
+  std::vector<int64_t> run_end(block_size + 1);
+  RowVectors<V, NV> p_vec(nv), acc_vec(nv);
+  V* pv = p_vec.data();
+  V* acc = acc_vec.data();
+
+  const T coef = T(-2) * pb.scale, scale = pb.scale;
+  T* const grad_values = pb.grad_values;
+  T* const grad_weights = pb.grad_weights;
+  const T* const A_factor = A.factor;
+  const T* const A_bias = A.bias;
+  const int64_t A_bias_s = A.bias_s;
+  const T* const B_bias = B.bias;
+  const int64_t B_bias_s = B.bias_s;
   const int64_t row_bytes = r_pad * static_cast<int64_t>(sizeof(T));
-  const int64_t prefetch_end = (m > 0 && n > 0) ? t1 - kPrefetchAhead : t0;
-  for (int64_t t = t0; t < t1; ++t) {
-    if (t < prefetch_end) {
-      // Clamped, so a bad index (reported when reached) is never even prefetched.
-      const uint64_t ia = load_index(pb.rows, pb.rows_64, (t + kPrefetchAhead) * pb.rows_s);
-      const uint64_t ja = load_index(pb.cols, pb.cols_64, (t + kPrefetchAhead) * pb.cols_s);
-      const int64_t i_ahead = static_cast<int64_t>(std::min<uint64_t>(ia, m - 1));
-      const int64_t j_ahead = static_cast<int64_t>(std::min<uint64_t>(ja, n - 1));
-      prefetch_row<0>(pb.P + i_ahead * r_pad, row_bytes);
-      prefetch_row<0>(pb.Q + j_ahead * r_pad, row_bytes);
-      if constexpr (kGradP) prefetch_row<1>(dP + i_ahead * r_pad, row_bytes);
-      if constexpr (kGradQ) prefetch_row<1>(dQ + j_ahead * r_pad, row_bytes);
-    }
-    const int64_t i = load_index(pb.rows, pb.rows_64, t * pb.rows_s);
-    const int64_t j = load_index(pb.cols, pb.cols_64, t * pb.cols_s);
-    if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(m) ||
-        static_cast<uint64_t>(j) >= static_cast<uint64_t>(n)) {
-      const bool row_bad = static_cast<uint64_t>(i) >= static_cast<uint64_t>(m);
-      result.bad_position = t;
-      result.bad_value = row_bad ? i : j;
-      result.bad_is_col = !row_bad;
-      break;
-    }
-    const T* p = pb.P + i * r_pad;
-    const T* q = pb.Q + j * r_pad;
-    V acc = simd::broadcast<T>(0);
-    for (int64_t k = 0; k < r_pad; k += W) acc += simd::load(p + k) * simd::load(q + k);
-    T pred = sum_lanes_tree(acc);
-    if (pb.row_bias) pred += pb.row_bias[i * pb.row_bias_s];
-    if (pb.col_bias) pred += pb.col_bias[j * pb.col_bias_s];
-    const T e = pb.values[t * pb.values_s] - pred;
-    const T w = pb.weights ? pb.weights[t * pb.weights_s] : T(1);
-    loss += static_cast<double>(w) * (static_cast<double>(e) * static_cast<double>(e));
-    const T g = coef * (w * e);
-    if (pb.grad_values) pb.grad_values[t] = -g;
-    if (pb.grad_weights) pb.grad_weights[t] = pb.scale * (e * e);
-    if constexpr (kGradP || kGradQ) {
-      const V gv = simd::broadcast(g);
-      T* dp = kGradP ? dP + i * r_pad : nullptr;
-      T* dq = kGradQ ? dQ + j * r_pad : nullptr;
-      for (int64_t k = 0; k < r_pad; k += W) {
-        if constexpr (kGradP) simd::store(dp + k, simd::load(dp + k) + gv * simd::load(q + k));
-        if constexpr (kGradQ) simd::store(dq + k, simd::load(dq + k) + gv * simd::load(p + k));
+  double loss = 0;
+  for (int64_t block = block0; block < block1; ++block) {
+    const int64_t a0 = block << bk.outer_shift;
+    const int64_t a_count = std::min(block_size, A.size - a0);
+    for (int64_t bb = 0; bb < ib; ++bb) {
+      const int64_t tile = block * ib + bb;
+      const int64_t s = bk.tile_begin[tile], e = bk.tile_begin[tile + 1];
+      if (s == e) continue;
+      const int64_t b0 = bb << inner_shift;
+      // Counting sort of the tile by outer index (stable), into the run_* buffers.
+      std::fill(run_end.begin(), run_end.begin() + a_count + 1, 0);
+      for (int64_t t = s; t < e; ++t) ++run_end[(keys[t] >> inner_shift) + 1];
+      for (int64_t k = 0; k < a_count; ++k) run_end[k + 1] += run_end[k];
+      for (int64_t t = s; t < e; ++t) {
+        const uint32_t key = keys[t];
+        const int64_t u = run_end[key >> inner_shift]++;
+        run_b[u] = key & inner_mask;
+        run_v[u] = values[t];
+        if (weights) run_w[u] = weights[t];
+        if (positions) run_pos[u] = positions[t];
+      }
+      const int64_t count = e - s;
+      const T* const Bf = B.factor + b0 * r_pad;
+      T* const dBt = dB ? dB + b0 * r_pad : nullptr;
+      T* const dbBt = dbB ? dbB + b0 : nullptr;
+      const T* const B_bias_t = B_bias ? B_bias + b0 * B_bias_s : nullptr;
+      int64_t u = 0;
+      for (int64_t al = 0; al < a_count; ++al) {
+        const int64_t u_end = run_end[al];  // after the scatter: the end of run al
+        if (u == u_end) continue;
+        const int64_t a = a0 + al;
+        const T* p = A_factor + a * r_pad;
+#pragma GCC unroll 8
+        for (int64_t v = 0; v < nv; ++v) {
+          pv[v] = simd::load(p + v * W);
+          acc[v] = simd::broadcast<T>(0);
+        }
+        const T bias_a = A_bias ? A_bias[a * A_bias_s] : T(0);
+        T g_sum = 0;
+        for (; u < u_end; ++u) {
+          if (kPrefetchAhead > 0 && u + kPrefetchAhead < count) {
+            const int64_t b_ahead = run_b[u + kPrefetchAhead];
+            for (int64_t k = 0; k < row_bytes; k += 64) {
+              __builtin_prefetch(reinterpret_cast<const char*>(Bf + b_ahead * r_pad) + k, 0, 3);
+              if (dBt) {
+                __builtin_prefetch(reinterpret_cast<const char*>(dBt + b_ahead * r_pad) + k, 1, 3);
+              }
+            }
+          }
+          const int64_t bl = run_b[u];
+          const T* q = Bf + bl * r_pad;
+          T pred = bias_a + dot_row<T, NV>(pv, q, nv);
+          if (B_bias_t) pred += B_bias_t[bl * B_bias_s];
+          const T err = run_v[u] - pred;
+          const T w = weights ? run_w[u] : T(1);
+          loss += static_cast<double>(w) * (static_cast<double>(err) * static_cast<double>(err));
+          const T g = coef * (w * err);
+          if (grad_values) grad_values[run_pos[u]] = -g;
+          if (grad_weights) grad_weights[run_pos[u]] = scale * (err * err);
+          const V gv = simd::broadcast(g);
+#pragma GCC unroll 8
+          for (int64_t v = 0; v < nv; ++v) acc[v] += gv * simd::load(q + v * W);
+          if (dBt) {
+            T* dq = dBt + bl * r_pad;
+#pragma GCC unroll 8
+            for (int64_t v = 0; v < nv; ++v) {
+              simd::store(dq + v * W, simd::load(dq + v * W) + gv * pv[v]);
+            }
+          }
+          if (dbBt) dbBt[bl] += g;
+          g_sum += g;
+        }
+        if (dA) {
+          T* dp = dA + a * r_pad;
+#pragma GCC unroll 8
+          for (int64_t v = 0; v < nv; ++v) simd::store(dp + v * W, simd::load(dp + v * W) + acc[v]);
+        }
+        if (dbA) dbA[a] += g_sum;
       }
     }
-    if (drb) drb[i] += g;
-    if (dcb) dcb[j] += g;
   }
-  result.loss = loss;
+  return loss;
 }
 
 template <typename T>
-MF_EXT_INLINE void run_chunks(const ObservedProblem<T>& pb, int64_t begin, int64_t end,
-                              ChunkResult* results) {
-  const bool gP = pb.dP_parts != nullptr, gQ = pb.dQ_parts != nullptr;
+MF_EXT_INLINE void run_chunks(const ObservedProblem<T>& pb, const Bucketed<T>& bk, int64_t begin,
+                              int64_t end, double* losses) {
+  constexpr int W = Vec<T>::width;
   for (int64_t c = begin; c < end; ++c) {
-    if (gP && gQ) run_chunk<T, true, true>(pb, c, results[c]);
-    else if (gP) run_chunk<T, true, false>(pb, c, results[c]);
-    else if (gQ) run_chunk<T, false, true>(pb, c, results[c]);
-    else run_chunk<T, false, false>(pb, c, results[c]);
+    switch (pb.r_pad / W) {  // whole rows in registers up to 8 vectors (r ≤ 128 float, 64 double)
+      case 1: losses[c] = run_chunk<T, 1>(pb, bk, c); break;
+      case 2: losses[c] = run_chunk<T, 2>(pb, bk, c); break;
+      case 3: losses[c] = run_chunk<T, 3>(pb, bk, c); break;
+      case 4: losses[c] = run_chunk<T, 4>(pb, bk, c); break;
+      case 5: losses[c] = run_chunk<T, 5>(pb, bk, c); break;
+      case 6: losses[c] = run_chunk<T, 6>(pb, bk, c); break;
+      case 7: losses[c] = run_chunk<T, 7>(pb, bk, c); break;
+      case 8: losses[c] = run_chunk<T, 8>(pb, bk, c); break;
+      default: losses[c] = run_chunk<T, 0>(pb, bk, c); break;
+    }
   }
 }
 
 // Non-template entry points, so that each can be cloned per instruction set.
-MF_EXT_TARGET_CLONES void run_chunks_float(const ObservedProblem<float>& pb, int64_t begin,
-                                           int64_t end, ChunkResult* results) {
-  run_chunks(pb, begin, end, results);
+MF_EXT_TARGET_CLONES void run_chunks_float(const ObservedProblem<float>& pb,
+                                           const Bucketed<float>& bk, int64_t begin,
+                                           int64_t end, double* losses) {
+  run_chunks(pb, bk, begin, end, losses);
 }
-MF_EXT_TARGET_CLONES void run_chunks_double(const ObservedProblem<double>& pb, int64_t begin,
-                                            int64_t end, ChunkResult* results) {
-  run_chunks(pb, begin, end, results);
+MF_EXT_TARGET_CLONES void run_chunks_double(const ObservedProblem<double>& pb,
+                                            const Bucketed<double>& bk, int64_t begin,
+                                            int64_t end, double* losses) {
+  run_chunks(pb, bk, begin, end, losses);
 }
-inline void run_chunks_any(const ObservedProblem<float>& pb, int64_t b, int64_t e,
-                           ChunkResult* r) {
-  run_chunks_float(pb, b, e, r);
+inline void run_chunks_any(const ObservedProblem<float>& pb, const Bucketed<float>& bk,
+                           int64_t b, int64_t e, double* losses) {
+  run_chunks_float(pb, bk, b, e, losses);
 }
-inline void run_chunks_any(const ObservedProblem<double>& pb, int64_t b, int64_t e,
-                           ChunkResult* r) {
-  run_chunks_double(pb, b, e, r);
+inline void run_chunks_any(const ObservedProblem<double>& pb, const Bucketed<double>& bk,
+                           int64_t b, int64_t e, double* losses) {
+  run_chunks_double(pb, bk, b, e, losses);
 }
 
 // out (r, count) = Σ_c parts[c] (count, r_pad)ᵀ, chunks summed in order: back to P's layout.
@@ -274,94 +507,117 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
     return 0.0;
   }
   const int64_t r_pad = (r + W - 1) / W * W;
-  const at::Tensor P_rows = to_padded_rows(P, r_pad);
-  const at::Tensor Q_rows = to_padded_rows(Q, r_pad);
+  // The longer side is the outer one: its gradient has no per-chunk partials.
+  const bool rows_outer = m >= n;
+  const int64_t na = rows_outer ? m : n, nb = rows_outer ? n : m;
 
+  Bucketed<T> bk;
+  const int64_t row_bytes = std::max<int64_t>(r_pad * static_cast<int64_t>(sizeof(T)), 64);
+  auto shift_for = [&](int64_t bytes) {  // log2 of the rows (factor + gradient) in `bytes`
+    int64_t shift = 0;
+    while ((int64_t(2) << shift) * 2 * row_bytes <= bytes) ++shift;
+    return shift;
+  };
+  auto blocks = [](int64_t size, int64_t shift) { return ((size - 1) >> shift) + 1; };
+  bk.outer_shift = shift_for(kOuterBlockBytes);
+  bk.inner_shift = shift_for(kInnerBlockBytes);
+  bk.outer_blocks = na > 0 ? blocks(na, bk.outer_shift) : 0;
+  bk.inner_blocks = nb > 0 ? blocks(nb, bk.inner_shift) : 0;
+  const int64_t max_tiles = std::max(bk.outer_blocks, nnz / kMinTileTriples);
+  while (bk.outer_blocks * bk.inner_blocks > max_tiles && bk.inner_blocks > 1 &&
+         bk.outer_shift + bk.inner_shift < 32) {  // keys hold both local indices
+    bk.inner_blocks = blocks(nb, ++bk.inner_shift);
+  }
+  const bool keep_positions = out.grad_values.defined() || out.grad_weights.defined();
+  const BadIndex bad = bucket_triples<T>(rows, cols, values, weights, m, n, rows_outer,
+                                         keep_positions, bk);
+  if (bad.position >= 0) {
+    if (bad.is_col) {
+      observed_index_error("cols", bad.position, bad.value, n, "n, the columns of Q");
+    }
+    observed_index_error("rows", bad.position, bad.value, m, "m, the columns of P");
+  }
+
+  // Chunks: runs of outer blocks, cut where the triples before reach c/chunks of nnz.
+  const int64_t chunks = std::clamp<int64_t>(
+      std::min(nnz / kMinChunkTriples, nnz / std::max<int64_t>(kTriplesPerInner * nb, 1)), 1,
+      std::min(kMaxChunks, bk.outer_blocks));
   ObservedProblem<T> pb{};
   pb.nnz = nnz;
-  pb.m = m;
-  pb.n = n;
   pb.r_pad = r_pad;
-  pb.chunks = std::clamp<int64_t>(
-      std::min(nnz / kMinChunkTriples,
-               nnz / std::max<int64_t>(kTriplesPerRowOrColumn * (m + n), 1)),
-      1, kMaxChunks);
-  pb.rows = rows.const_data_ptr();
-  pb.rows_64 = rows.scalar_type() == at::kLong;
-  pb.rows_s = rows.stride(0);
-  pb.cols = cols.const_data_ptr();
-  pb.cols_64 = cols.scalar_type() == at::kLong;
-  pb.cols_s = cols.stride(0);
-  pb.values = values.const_data_ptr<T>();
-  pb.values_s = values.stride(0);
-  if (weights.has_value()) {
-    pb.weights = weights->const_data_ptr<T>();
-    pb.weights_s = weights->stride(0);
+  pb.chunk_blocks.assign(chunks + 1, bk.outer_blocks);
+  pb.chunk_blocks[0] = 0;
+  for (int64_t c = 1; c < chunks; ++c) {
+    int64_t lo = pb.chunk_blocks[c - 1], hi = bk.outer_blocks;  // first block starting ≥ target
+    const int64_t target = nnz * c / chunks;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (bk.tile_begin[mid * bk.inner_blocks] >= target) hi = mid; else lo = mid + 1;
+    }
+    pb.chunk_blocks[c] = lo;
   }
-  if (row_bias.has_value()) {
-    pb.row_bias = row_bias->const_data_ptr<T>();
-    pb.row_bias_s = row_bias->stride(0);
+
+  const at::Tensor P_rows = to_padded_rows(P, r_pad);
+  const at::Tensor Q_rows = to_padded_rows(Q, r_pad);
+  const at::Tensor& A_rows = rows_outer ? P_rows : Q_rows;
+  const at::Tensor& B_rows = rows_outer ? Q_rows : P_rows;
+  const std::optional<at::Tensor>& A_bias = rows_outer ? row_bias : col_bias;
+  const std::optional<at::Tensor>& B_bias = rows_outer ? col_bias : row_bias;
+  const at::Tensor& A_grad_out = rows_outer ? out.grad_P : out.grad_Q;
+  const at::Tensor& B_grad_out = rows_outer ? out.grad_Q : out.grad_P;
+  const at::Tensor& A_grad_bias_out = rows_outer ? out.grad_row_bias : out.grad_col_bias;
+  const at::Tensor& B_grad_bias_out = rows_outer ? out.grad_col_bias : out.grad_row_bias;
+
+  pb.outer = Side<T>{na, A_rows.const_data_ptr<T>(), nullptr, 0, nullptr, nullptr};
+  pb.inner = Side<T>{nb, B_rows.const_data_ptr<T>(), nullptr, 0, nullptr, nullptr};
+  if (A_bias.has_value()) {
+    pb.outer.bias = A_bias->const_data_ptr<T>();
+    pb.outer.bias_s = A_bias->stride(0);
   }
-  if (col_bias.has_value()) {
-    pb.col_bias = col_bias->const_data_ptr<T>();
-    pb.col_bias_s = col_bias->stride(0);
+  if (B_bias.has_value()) {
+    pb.inner.bias = B_bias->const_data_ptr<T>();
+    pb.inner.bias_s = B_bias->stride(0);
   }
-  pb.P = P_rows.const_data_ptr<T>();
-  pb.Q = Q_rows.const_data_ptr<T>();
   pb.scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(nnz) : T(1);
   if (out.grad_values.defined()) pb.grad_values = out.grad_values.mutable_data_ptr<T>();
   if (out.grad_weights.defined()) pb.grad_weights = out.grad_weights.mutable_data_ptr<T>();
 
-  const int64_t chunks = pb.chunks;
-  at::Tensor dP_parts, dQ_parts, drb_parts, dcb_parts;  // zeroed by their chunks
-  if (out.grad_P.defined() && r > 0) {
-    dP_parts = at::empty({chunks, m, r_pad}, P.options());
-    pb.dP_parts = dP_parts.mutable_data_ptr<T>();
+  at::Tensor dA_rows, dB_parts, dbB_parts;  // zeroed by their chunks
+  if (A_grad_out.defined() && r > 0) {
+    dA_rows = at::empty({na, r_pad}, P.options());
+    pb.outer.grad = dA_rows.mutable_data_ptr<T>();
   }
-  if (out.grad_Q.defined() && r > 0) {
-    dQ_parts = at::empty({chunks, n, r_pad}, Q.options());
-    pb.dQ_parts = dQ_parts.mutable_data_ptr<T>();
+  if (B_grad_out.defined() && r > 0) {
+    dB_parts = at::empty({chunks, nb, r_pad}, P.options());
+    pb.inner.grad = dB_parts.mutable_data_ptr<T>();
   }
-  if (out.grad_row_bias.defined()) {
-    drb_parts = at::empty({chunks, m}, values.options());
-    pb.drow_bias_parts = drb_parts.mutable_data_ptr<T>();
-  }
-  if (out.grad_col_bias.defined()) {
-    dcb_parts = at::empty({chunks, n}, values.options());
-    pb.dcol_bias_parts = dcb_parts.mutable_data_ptr<T>();
+  // The outer bias gradient has one writer per entry: straight into the output.
+  if (A_grad_bias_out.defined()) pb.outer.grad_bias = A_grad_bias_out.mutable_data_ptr<T>();
+  if (B_grad_bias_out.defined()) {
+    dbB_parts = at::empty({chunks, nb}, values.options());
+    pb.inner.grad_bias = dbB_parts.mutable_data_ptr<T>();
   }
 
-  std::vector<ChunkResult> results(chunks);
+  std::vector<double> losses(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    run_chunks_any(pb, begin, end, results.data());
+    run_chunks_any(pb, bk, begin, end, losses.data());
   });
 
   double loss = 0;
-  for (const ChunkResult& c : results) {
-    // Chunks are in triple order, so the first bad chunk holds the lowest bad position.
-    if (c.bad_position >= 0) {
-      if (c.bad_is_col) {
-        observed_index_error("cols", c.bad_position, c.bad_value, n, "n, the columns of Q");
-      }
-      observed_index_error("rows", c.bad_position, c.bad_value, m, "m, the columns of P");
-    }
-    loss += c.loss;
+  for (const double l : losses) loss += l;
+  if (pb.outer.grad) {
+    reduce_rows_transposed<T>(pb.outer.grad, 1, na, r, r_pad, A_grad_out.mutable_data_ptr<T>());
+  } else if (A_grad_out.defined()) {
+    A_grad_out.zero_();  // r == 0
   }
-  if (pb.dP_parts) {
-    reduce_rows_transposed<T>(pb.dP_parts, chunks, m, r, r_pad, out.grad_P.mutable_data_ptr<T>());
-  } else if (out.grad_P.defined()) {
-    out.grad_P.zero_();  // r == 0
+  if (pb.inner.grad) {
+    reduce_rows_transposed<T>(pb.inner.grad, chunks, nb, r, r_pad,
+                              B_grad_out.mutable_data_ptr<T>());
+  } else if (B_grad_out.defined()) {
+    B_grad_out.zero_();
   }
-  if (pb.dQ_parts) {
-    reduce_rows_transposed<T>(pb.dQ_parts, chunks, n, r, r_pad, out.grad_Q.mutable_data_ptr<T>());
-  } else if (out.grad_Q.defined()) {
-    out.grad_Q.zero_();
-  }
-  if (pb.drow_bias_parts) {
-    reduce_vectors<T>(pb.drow_bias_parts, chunks, m, out.grad_row_bias.mutable_data_ptr<T>());
-  }
-  if (pb.dcol_bias_parts) {
-    reduce_vectors<T>(pb.dcol_bias_parts, chunks, n, out.grad_col_bias.mutable_data_ptr<T>());
+  if (pb.inner.grad_bias) {
+    reduce_vectors<T>(pb.inner.grad_bias, chunks, nb, B_grad_bias_out.mutable_data_ptr<T>());
   }
   return reduction == Reduction::Mean ? loss / static_cast<double>(nnz) : loss;
 }
