@@ -62,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, device)
     device = distributed.init_from_environment(str(device))
     try:
-        return _run(args, device, rank=dist.get_rank(), world_size=dist.get_world_size())
+        status = _run(args, device, rank=dist.get_rank(), world_size=dist.get_world_size())
+        # Rank 0 may still be testing and saving: tearing the group down while it does made
+        # the early ranks abort at exit now and then ("terminate called ...").
+        dist.barrier()
+        return status
     finally:
         dist.destroy_process_group()
 
