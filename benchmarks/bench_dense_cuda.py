@@ -14,30 +14,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # in-place build
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mf_ext  # noqa: E402
+from common import cuda_time_ms  # noqa: E402
 from mf_ext.reference import masked_mf_loss_reference  # noqa: E402
-
-
-def time_ms(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn() by CUDA events, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def peak_extra_bytes(fn) -> int:
@@ -54,7 +39,7 @@ def copy_bandwidth_gbs(nbytes: int, reps: int) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), warmup=3, reps=reps)
+    ms = cuda_time_ms(lambda: dst.copy_(src), warmup=3, reps=reps)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -124,7 +109,7 @@ def main(argv=None) -> int:
         results = []
         for name, loss_fn in implementations:
             step = step_fn(loss_fn, R, P, Q)
-            ms = time_ms(step, warmup=3, reps=args.reps)
+            ms = cuda_time_ms(step, warmup=3, reps=args.reps)
             mem = peak_extra_bytes(step)
             results.append((name, ms, mem, step().detach().double().item()))
         eager_ms = results[1][1]

@@ -19,30 +19,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # in-place build
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mf_ext  # noqa: E402
+from common import cuda_time_ms  # noqa: E402
 from mf_ext.reference import observed_mf_loss_reference  # noqa: E402
-
-
-def time_ms(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn() by CUDA events, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def make_problem(m, n, nnz, r, dtype, index_dtype, seed=0):
@@ -83,7 +68,7 @@ def measure(name, loss_fn, problem, warmup, reps):
     """(name, ms, loss) or (name, None, reason) when the GPU runs out of memory."""
     try:
         step = step_fn(loss_fn, problem)
-        ms = time_ms(step, warmup, reps)
+        ms = cuda_time_ms(step, warmup, reps)
         loss = step().detach().double().item()
         return name, ms, loss
     except torch.cuda.OutOfMemoryError:

@@ -6,8 +6,25 @@ import ctypes
 import datetime
 import os
 import platform
+import statistics
 
 import torch
+
+
+def cuda_time_ms(fn, warmup: int, reps: int) -> float:
+    """Median milliseconds of fn() by CUDA events, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def machine_line() -> str:

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import mf_ext
 from mf_ext import masked_mf_loss, masked_mf_loss_reference
 from helpers import assert_close_to_reference, loss_and_grads, random_problem
 
