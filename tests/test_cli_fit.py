@@ -60,3 +60,9 @@ def test_recommend_errors(ratings_file, tmp_path):
     assert run_cli("fit", ratings_file, "--epochs", "2", "--out", model, "--no-progress").returncode == 0
     result = run_cli("recommend", model, "999")
     assert result.returncode == 1 and "unknown user 999" in result.stderr
+
+
+def test_fit_rejects_a_bad_bias_exponent(ratings_file):
+    result = run_cli("fit", ratings_file, "--bias-count-exponent", "2", "--no-progress")
+    assert result.returncode == 1
+    assert "bias_count_exponent must be a number in [0, 1], got 2.0" in result.stderr

@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=nonnegative_int, default=defaults.epochs)
     parser.add_argument("--lr", type=positive_float, default=defaults.lr)
     parser.add_argument("--reg", type=float, default=defaults.reg, help="L2 on the factors")
+    parser.add_argument("--bias-reg", type=float, default=defaults.bias_reg,
+                        help="L2 on the biases")
+    parser.add_argument("--bias-count-exponent", type=float,
+                        default=defaults.bias_count_exponent,
+                        help="bias penalty weighted by count^this (0..1; see MatrixFactorization)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="mini-batches of this many ratings (default: full batch)")
     parser.add_argument("--test-fraction", type=fraction, default=0.2,
@@ -77,6 +82,8 @@ def _run(args: argparse.Namespace, device, rank: int = 0, world_size: int = 1) -
         data = load_ratings(args.ratings, args.format)
         train, test = train_test_split(data, args.test_fraction, seed=args.seed)
         model = MatrixFactorization(rank=args.rank, epochs=args.epochs, lr=args.lr, reg=args.reg,
+                                    bias_reg=args.bias_reg,
+                                    bias_count_exponent=args.bias_count_exponent,
                                     batch_size=args.batch_size,
                                     validation_fraction=args.validation_fraction,
                                     seed=args.seed, device=str(device))
