@@ -276,6 +276,20 @@ MF_EXT_INLINE T dot_row(const typename Vec<T>::type* p, const T* q, int64_t nv) 
 constexpr int64_t kPrefetchAhead = 4;
 
 // One chunk: zeroes its outer gradient rows and its inner partials, then runs its tiles.
+// Triples of one run summed in registers before they are added to the run's gradient row.
+constexpr int64_t kRunFlush = 64;
+
+// dp += acc (nv vectors), then acc = 0.
+template <typename T>
+MF_EXT_INLINE void flush_run(T* dp, typename Vec<T>::type* acc, int64_t nv) {
+  constexpr int W = Vec<T>::width;
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < nv; ++v) {
+    simd::store(dp + v * W, simd::load(dp + v * W) + acc[v]);
+    acc[v] = simd::broadcast<T>(0);
+  }
+}
+
 template <typename T, int NV>
 MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& bk,
                                int64_t chunk) {
@@ -295,7 +309,9 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   if (dA) std::fill(dA + a_begin * r_pad, dA + a_end * r_pad, T(0));
   if (dbA) std::fill(dbA + a_begin, dbA + a_end, T(0));
   if (dB) std::fill(dB, dB + B.size * r_pad, T(0));
-  if (dbB) std::fill(dbB, dbB + B.size, T(0));
+  // The inner bias gradient takes one term per triple of the chunk: summed in double, then
+  // stored, so float32 keeps its accuracy however many triples share an inner index.
+  std::vector<double> dbB_sum(dbB ? B.size : 0, 0.0);
 
   const int64_t ib = bk.inner_blocks, inner_shift = bk.inner_shift;
   const uint32_t inner_mask = (uint32_t(1) << inner_shift) - 1;
@@ -350,8 +366,8 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
       const int64_t count = e - s;
       const T* const Bf = B.factor + b0 * r_pad;
       T* const dBt = dB ? dB + b0 * r_pad : nullptr;
-      T* const dbBt = dbB ? dbB + b0 : nullptr;
       const T* const B_bias_t = B_bias ? B_bias + b0 * B_bias_s : nullptr;
+      double* const dbB_sum_t = dbB ? dbB_sum.data() + b0 : nullptr;
       int64_t u = 0;
       for (int64_t al = 0; al < a_count; ++al) {
         const int64_t u_end = run_end[al];  // after the scatter: the end of run al
@@ -364,7 +380,11 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
           acc[v] = simd::broadcast<T>(0);
         }
         const T bias_a = A_bias ? A_bias[a * A_bias_s] : T(0);
-        T g_sum = 0;
+        // A run can hold every triple of a tile: its bias-gradient sum is kept in double and
+        // its factor-gradient sum is flushed every kRunFlush triples, so float32 errors grow
+        // with kRunFlush + run/kRunFlush terms rather than with the run's length.
+        double g_sum = 0;
+        int64_t since_flush = 0;
         for (; u < u_end; ++u) {
           if (kPrefetchAhead > 0 && u + kPrefetchAhead < count) {
             const int64_t b_ahead = run_b[u + kPrefetchAhead];
@@ -395,17 +415,20 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
               simd::store(dq + v * W, simd::load(dq + v * W) + gv * pv[v]);
             }
           }
-          if (dbBt) dbBt[bl] += g;
-          g_sum += g;
+          if (dbB_sum_t) dbB_sum_t[bl] += static_cast<double>(g);
+          g_sum += static_cast<double>(g);
+          if (++since_flush == kRunFlush && dA) {
+            flush_run(dA + a * r_pad, acc, nv);
+            since_flush = 0;
+          }
         }
-        if (dA) {
-          T* dp = dA + a * r_pad;
-#pragma GCC unroll 8
-          for (int64_t v = 0; v < nv; ++v) simd::store(dp + v * W, simd::load(dp + v * W) + acc[v]);
-        }
-        if (dbA) dbA[a] += g_sum;
+        if (dA) flush_run(dA + a * r_pad, acc, nv);
+        if (dbA) dbA[a] += static_cast<T>(g_sum);
       }
     }
+  }
+  for (int64_t b = 0; b < static_cast<int64_t>(dbB_sum.size()); ++b) {
+    dbB[b] = static_cast<T>(dbB_sum[b]);
   }
   return loss;
 }
