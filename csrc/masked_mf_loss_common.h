@@ -90,11 +90,13 @@ inline RowMajorProblem orient_rows(const at::Tensor& R, const at::Tensor& P, con
                                    const MaskedMfOutputs& out, bool grad_R, bool grad_P,
                                    bool grad_Q) {
   const bool rows_unit = R.size(1) <= 1 || R.stride(1) == 1;
-  const bool cols_unit = R.size(0) <= 1 || R.stride(0) == 1;
+  // One row (m = 1) is never transposed: as an n × 1 problem its dP would be summed in long
+  // sequential chains (slow and less accurate) instead of across vector lanes.
+  const bool column_major = R.size(0) > 1 && R.stride(0) == 1;
   const at::Tensor dR = grad_R ? out.grad_R : at::Tensor();
   const at::Tensor dP = grad_P ? out.grad_P : at::Tensor();
   const at::Tensor dQ = grad_Q ? out.grad_Q : at::Tensor();
-  if (rows_unit || !cols_unit) return {R, P, Q, mask, dR, dP, dQ};
+  if (rows_unit || !column_major) return {R, P, Q, mask, dR, dP, dQ};
   std::optional<at::Tensor> mask_t;
   if (mask.has_value()) mask_t = mask->t();
   return {R.t(), Q, P, mask_t, dR.defined() ? dR.t() : dR, dQ, dP};

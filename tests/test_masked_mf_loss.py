@@ -64,6 +64,20 @@ def test_parity_strided_inputs(m, n, r, with_mask, dtype):
             assert got[1].shape == R.shape, name
 
 
+def test_single_row_layout_does_not_change_the_result():
+    """A one-row R read with a column step must run as the same row problem as a contiguous one
+    (bitwise), not as an n × 1 transposed problem summed in long sequential chains: a hypothesis
+    example (m=1, n=263, float32) once failed the 2x-eager rule that way."""
+    R, P, Q, _ = random_problem(1, 263, 1, torch.float32, observed=1.0, seed=11)
+    stepped = torch.full((1, 3 * 263), float("nan"))
+    stepped[:, ::3] = R
+    contiguous = loss_and_grads(fused, R, P, Q, None, "sum", grad_R=False)
+    strided = loss_and_grads(fused, stepped[:, ::3], P, Q, None, "sum", grad_R=False)
+    for a, b in zip(contiguous[::2], strided[::2]):  # loss and dP (dQ has no sum to reorder)
+        assert torch.equal(a, b)
+    assert_close_to_reference(strided, R, P, Q, None, "sum", grad_R=False)
+
+
 def test_grad_R_keeps_layout_of_R():
     R, P, Q, _ = random_problem(40, 70, 3)
     Rt = R.t().contiguous().t().requires_grad_()

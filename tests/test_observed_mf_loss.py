@@ -135,6 +135,18 @@ def test_duplicates_count_once_per_occurrence(reduction):
     torch.testing.assert_close(got[2], one[2] * factor, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("r", [1, 17])
+@pytest.mark.parametrize("m,n", [(1, 2), (2, 1), (1, 1), (3, 300)])
+def test_float32_many_triples_on_one_index(m, n, r, reduction):
+    """Tens of thousands of triples share one row (or column): each float32 gradient entry is a
+    sum of that many terms, whichever side the kernel keeps in registers. A hypothesis example
+    like this (m=1, n=2) once broke the 2x-eager rule for dP."""
+    args = random_triples(m, n, r, 40000, torch.float32, seed=m + n + r, biases=True)
+    got = loss_and_grads(observed_mf_loss, args, reduction)
+    assert_close_to_reference(got, args, reduction)
+
+
 def test_unsorted_order_does_not_matter():
     args = random_triples(50, 40, 7, 20000, biases=True, weights=True)
     order = torch.sort(args["rows"] * 40 + args["cols"]).indices

@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../observed_mf_loss_checks.h"
@@ -275,7 +276,6 @@ MF_EXT_INLINE T dot_row(const typename Vec<T>::type* p, const T* q, int64_t nv) 
 // (their rows are in L2 by then, most of the time; this brings them to L1).
 constexpr int64_t kPrefetchAhead = 4;
 
-// One chunk: zeroes its outer gradient rows and its inner partials, then runs its tiles.
 // Triples of one run summed in registers before they are added to the run's gradient row.
 constexpr int64_t kRunFlush = 64;
 
@@ -290,6 +290,61 @@ MF_EXT_INLINE void flush_run(T* dp, typename Vec<T>::type* acc, int64_t nv) {
   }
 }
 
+// A chunk's inner gradient row takes one term per triple of that inner index, and one index
+// can hold most of the triples (m = 1, say). For float32, a row that reaches kRunFlush terms is
+// added into a double copy and zeroed, so its error grows with kRunFlush + terms/kRunFlush
+// rather than with its terms; finish() writes the double sums back. Double rows exist only for
+// such hot indices (at most triples/kRunFlush of them, so allocated up front: the hot loop makes
+// no calls, which would cost it its registers). For float64 it does nothing.
+template <typename T>
+class InnerRowFlusher {
+ public:
+  InnerRowFlusher(int64_t size, int64_t r_pad, int64_t triples)
+      : r_pad_(r_pad), terms_(kWide ? size : 0, 0), slot_(kWide ? size : 0, -1) {
+    if (kWide && size > 0) wide_.reset(new double[(triples / kRunFlush + 1) * r_pad]);
+  }
+
+  // Term counters of the rows from `first` on, or nullptr when there is nothing to count.
+  MF_EXT_INLINE int32_t* terms(int64_t first) {
+    return terms_.empty() ? nullptr : terms_.data() + first;
+  }
+
+  // wide[b] += row, row = 0, counter = 0 (row: the chunk's gradient row b, r_pad entries).
+  MF_EXT_INLINE void flush(int64_t b, T* row) {
+    if (slot_[b] < 0) {
+      slot_[b] = hot_++;
+      std::fill(wide_.get() + slot_[b] * r_pad_, wide_.get() + (slot_[b] + 1) * r_pad_, 0.0);
+    }
+    double* w = wide_.get() + slot_[b] * r_pad_;
+    for (int64_t k = 0; k < r_pad_; ++k) {
+      w[k] += static_cast<double>(row[k]);
+      row[k] = T(0);
+    }
+    terms_[b] = 0;
+  }
+
+  // grad (size, r_pad): each hot row becomes its double sum plus what is left in it.
+  void finish(T* grad) {
+    for (int64_t b = 0; b < static_cast<int64_t>(slot_.size()); ++b) {
+      if (slot_[b] < 0) continue;
+      const double* w = wide_.get() + slot_[b] * r_pad_;
+      T* row = grad + b * r_pad_;
+      for (int64_t k = 0; k < r_pad_; ++k) {
+        row[k] = static_cast<T>(w[k] + static_cast<double>(row[k]));
+      }
+    }
+  }
+
+ private:
+  static constexpr bool kWide = std::is_same_v<T, float>;
+  int64_t r_pad_;
+  std::vector<int32_t> terms_;        // since the last flush (16-bit ones slowed the loop 30%)
+  std::vector<int64_t> slot_;          // row b's double row in wide_, −1: none yet
+  std::unique_ptr<double[]> wide_;     // (triples / kRunFlush + 1, r_pad), rows taken in order
+  int64_t hot_ = 0;
+};
+
+// One chunk: zeroes its outer gradient rows and its inner partials, then runs its tiles.
 template <typename T, int NV>
 MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& bk,
                                int64_t chunk) {
@@ -312,6 +367,9 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   // The inner bias gradient takes one term per triple of the chunk: summed in double, then
   // stored, so float32 keeps its accuracy however many triples share an inner index.
   std::vector<double> dbB_sum(dbB ? B.size : 0, 0.0);
+  InnerRowFlusher<T> dB_wide(dB ? B.size : 0, r_pad,
+                             bk.tile_begin[block1 * bk.inner_blocks] -
+                                 bk.tile_begin[block0 * bk.inner_blocks]);
 
   const int64_t ib = bk.inner_blocks, inner_shift = bk.inner_shift;
   const uint32_t inner_mask = (uint32_t(1) << inner_shift) - 1;
@@ -368,6 +426,7 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
       T* const dBt = dB ? dB + b0 * r_pad : nullptr;
       const T* const B_bias_t = B_bias ? B_bias + b0 * B_bias_s : nullptr;
       double* const dbB_sum_t = dbB ? dbB_sum.data() + b0 : nullptr;
+      int32_t* const dB_terms_t = dB_wide.terms(b0);
       int64_t u = 0;
       for (int64_t al = 0; al < a_count; ++al) {
         const int64_t u_end = run_end[al];  // after the scatter: the end of run al
@@ -414,6 +473,9 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
             for (int64_t v = 0; v < nv; ++v) {
               simd::store(dq + v * W, simd::load(dq + v * W) + gv * pv[v]);
             }
+            if (dB_terms_t && __builtin_expect(++dB_terms_t[bl] == kRunFlush, 0)) {
+              dB_wide.flush(b0 + bl, dq);
+            }
           }
           if (dbB_sum_t) dbB_sum_t[bl] += static_cast<double>(g);
           g_sum += static_cast<double>(g);
@@ -430,6 +492,7 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   for (int64_t b = 0; b < static_cast<int64_t>(dbB_sum.size()); ++b) {
     dbB[b] = static_cast<T>(dbB_sum[b]);
   }
+  dB_wide.finish(dB);
   return loss;
 }
 
