@@ -290,6 +290,48 @@ MF_EXT_INLINE void flush_run(T* dp, typename Vec<T>::type* acc, int64_t nv) {
   }
 }
 
+// The two halves of a float vector, widened to double vectors (in registers: indexing lanes
+// would send the run's accumulators through memory for the whole loop).
+MF_EXT_INLINE void widen(Vec<float>::type v, Vec<double>::type& lo, Vec<double>::type& hi) {
+  typedef float f8 __attribute__((vector_size(32)));
+  const f8 l = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const f8 h = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  lo = __builtin_convertvector(l, Vec<double>::type);
+  hi = __builtin_convertvector(h, Vec<double>::type);
+}
+
+// wide += acc (nv float vectors, summed in double), then acc = 0: a float32 run that has
+// passed kRunFlush triples.
+MF_EXT_INLINE void flush_run_wide(double* wide, Vec<float>::type* acc, int64_t nv) {
+  for (int64_t v = 0; v < nv; ++v) {
+    Vec<double>::type lo, hi;
+    widen(acc[v], lo, hi);
+    simd::store(wide + 16 * v, simd::load(wide + 16 * v) + lo);
+    simd::store(wide + 16 * v + 8, simd::load(wide + 16 * v + 8) + hi);
+    acc[v] = simd::broadcast<float>(0);
+  }
+}
+
+// dp += wide + acc, rounded once; then wide = 0 and acc = 0: the end of such a run.
+MF_EXT_INLINE void finish_run_wide(float* dp, double* wide, Vec<float>::type* acc,
+                                   int64_t nv) {
+  const Vec<double>::type zero = simd::broadcast<double>(0);
+  for (int64_t v = 0; v < nv; ++v) {
+    Vec<double>::type lo, hi, dlo, dhi;
+    widen(acc[v], lo, hi);
+    widen(simd::load(dp + 16 * v), dlo, dhi);
+    lo += dlo + simd::load(wide + 16 * v);
+    hi += dhi + simd::load(wide + 16 * v + 8);
+    typedef float f8 __attribute__((vector_size(32)));
+    const f8 l = __builtin_convertvector(lo, f8), h = __builtin_convertvector(hi, f8);
+    simd::store(dp + 16 * v, __builtin_shufflevector(l, h, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                     12, 13, 14, 15));
+    simd::store(wide + 16 * v, zero);
+    simd::store(wide + 16 * v + 8, zero);
+    acc[v] = simd::broadcast<float>(0);
+  }
+}
+
 // A chunk's inner gradient row takes one term per triple of that inner index, and one index
 // can hold most of the triples (m = 1, say). For float32, a row that reaches kRunFlush terms is
 // added into a double copy and zeroed, so its error grows with kRunFlush + terms/kRunFlush
@@ -305,7 +347,7 @@ class InnerRowFlusher {
   }
 
   // Term counters of the rows from `first` on, or nullptr when there is nothing to count.
-  MF_EXT_INLINE int32_t* terms(int64_t first) {
+  MF_EXT_INLINE uint8_t* terms(int64_t first) {
     return terms_.empty() ? nullptr : terms_.data() + first;
   }
 
@@ -338,7 +380,7 @@ class InnerRowFlusher {
  private:
   static constexpr bool kWide = std::is_same_v<T, float>;
   int64_t r_pad_;
-  std::vector<int32_t> terms_;        // since the last flush (16-bit ones slowed the loop 30%)
+  std::vector<uint8_t> terms_;  // since the last flush (≤ 64; 16-bit counters cost the loop 30%)
   std::vector<int64_t> slot_;          // row b's double row in wide_, −1: none yet
   std::unique_ptr<double[]> wide_;     // (triples / kRunFlush + 1, r_pad), rows taken in order
   int64_t hot_ = 0;
@@ -388,6 +430,9 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   const int64_t block_size = int64_t(1) << bk.outer_shift;
   std::vector<int64_t> run_end(block_size + 1);
   RowVectors<V, NV> p_vec(nv), acc_vec(nv);
+  // float32 runs longer than kRunFlush add their register sums into this double row.
+  constexpr bool kWideRuns = std::is_same_v<T, float>;
+  std::vector<double> run_wide(kWideRuns ? r_pad : 0, 0.0);
   V* pv = p_vec.data();
   V* acc = acc_vec.data();
 
@@ -426,7 +471,7 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
       T* const dBt = dB ? dB + b0 * r_pad : nullptr;
       const T* const B_bias_t = B_bias ? B_bias + b0 * B_bias_s : nullptr;
       double* const dbB_sum_t = dbB ? dbB_sum.data() + b0 : nullptr;
-      int32_t* const dB_terms_t = dB_wide.terms(b0);
+      uint8_t* const dB_terms_t = dB_wide.terms(b0);
       int64_t u = 0;
       for (int64_t al = 0; al < a_count; ++al) {
         const int64_t u_end = run_end[al];  // after the scatter: the end of run al
@@ -439,11 +484,12 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
           acc[v] = simd::broadcast<T>(0);
         }
         const T bias_a = A_bias ? A_bias[a * A_bias_s] : T(0);
-        // A run can hold every triple of a tile: its bias-gradient sum is kept in double and
-        // its factor-gradient sum is flushed every kRunFlush triples, so float32 errors grow
-        // with kRunFlush + run/kRunFlush terms rather than with the run's length.
+        // A run can hold every triple of a tile: its bias-gradient sum is kept in double, and
+        // its factor-gradient sum leaves the registers every kRunFlush triples (float32: into
+        // run_wide, in double), so float32 errors do not grow with the run's length.
         double g_sum = 0;
         int64_t since_flush = 0;
+        bool wide_used = false;
         for (; u < u_end; ++u) {
           if (kPrefetchAhead > 0 && u + kPrefetchAhead < count) {
             const int64_t b_ahead = run_b[u + kPrefetchAhead];
@@ -480,11 +526,19 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
           if (dbB_sum_t) dbB_sum_t[bl] += static_cast<double>(g);
           g_sum += static_cast<double>(g);
           if (++since_flush == kRunFlush && dA) {
-            flush_run(dA + a * r_pad, acc, nv);
+            if constexpr (kWideRuns) {
+              flush_run_wide(run_wide.data(), acc, nv);
+              wide_used = true;
+            } else {
+              flush_run(dA + a * r_pad, acc, nv);
+            }
             since_flush = 0;
           }
         }
-        if (dA) flush_run(dA + a * r_pad, acc, nv);
+        if constexpr (kWideRuns) {
+          if (dA && wide_used) finish_run_wide(dA + a * r_pad, run_wide.data(), acc, nv);
+        }
+        if (dA && !wide_used) flush_run(dA + a * r_pad, acc, nv);
         if (dbA) dbA[a] += static_cast<T>(g_sum);
       }
     }
