@@ -101,3 +101,99 @@ def test_splits_are_seeded_and_disjoint():
     assert sorted(np.concatenate([test for _, test in folds]).tolist()) == list(range(100))
     with pytest.raises(ValueError, match="test_fraction must be in"):
         train_test_split(data, 1.5)
+
+
+# The numeric fast path (numpy's parser) must read every file it accepts exactly as the
+# line-by-line parser does; everything else must fall back to the line-by-line parser.
+SEPARATORS = {"u.data": "\t", "ratings.dat": "::", "csv": ",", "tsv": None}
+
+
+def both_parsers(text, format):
+    """(fast path's Ratings or None, line parser's Ratings or the ValueError it raised)."""
+    from mf_ext.data import _parse_lines, _parse_numeric
+
+    separator = SEPARATORS[format]
+    fast = _parse_numeric(text.encode("ascii"), separator, skip_header=format in ("csv", "tsv"))
+    try:
+        slow = _parse_lines("f", text, separator, format)
+    except ValueError as exc:
+        slow = exc
+    return fast, slow
+
+
+def assert_same_ratings(a, b):
+    for name in ("users", "items", "ratings"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+@pytest.mark.parametrize("format, text", [
+    ("csv", "userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,1029,3.0,1260759179\n"),
+    ("csv", "\n\n1,2,3\r\n4,5,6.5e-1\r\n\n7,8,-0,9,10\n"),
+    ("u.data", "196\t242\t3\t881250949\n186\t302\t3.5\t891717742"),
+    ("ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n"),
+    ("tsv", "1 2 3\n4\t5  6 77\n"),
+])
+def test_numeric_files_take_the_fast_path(format, text):
+    fast, slow = both_parsers(text, format)
+    assert fast is not None and not isinstance(slow, Exception)
+    assert_same_ratings(fast, slow)
+
+
+@pytest.mark.parametrize("format, text", [
+    ("csv", "1,2,3\n# comment\n4,5,6\n"),          # comments
+    ("csv", "a,2,3\n"),                              # string ids
+    ("csv", "1,2,3\n   \n4,5,6\n"),                  # a whitespace-only line
+    ("csv", "1,2,3,x\r4,5,6\r"),                     # old Mac line breaks
+    ("csv", "1.0,2,3\n"),                            # "1.0" is kept as a string id
+    ("csv", "99999999999999999999,2,3\n"),           # past int64: a string id
+    ("ratings.dat", "1\t2::3::4\n"),                 # a tab where "::" separates
+    ("u.data", "1\t2\n"),                            # too few fields: the line parser's error
+    ("csv", "1,2,nan\n"),                            # letters
+    ("csv", ""),
+])
+def test_other_files_fall_back_to_the_line_parser(format, text):
+    fast, _ = both_parsers(text, format)
+    assert fast is None
+
+
+def test_integer_ids_past_int64_become_strings(tmp_path):
+    path = write(tmp_path, "r.csv", "99999999999999999999,2,3\n1,2,4\n")
+    data = load_ratings(path)
+    assert data.users.tolist() == ["99999999999999999999", "1"] and data.items.dtype == np.int64
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+# Files of well-formed lines (integer ids, float ratings, an optional timestamp) in the format's
+# separator, mixed with near misses: "1.0" or "1e3" ids, ids past int64, empty or ':' fields,
+# the wrong separator, \r line ends, blank lines, headers.
+ints = st.integers(-10**20, 10**20).map(str)
+numbers = st.one_of(ints, st.floats(allow_nan=False, allow_infinity=False).map(repr))
+noise = st.text(alphabet="0123456789+-.eE: \t", max_size=4)
+
+
+def file_of(format):
+    separator = SEPARATORS[format] or " "
+    good = st.tuples(st.integers(-10**6, 10**6), st.integers(0, 10**9), numbers,
+                     st.lists(ints, max_size=1)).map(
+        lambda t: separator.join([str(t[0]), str(t[1]), t[2]] + t[3]))
+    bad = st.tuples(st.lists(st.one_of(numbers, noise), min_size=1, max_size=5),
+                    st.sampled_from([",", "\t", "::", " ", " , "])).map(lambda t: t[1].join(t[0]))
+    line = st.tuples(st.one_of(good, good, good, bad),
+                     st.sampled_from(["\n", "\n", "\r\n", "\r", " \n", "\n\n"]))
+    header = st.sampled_from(["", "user,item,rating\n", "u i r\n", "\n"])
+    return st.tuples(header, st.lists(line.map("".join), max_size=6)).map(
+        lambda t: t[0] + "".join(t[1]))
+
+
+@given(data=st.data(), format=st.sampled_from(sorted(SEPARATORS)))
+def test_fast_path_agrees_with_the_line_parser(data, format):
+    text = data.draw(file_of(format))
+    fast, slow = both_parsers(text, format)
+    if fast is not None:
+        assert not isinstance(slow, Exception), f"fast path read {text!r}; line parser: {slow}"
+        assert_same_ratings(fast, slow)

@@ -2,7 +2,8 @@
 // the gradients of R, P and Q that are asked for. Semantics are those of the CPU kernel
 // (csrc/cpu/masked_mf_loss.cpp); dtypes float32, float64, float16 and bfloat16. float16 and
 // bfloat16 are read, computed and accumulated in float32; the loss and gradients are returned in
-// the input dtype (rounded once, at the end).
+// the input dtype, rounded once at the end, except grad_R under "mean": 2e is stored in the input
+// dtype and then scaled by 1/|Ω| (known only after the pass), so it is rounded twice there.
 //
 // Work layout. R is cut into 128 × 128 tiles, and the tiles into a grid of row groups × column
 // groups (a function of the shape only, at most a few hundred); one thread block owns one
