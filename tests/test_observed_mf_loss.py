@@ -123,6 +123,18 @@ def test_parity(m, n, r, nnz, biases, weights, reduction, dtype):
     assert_close_to_reference(got, args, reduction)
 
 
+# Ranks past 8 vectors (64 float64 / 128 float32 values) keep the factor rows on the heap, not
+# in registers. Many ranks, so many allocation sizes and alignments: a heap block only 16-byte
+# aligned once crashed the AVX2 / AVX-512 code (aligned vector moves) on some of them.
+@pytest.mark.parametrize("dtype,ranks", [(torch.float64, range(65, 140, 3)),
+                                         (torch.float32, range(129, 270, 5))])
+def test_wide_ranks(dtype, ranks):
+    for r in ranks:
+        args = random_triples(7, 6, r, 40, dtype, seed=r, biases=True)
+        got = loss_and_grads(observed_mf_loss, args, "mean")
+        assert_close_to_reference(got, args, "mean")
+
+
 @pytest.mark.parametrize("rows_dtype,cols_dtype", [(torch.int32, torch.int32),
                                                    (torch.int32, torch.int64),
                                                    (torch.int64, torch.int32)])

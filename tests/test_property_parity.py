@@ -64,7 +64,7 @@ def random_matrix(g, shape, dtype, density=1.0, low=-2.0, high=2.0):
 
 
 sizes = st.one_of(st.integers(0, 3), st.integers(0, 140))
-ranks = st.one_of(st.integers(0, 2), st.integers(0, 40))
+ranks = st.one_of(st.integers(0, 2), st.integers(0, 40), st.integers(60, 270))  # >64, >128: heap rows
 
 
 @given(m=sizes, n=st.one_of(sizes, st.integers(250, 300)), r=ranks,

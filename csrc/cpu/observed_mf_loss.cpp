@@ -27,6 +27,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -230,18 +232,31 @@ BadIndex bucket_triples(const at::Tensor& rows, const at::Tensor& cols, const at
 }
 
 // Vectors of an r-row: in registers when their count NV is a compile-time constant, else on
-// the heap (NV == 0).
+// the heap (NV == 0). Both are 64-byte aligned by hand: this file is compiled for the base ISA,
+// where a 64-byte vector type is only 16-byte aligned (so std::vector<V> gets 16-byte blocks),
+// while the AVX2 / AVX-512 clones of the kernel move V with aligned instructions (a misaligned
+// heap block crashed float64 at r > 64 and float32 at r > 128).
+constexpr size_t kVectorAlign = 64;
 template <typename V, int NV>
 struct RowVectors {
-  V v[NV];
+  alignas(kVectorAlign) V v[NV];
   explicit RowVectors(int64_t) {}
   MF_EXT_INLINE V* data() { return v; }
 };
 template <typename V>
 struct RowVectors<V, 0> {
-  std::vector<V> v;
-  explicit RowVectors(int64_t count) : v(count) {}
-  MF_EXT_INLINE V* data() { return v.data(); }
+  struct Free {
+    void operator()(V* p) const { std::free(p); }
+  };
+  std::unique_ptr<V[], Free> v;
+  explicit RowVectors(int64_t count) {
+    static_assert(sizeof(V) % kVectorAlign == 0, "aligned_alloc needs a multiple of 64 bytes");
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(V);
+    v.reset(static_cast<V*>(std::aligned_alloc(kVectorAlign, bytes)));
+    TORCH_CHECK(v != nullptr, "mf_ext.observed_mf_loss: out of memory (", bytes, " bytes)");
+    std::memset(static_cast<void*>(v.get()), 0, bytes);
+  }
+  MF_EXT_INLINE V* data() { return v.get(); }
 };
 
 // p · q over nv vectors: products summed as a fixed pairwise tree (shorter latency than a
