@@ -125,8 +125,39 @@ SHARED_RE = re.compile(
     r"(?:<[^;>]*>)?\s+(\w+)\s*(?:\[[^\]]+\]\s*)*;")
 
 
+# Every CUDA built-in cuda_emu.h provides. A source that uses another one fails translation
+# with its name (rather than with a compiler error, or worse, a host function of that name).
+EMULATED = {
+    "__global__", "__device__", "__host__", "__forceinline__", "__launch_bounds__", "__align__",
+    "__restrict__", "__shared__", "__syncthreads", "__syncwarp", "__shfl_xor_sync",
+    "__shfl_down_sync", "__trap", "atomicAdd", "atomicMin", "threadIdx", "blockIdx",
+    "blockDim", "gridDim", "make_float4", "make_double2", "float4", "double2", "dim3",
+    "cudaStream_t", "cudaStreamIsCapturing", "cudaStreamCaptureStatus",
+    "cudaStreamCaptureStatusNone", "__CUDA_ARCH__",
+}
+
+
+def _code_only(text):
+    """text without comments and string literals."""
+    text = re.sub(r"//[^\n]*", "", text)
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    return re.sub(r'"(?:\\.|[^"\\])*"', '""', text)
+
+
+def cuda_names(text):
+    """The CUDA-looking identifiers a source uses: __x, __x__, atomicX, cudaX, xIdx/xDim,
+    make_x4/x2, the vector types."""
+    code = _code_only(text)
+    pattern = (r"\b(__[A-Za-z_]+|atomic[A-Z]\w*|cuda[A-Z]\w*|(?:thread|block)Idx|"
+               r"(?:block|grid)Dim|make_\w+[1-4]|(?:float|double|int|uint|char|uchar|short|"
+               r"long|ushort|ulong|longlong|ulonglong)[1-4]|dim3)\b")
+    return set(re.findall(pattern, code))
+
+
 def translate(text, filename, namespace=NAMESPACE, mutation=None):
     """The translated source of one .cu file (text as read from `filename`)."""
+    unknown = sorted(cuda_names(text) - EMULATED)
+    _expect(not unknown, f"{filename} uses CUDA names the emulator lacks: {unknown}")
     src = text
     # Includes: the CUDA-only ones become the emulator (on the first one's line), blanks after.
     for i, inc in enumerate(CUDA_INCLUDES):
