@@ -26,6 +26,7 @@ import torch
 
 import mf_ext  # noqa: F401  (registers torch.ops.mf_ext.*, the CPU kernels compared against)
 from helpers import assert_close_to_reference, random_problem
+from mf_ext.reference import masked_mf_loss_reference
 from test_observed_mf_loss import NAMES as OBS_NAMES
 from test_observed_mf_loss import _layouts as observed_layouts
 from test_observed_mf_loss import assert_close_to_reference as observed_assert_close
@@ -222,9 +223,17 @@ def _layout_variants(R, M):
     yield "offset", offset(R), None if M is None else offset(M)
     yield "R stepped, mask transposed", stepped(R), None if M is None else M.t().contiguous().t()
 
+    def both(t):
+        big = torch.zeros(2 * m, 3 * n, dtype=t.dtype)
+        big[::2, ::3] = t
+        return big[::2, ::3]
+
+    yield "rows and columns stepped", both(R), None if M is None else both(M)
+
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("m,n,r", [(5, 4, 2), (130, 259, 5), (257, 132, 9)])
+@pytest.mark.parametrize("m,n,r", [(5, 4, 2), (1, 257, 3), (257, 1, 3), (130, 259, 5),
+                                   (257, 132, 9)])
 @pytest.mark.parametrize("mask", [False, True])
 def test_masked_layouts(emu, m, n, r, mask, dtype, deterministic):
     """Any strides of R and the mask, and non-contiguous P, Q: the reference's answer (by the
@@ -253,6 +262,25 @@ def test_masked_grad_flags(emu, m, n, r, deterministic):
                     assert torch.equal(a, b), (reduction, flags)
                 else:
                     assert a.shape == (0,), (reduction, flags)
+
+
+def test_masked_nan_inf_propagate_as_the_reference(emu):
+    """The error is multiplied by the mask (not selected): NaN / Inf in R propagate even at
+    unobserved entries, as in the reference and the CPU kernel."""
+    R, P, Q, M = random_problem(130, 259, 5, seed=2, mask=True)
+    R[3, 7] = float("nan")
+    R[100, 200] = float("inf")
+    M[3, 7] = False
+    for mask in (M, None):
+        got = masked(emu, R, P, Q, mask, "sum")
+        cpu = torch.ops.mf_ext.masked_mf_loss_and_grads(R, P, Q, mask, "sum", True, True, True)
+        ref = R.detach(), P.detach().requires_grad_(), Q.detach().requires_grad_()
+        loss = masked_mf_loss_reference(ref[0], ref[1], ref[2], mask)
+        dP, dQ = torch.autograd.grad(loss, ref[1:])
+        for name, a, b, c in zip(("loss", "dP", "dQ"), (got[0], got[2], got[3]),
+                                 (cpu[0], cpu[2], cpu[3]), (loss, dP, dQ)):
+            assert torch.equal(a.isnan(), c.isnan()) and torch.equal(a.isinf(), c.isinf()), name
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
 
 
 def test_masked_bitwise_repeatable(emu):

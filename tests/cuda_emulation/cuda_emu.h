@@ -46,6 +46,7 @@
 #include <ucontext.h>
 #endif
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -191,10 +192,15 @@ __attribute__((naked, noinline)) inline void ctx_switch(void** /*save*/, void* /
 #endif
 
 #if defined(__SANITIZE_ADDRESS__)
-inline void asan_enter(const void* bottom, size_t size, void** fake) {
-  __sanitizer_start_switch_fiber(fake, bottom, size);
+// AddressSanitizer must be told about every stack switch (MF_EXT_EMU_ASAN=1 builds).
+inline const void*& asan_sched_bottom() {
+  static thread_local const void* b = nullptr;
+  return b;
 }
-inline void asan_entered(void* fake) { __sanitizer_finish_switch_fiber(fake, nullptr, nullptr); }
+inline size_t& asan_sched_size() {
+  static thread_local size_t s = 0;
+  return s;
+}
 #endif
 
 [[noreturn]] inline void fiber_entry();
@@ -210,7 +216,7 @@ inline void resume(Fiber& f) {
   ++R.switches;
 #if defined(__SANITIZE_ADDRESS__)
   void* fake = nullptr;
-  asan_enter(f.stack, kStackBytes, &fake);
+  __sanitizer_start_switch_fiber(&fake, f.stack, kStackBytes);
 #endif
 #if defined(__x86_64__)
   ctx_switch(&R.sched_sp, f.sp);
@@ -218,7 +224,7 @@ inline void resume(Fiber& f) {
   swapcontext(&R.sched_ctx, &f.ctx);
 #endif
 #if defined(__SANITIZE_ADDRESS__)
-  asan_entered(fake);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
   R.cur = nullptr;
 }
@@ -229,7 +235,8 @@ inline void yield_to_scheduler() {
   Fiber* f = R.cur;
 #if defined(__SANITIZE_ADDRESS__)
   void* fake = nullptr;
-  asan_enter(nullptr, 0, f->state == FiberState::Done ? nullptr : &fake);
+  __sanitizer_start_switch_fiber(f->state == FiberState::Done ? nullptr : &fake,
+                                 asan_sched_bottom(), asan_sched_size());
 #endif
 #if defined(__x86_64__)
   ctx_switch(&f->sp, R.sched_sp);
@@ -237,14 +244,14 @@ inline void yield_to_scheduler() {
   swapcontext(&f->ctx, &R.sched_ctx);
 #endif
 #if defined(__SANITIZE_ADDRESS__)
-  asan_entered(fake);
+  __sanitizer_finish_switch_fiber(fake, &asan_sched_bottom(), &asan_sched_size());
 #endif
 }
 
 [[noreturn]] inline void fiber_entry() {
   Runtime& R = rt();
 #if defined(__SANITIZE_ADDRESS__)
-  asan_entered(nullptr);
+  __sanitizer_finish_switch_fiber(nullptr, &asan_sched_bottom(), &asan_sched_size());
 #endif
   Fiber* f = R.cur;
   try {
@@ -277,6 +284,10 @@ inline char* stack_of(size_t i) {
 }
 
 inline void init_fiber(Fiber& f, char* stack) {
+#if defined(__SANITIZE_ADDRESS__)
+  // The previous fiber on this stack never returned: its frames' redzones are still poisoned.
+  ASAN_UNPOISON_MEMORY_REGION(stack, kStackBytes);
+#endif
   f.stack = stack;
   f.state = FiberState::Ready;
   f.error = nullptr;

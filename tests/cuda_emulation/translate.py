@@ -286,7 +286,7 @@ def load(verbose=False):
     sources = generate(out_dir)
     flags = ["-O2", "-fno-strict-aliasing", f"-I{HERE}"]
     ldflags = []
-    if os.environ.get("MF_EXT_EMU_ASAN"):  # run under LD_PRELOAD=$(g++ -print-file-name=libasan.so)
+    if os.environ.get("MF_EXT_EMU_ASAN"):  # needs LD_PRELOAD of libasan and libstdc++ (README)
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
         ldflags += ["-fsanitize=address"]
     digest = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
