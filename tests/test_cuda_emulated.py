@@ -6,7 +6,7 @@ real CPU kernels. Not a substitute for a GPU run (no memory model, no real sched
 atomics ordering, no resource limits).
 
 The emulated ops are torch.ops.mf_ext_emu.* (CPU dispatch key, schemas taken from
-csrc/mf_ext.cpp). Building them takes about a minute on 2 cores (cached under
+csrc/mf_ext.cpp). Building them takes about 30 s on 2 cores (cached under
 build/cuda_emulation/ afterwards); a build failure fails every test here.
 """
 

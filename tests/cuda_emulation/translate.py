@@ -239,8 +239,13 @@ MUTATION = ("masked_mf_loss.cu",
 
 
 def _write_if_changed(path, text):
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+    """Atomic (xdist workers may translate at the same time); untouched when equal, so ninja
+    keeps its objects."""
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def build_dir():
