@@ -2,7 +2,8 @@
 tests/cuda_emulation/ (see its README): index math, tiling, shared-memory reductions, warp
 shuffles, partial-sum passes, strides, masks and dtypes of the kernels and of their host-side
 launch code, checked against mf_ext/reference.py by the rules of the CPU tests and against the
-real CPU kernels. Not a substitute for a GPU run (no memory model, no real scheduling or
+real CPU kernels, under the forward schedule and (a subset) under the reverse and shuffled
+ones. Not a substitute for a GPU run (no memory model, no real scheduling or
 atomics ordering, no resource limits).
 
 The emulated ops are torch.ops.mf_ext_emu.* (CPU dispatch key, schemas taken from
@@ -69,7 +70,28 @@ def deterministic():
 # ---------------------------------------------------------------------------------------------
 # The emulator itself: it exchanges correctly, and it reports what a GPU would do wrong.
 
-def test_emulator_exchanges(emu):
+# Schedules (cuda_emu.h, "schedule"): the order in which the fibers a barrier or collective
+# releases (and all of them at block start) run. forward is the default; the tests below that
+# take `schedule` also run under the others, where a missing barrier between one thread's
+# shared-memory write and another's read shows (README, "Schedules").
+SCHEDULES = ["forward", "reverse", "shuffled"]
+OTHER_SCHEDULES = ["reverse", "shuffled"]
+SHUFFLE_SEED = 20261128
+
+
+@pytest.fixture
+def schedule(request, emu):
+    """Runs the test under the schedule named by indirect parametrization, then returns to the
+    default (MF_EXT_EMU_SCHEDULE, else forward)."""
+    name = request.param
+    emu.set_schedule(name, SHUFFLE_SEED if name == "shuffled" else 0)
+    assert emu.get_schedule() == (f"shuffled:{SHUFFLE_SEED}" if name == "shuffled" else name)
+    yield name
+    emu.set_schedule("", 0)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, indirect=True)
+def test_emulator_exchanges(emu, schedule):
     out = emu.selftest("good").tolist()
     for b in range(3):
         assert out[3 * b:3 * b + 3] == [32640 + 256 * 1000 * b, 6, 2]
@@ -80,15 +102,85 @@ def test_emulator_exchanges(emu):
                  r"__syncthreads at line 42"),
     ("exited_lane", r"deadlock in kernel exited_lane_kernel.*__shfl_xor_sync"),
     ("divergent", r"divergent __syncthreads"),
-    ("outside_mask", r"reads lane 31, outside its mask 0xffff"),
+    ("outside_mask", r"reads lane \d+, outside its mask 0xffff"),
     ("mixed_collectives", r"mismatched warp collectives"),
     ("trap", r"block \(1,0,0\) thread 3: __trap\(\) called"),
     ("misaligned_atomic", r"atomicAdd\(float4\*\): misaligned"),
     ("empty_grid", r"cudaErrorInvalidConfiguration"),
 ])
-def test_emulator_reports_bad_kernels(emu, case, message):
+@pytest.mark.parametrize("schedule", SCHEDULES, indirect=True)
+def test_emulator_reports_bad_kernels(emu, case, message, schedule):
     with pytest.raises(RuntimeError, match=message):
         emu.selftest(case)
+
+
+def test_emulator_schedules_are_applied(emu):
+    """The order in which 64 threads pass block start, two __syncthreads and a __syncwarp:
+    ascending (forward), descending (reverse), a permutation drawn anew at every release and
+    fixed by the seed (shuffled)."""
+    ascending = torch.arange(64).expand(4, 64)
+    try:
+        emu.set_schedule("forward", 0)
+        assert emu.get_schedule() == "forward"
+        assert torch.equal(emu.selftest("order").long(), ascending)
+        emu.set_schedule("reverse", 0)
+        assert emu.get_schedule() == "reverse"
+        assert torch.equal(emu.selftest("order").long(), ascending.flip(1))
+        emu.set_schedule("shuffled", 1)
+        assert emu.get_schedule() == "shuffled:1"
+        a = emu.selftest("order").long()
+        assert torch.equal(emu.selftest("order").long(), a)  # deterministic given the seed
+        emu.set_schedule("shuffled", 2)
+        b = emu.selftest("order").long()
+        assert not torch.equal(a, b)
+        for order in (a, b):
+            for row in order:
+                assert torch.equal(row.sort().values, torch.arange(64))
+                assert not torch.equal(row, ascending[0])
+                assert not torch.equal(row, ascending[0].flip(0))
+            assert len({tuple(row) for row in order.tolist()}) == 4  # re-drawn at each release
+        emu.set_schedule("shuffled:5", 0)
+        assert emu.get_schedule() == "shuffled:5"
+        with pytest.raises(RuntimeError, match="unknown schedule"):
+            emu.set_schedule("backward", 0)
+        with pytest.raises(RuntimeError, match="for the shuffled schedule only"):
+            emu.set_schedule("reverse", 3)
+    finally:
+        emu.set_schedule("", 0)
+
+
+def test_emulator_schedule_from_environment(emu, monkeypatch):
+    """Without set_schedule, MF_EXT_EMU_SCHEDULE is read at every launch."""
+    ascending = torch.arange(64).expand(4, 64)
+    emu.set_schedule("", 0)
+    monkeypatch.setenv("MF_EXT_EMU_SCHEDULE", "reverse")
+    assert emu.get_schedule() == "reverse"
+    assert torch.equal(emu.selftest("order").long(), ascending.flip(1))
+    monkeypatch.setenv("MF_EXT_EMU_SCHEDULE", "shuffled:9")
+    assert emu.get_schedule() == "shuffled:9"
+    monkeypatch.delenv("MF_EXT_EMU_SCHEDULE")
+    assert emu.get_schedule() == "forward"
+    assert torch.equal(emu.selftest("order").long(), ascending)
+
+
+def test_emulator_missing_barrier_shows(emu):
+    """Lane k reads the shared slot lane k - 1 wrote. Without a __syncwarp between, forward
+    runs the writer first (the right answer by luck); reverse runs every reader first (all
+    garbage), shuffled some. With the barrier, right under every schedule."""
+    want = torch.tensor([0.0] + list(range(1, 32)) + [0.0] + list(range(33, 64)))
+    try:
+        for name, seed in [("forward", 0), ("reverse", 0), ("shuffled", SHUFFLE_SEED)]:
+            emu.set_schedule(name, seed)
+            assert torch.equal(emu.selftest("neighbour_synced"), want), name
+            racy = emu.selftest("neighbour_racy")
+            if name == "forward":
+                assert torch.equal(racy, want)
+            elif name == "reverse":
+                assert (racy[want != 0] == -1).all()  # 0xFF garbage, every read
+            else:
+                assert (racy != want).any()
+    finally:
+        emu.set_schedule("", 0)
 
 
 def test_emulator_shared_memory_starts_as_garbage(emu):
@@ -466,3 +558,60 @@ def test_observed_bad_index(emu, which, mode):
     assert cpu_error and "[33001] = -1" in cpu_error
     with pytest.raises(IndexError, match=re.escape(cpu_error)):
         observed(emu, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same kernels under other schedules (a representative subset: the whole file under each
+# would triple its time; MF_EXT_EMU_SCHEDULE=reverse or shuffled:SEED runs all of it so).
+
+@pytest.mark.parametrize("schedule", OTHER_SCHEDULES, indirect=True)
+@pytest.mark.parametrize("m,n,r,dtype", [(3, 5, 2, torch.float64), (1, 257, 5, torch.float64),
+                                         (257, 1, 3, torch.float32),
+                                         (130, 259, 5, torch.float64),
+                                         (257, 257, 33, torch.float64),
+                                         (300, 129, 17, torch.float32)], ids=str)
+def test_masked_schedules(emu, m, n, r, dtype, schedule, deterministic):
+    for kind, reduction in [("random", "mean"), ("empty_rows_cols", "sum")]:
+        R, P, Q, _ = random_problem(m, n, r, dtype=dtype, seed=m + n + r)
+        R, M = _mask_case(kind, R)
+        got = masked(emu, R, P, Q, M, reduction)
+        assert_close_to_reference(got, R, P, Q, M, reduction)
+        if dtype == torch.float64:
+            cpu = torch.ops.mf_ext.masked_mf_loss_and_grads(R, P, Q, M, reduction,
+                                                            True, True, True)
+            for name, a, b in zip(("loss", "dR", "dP", "dQ"), got, cpu):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{kind} {name}")
+
+
+@pytest.mark.parametrize("schedule", OTHER_SCHEDULES, indirect=True)
+def test_masked_blocks_with_several_tiles_schedules(emu, schedule):
+    R, P, Q, _ = random_problem(2200, 2100, 2, dtype=torch.float64, seed=1)
+    got = masked(emu, R, P, Q, None, "sum")
+    assert_close_to_reference(got, R, P, Q, None, "sum")
+
+
+@pytest.mark.parametrize("schedule", OTHER_SCHEDULES, indirect=True)
+@pytest.mark.parametrize("m,n,r,nnz", [(37, 53, 3, 500), (64, 65, 17, 3000),
+                                       (200, 90, 33, 9000), (30, 20, 64, 40000),
+                                       (41, 23, 128, 2000)] + OBS_WIDE)
+def test_observed_schedules(emu, m, n, r, nnz, schedule, mode):
+    """OBS_SHAPES' lane counts (1 to 32 lanes per triple), several batches per group (nnz
+    40000), the wide-rank kernel."""
+    cases = [((True, True), "mean", torch.float32)]
+    if nnz < 40000:
+        cases.append(((False, False), "sum", torch.float64))
+    for (biases, weights), reduction, dtype in cases:
+        args = random_triples(m, n, r, nnz, dtype, seed=m * n + r, biases=biases,
+                              weights=weights)
+        got = as_named(observed(emu, args, reduction), args)
+        observed_assert_close(got, args, reduction)
+
+
+@pytest.mark.parametrize("schedule", OTHER_SCHEDULES, indirect=True)
+def test_observed_hot_rows_schedules(emu, schedule, mode):
+    """test_observed_runs_and_hot_rows's sorted-by-row case: runs across batches and chunks."""
+    args = random_triples(3, 40, 24, 70_000, torch.float64, seed=4, biases=True, weights=True)
+    perm = torch.sort(args["rows"] * 40 + args["cols"]).indices
+    permuted = dict(args, rows=args["rows"][perm], cols=args["cols"][perm],
+                    values=args["values"][perm], weights=args["weights"][perm])
+    observed_assert_close(as_named(observed(emu, permuted, "mean"), permuted), permuted, "mean")

@@ -6,9 +6,12 @@
 // threads of a block are cooperative user-space fibers (own stacks, switched by a few lines of
 // assembly on x86-64, ucontext elsewhere): a fiber runs until it reaches a barrier
 // (__syncthreads, __syncwarp) or a warp collective (__shfl_*_sync), where it parks until every
-// thread that must take part has arrived. A barrier that can never complete (a thread exited, or
-// waits at another barrier) is reported as a deadlock error naming the waiting threads, never a
-// hang. Warp collectives are matched per (warp, mask) and exchange the values of the lanes of
+// thread that must take part has arrived. The fibers that become runnable together (all of them
+// at block start, those a barrier or collective releases) are queued in the order of a schedule
+// chosen at run time (forward, reverse, shuffled: see "schedule" below), so that a missing
+// barrier between a write and another thread's read shows under one of them. A barrier that
+// can never complete (a thread exited, or waits at another barrier) is reported as a deadlock
+// error naming the waiting threads, never a hang. Warp collectives are matched per (warp, mask) and exchange the values of the lanes of
 // that mask, with the CUDA rules checked: the caller is in the mask, the source lane is in the
 // mask, all lanes of one rendezvous execute the same kind of collective. A __syncthreads reached
 // at two different source lines by threads of one block is reported as divergence.
@@ -35,6 +38,9 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -95,6 +101,96 @@ inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* 
 
 namespace cuda_emu {
 
+// ---- schedule -------------------------------------------------------------------------------
+// The order in which fibers that become runnable together (every thread at block start; the
+// threads a barrier or warp collective releases, the one that completed it included) are run:
+//   forward   ascending thread index;
+//   reverse   descending thread index;
+//   shuffled  a pseudo-random permutation, drawn anew at every release from a generator seeded
+//             at each launch with `seed` (so one op call is deterministic given the seed).
+// Runnable fibers wait in one FIFO queue; a fiber runs until it parks, so a release's fibers run
+// after those already queued. Chosen at run time: set_schedule() (the op
+// mf_ext_emu::set_schedule), else the environment variable MF_EXT_EMU_SCHEDULE ("forward",
+// "reverse", "shuffled" or "shuffled:SEED"), read at every launch, else forward.
+enum class Schedule { Forward, Reverse, Shuffled };
+
+struct ScheduleChoice {
+  Schedule kind = Schedule::Forward;
+  uint64_t seed = 0;
+};
+
+struct ScheduleConfig {
+  std::mutex mu;
+  bool explicit_set = false;  // set_schedule() was called (and not reset with "")
+  ScheduleChoice choice;
+};
+
+inline ScheduleConfig& schedule_config() {
+  static ScheduleConfig c;
+  return c;
+}
+
+inline ScheduleChoice parse_schedule(const std::string& spec) {
+  ScheduleChoice c;
+  std::string name = spec;
+  const size_t colon = spec.find(':');
+  if (colon != std::string::npos) {
+    name = spec.substr(0, colon);
+    const std::string num = spec.substr(colon + 1);
+    char* end = nullptr;
+    c.seed = std::strtoull(num.c_str(), &end, 10);
+    TORCH_CHECK(!num.empty() && end && *end == '\0' && name == "shuffled",
+                "CUDA emulation: bad schedule '", spec, "' (a seed only as shuffled:SEED)");
+  }
+  if (name == "forward") c.kind = Schedule::Forward;
+  else if (name == "reverse") c.kind = Schedule::Reverse;
+  else if (name == "shuffled") c.kind = Schedule::Shuffled;
+  else TORCH_CHECK(false, "CUDA emulation: unknown schedule '", spec,
+                   "' (forward, reverse, shuffled, shuffled:SEED)");
+  return c;
+}
+
+// The schedule for a launch that starts now.
+inline ScheduleChoice current_schedule() {
+  ScheduleConfig& c = schedule_config();
+  std::lock_guard<std::mutex> lock(c.mu);
+  if (c.explicit_set) return c.choice;
+  const char* env = std::getenv("MF_EXT_EMU_SCHEDULE");
+  if (!env || !*env) return ScheduleChoice{};
+  return parse_schedule(env);
+}
+
+// name "" returns to the environment's schedule (or forward).
+inline void set_schedule(const std::string& name, int64_t seed) {
+  ScheduleChoice choice;
+  if (!name.empty()) {
+    choice = parse_schedule(name);
+    TORCH_CHECK(seed == 0 || choice.kind == Schedule::Shuffled,
+                "CUDA emulation: a seed is for the shuffled schedule only");
+    if (name.find(':') == std::string::npos) choice.seed = static_cast<uint64_t>(seed);
+  }
+  ScheduleConfig& c = schedule_config();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.explicit_set = !name.empty();
+  c.choice = choice;
+}
+
+inline std::string schedule_name(const ScheduleChoice& c) {
+  switch (c.kind) {
+    case Schedule::Forward: return "forward";
+    case Schedule::Reverse: return "reverse";
+    default: return "shuffled:" + std::to_string(c.seed);
+  }
+}
+
+// splitmix64: small, and the same on every platform (std::shuffle's algorithm is not).
+inline uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
 // ---- runtime state ----------------------------------------------------------------------------
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr int kMaxThreads = 1024;
@@ -149,6 +245,12 @@ struct Runtime {
   std::unordered_map<const void*, uint64_t> shared_epoch;
   bool in_kernel = false;
   uint64_t launches = 0, switches = 0;
+  // the run queue (a ring of thread indices; each fiber is in it at most once) and the schedule
+  ScheduleChoice schedule;
+  uint64_t rng = 0;
+  std::vector<unsigned> queue;
+  size_t q_head = 0, q_size = 0;
+  std::vector<unsigned> released;  // scratch
 };
 
 inline Runtime& rt() {
@@ -321,6 +423,43 @@ inline void park(const uint64_t* gen, uint64_t val, const char* what, int line, 
   yield_to_scheduler();
 }
 
+// Appends `ids` (fibers made runnable together, in ascending thread order) to the run queue in
+// the schedule's order.
+inline void enqueue_released(std::vector<unsigned>& ids) {
+  Runtime& R = rt();
+  if (R.schedule.kind == Schedule::Reverse) {
+    std::reverse(ids.begin(), ids.end());
+  } else if (R.schedule.kind == Schedule::Shuffled) {
+    for (size_t i = ids.size(); i > 1; --i) {  // Fisher-Yates
+      const size_t j = static_cast<size_t>(splitmix64(R.rng) % i);
+      std::swap(ids[i - 1], ids[j]);
+    }
+  }
+  const size_t cap = R.queue.size();
+  for (unsigned t : ids) {
+    R.fibers[t].state = FiberState::Ready;
+    R.queue[(R.q_head + R.q_size) % cap] = t;
+    ++R.q_size;
+  }
+}
+
+// The current fiber completed the barrier whose generation counter is *gen (already advanced):
+// the fibers parked on it and the current one become runnable, in the schedule's order, and the
+// current one yields so that order decides who runs first. `first`..`last`: the thread indices
+// that can be parked on it.
+inline void release_and_yield(const uint64_t* gen, unsigned first, unsigned last) {
+  Runtime& R = rt();
+  Fiber* self = cur_fiber();
+  auto& ids = R.released;
+  ids.clear();
+  for (unsigned t = first; t < last; ++t) {
+    const Fiber& f = R.fibers[t];
+    if (&f == self || (f.state == FiberState::Waiting && f.wait_gen == gen)) ids.push_back(t);
+  }
+  enqueue_released(ids);
+  yield_to_scheduler();
+}
+
 inline std::string where() {
   Runtime& R = rt();
   std::ostringstream s;
@@ -343,6 +482,7 @@ inline void syncthreads(int line) {
   if (++R.bar_arrived == R.nthreads) {
     R.bar_arrived = 0;
     ++R.bar_gen;
+    release_and_yield(&R.bar_gen, 0, R.nthreads);
     return;
   }
   park(&R.bar_gen, gen, "__syncthreads", line, 0);
@@ -394,15 +534,19 @@ inline WarpBarrier& warp_rendezvous(int kind, int line, unsigned mask, uint64_t 
   b->vals[gen & 1][lane] = value;
   b->arrived |= 1u << lane;
   gen_out = gen;
+  const uint64_t* genp = &b->gen;
+  const size_t index = static_cast<size_t>(b - list.data());
   if (b->arrived == mask) {
     b->arrived = 0;
     ++b->gen;
-    return *b;
+    const unsigned first = warp * 32;
+    release_and_yield(genp, first, std::min(first + 32, R.nthreads));
+  } else {
+    park(genp, gen, kind_name(kind), line, mask);
   }
-  const uint64_t* genp = &b->gen;
-  const size_t index = static_cast<size_t>(b - list.data());
-  park(genp, gen, kind_name(kind), line, mask);
-  return R.warps[warp][index];  // (the list does not grow while lanes of this mask wait)
+  // (the list does not grow while lanes of this mask wait or are queued: reserve(64), and a
+  // lane reads its rendezvous' values before it can reach another collective)
+  return R.warps[warp][index];
 }
 
 inline void syncwarp(int line, unsigned mask = 0xffffffffu) {
@@ -503,6 +647,9 @@ inline void run_grid(const char* name, dim3 grid, dim3 block, size_t smem,
   R.block = block;
   R.nthreads = static_cast<unsigned>(nthreads);
   R.body = &body;
+  R.schedule = current_schedule();
+  R.rng = R.schedule.seed;
+  R.queue.assign(nthreads, 0);
   R.in_kernel = true;
   ++R.launches;
   struct Reset {
@@ -528,29 +675,13 @@ inline void run_grid(const char* name, dim3 grid, dim3 block, size_t smem,
           f.linear = t;
           f.tidx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
         }
+        R.q_head = R.q_size = 0;
+        R.released.clear();
+        for (unsigned t = 0; t < nthreads; ++t) R.released.push_back(t);
+        enqueue_released(R.released);
         unsigned done = 0;
         while (done < nthreads) {
-          bool ran = false;
-          for (unsigned t = 0; t < nthreads; ++t) {
-            Fiber& f = R.fibers[t];
-            if (f.state == FiberState::Done) continue;
-            if (f.state == FiberState::Waiting) {
-              if (*f.wait_gen == f.wait_val) continue;
-              f.state = FiberState::Ready;
-            }
-            resume(f);
-            ran = true;
-            if (f.error) {
-              try {
-                std::rethrow_exception(f.error);
-              } catch (const std::exception& e) {
-                TORCH_CHECK(false, "CUDA emulation: kernel ", name, " failed in block (", bx,
-                            ",", by, ",", bz, ") thread ", t, ": ", e.what());
-              }
-            }
-            if (f.state == FiberState::Done) ++done;
-          }
-          if (!ran && done < nthreads) {
+          if (R.q_size == 0) {
             std::ostringstream s;
             s << "CUDA emulation: deadlock in kernel " << name << ", block (" << bx << "," << by
               << "," << bz << "): " << done << " of " << nthreads
@@ -566,6 +697,21 @@ inline void run_grid(const char* name, dim3 grid, dim3 block, size_t smem,
             }
             TORCH_CHECK(false, s.str());
           }
+          const unsigned t = R.queue[R.q_head];
+          R.q_head = (R.q_head + 1) % R.queue.size();
+          --R.q_size;
+          Fiber& f = R.fibers[t];
+          resume(f);
+          if (f.error) {
+            try {
+              std::rethrow_exception(f.error);
+            } catch (const std::exception& e) {
+              TORCH_CHECK(false, "CUDA emulation: kernel ", name, " failed in block (", bx, ",",
+                          by, ",", bz, ") thread ", t, ": ", e.what(), " [schedule ",
+                          schedule_name(R.schedule), "]");
+            }
+          }
+          if (f.state == FiberState::Done) ++done;
         }
       }
     }

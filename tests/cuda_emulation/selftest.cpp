@@ -88,6 +88,37 @@ __global__ void misaligned_atomic_kernel(double* out) {
   if (threadIdx.x == 0) atomicAdd(p, make_float4(1, 1, 1, 1));
 }
 
+// The order in which the 64 threads pass three points: after a __syncthreads, after a second
+// one, after a __syncwarp (each warp's own). out[64 * point + k] = the k-th thread to pass it.
+__global__ void order_kernel(double* out) {
+  __shared__ int passed[3];
+  const int tid = threadIdx.x;
+  if (tid == 0) passed[0] = passed[1] = passed[2] = 0;
+  __syncthreads();
+  out[atomicAdd(&passed[0], 1)] = tid;
+  __syncthreads();
+  out[64 + atomicAdd(&passed[1], 1)] = tid;
+  __syncwarp();
+  out[128 + atomicAdd(&passed[2], 1)] = tid;
+}
+
+// The order at block start itself: each thread takes a ticket from a global counter.
+__global__ void start_order_kernel(double* out, int* ticket) {
+  out[atomicAdd(ticket, 1)] = threadIdx.x;
+}
+
+// Lane k reads the slot lane k - 1 wrote, with (good) or without (racy) a __syncwarp between:
+// out[k] = k (lane 0 reads nothing), or garbage (-1) where the read came first.
+template <bool kSync>
+__global__ void neighbour_kernel(double* out) {
+  __shared__ int slot[64];
+  const int tid = threadIdx.x, lane = tid % 32;
+  __syncthreads();  // the race is between fibers released together by a barrier
+  slot[tid] = tid + 1;
+  if (kSync) __syncwarp();
+  out[tid] = lane > 0 ? slot[tid - 1] : 0;
+}
+
 at::Tensor selftest(c10::string_view which_view) {
   const std::string which(which_view.data(), which_view.size());
   at::Tensor out = at::zeros({1024}, at::kDouble);
@@ -95,6 +126,17 @@ at::Tensor selftest(c10::string_view which_view) {
   if (which == "good") {
     good_kernel<<<3, 256>>>(o);
     return out.narrow(0, 0, 9);
+  }
+  if (which == "order") {  // 4 x 64: block start, after __syncthreads (twice), __syncwarp
+    at::Tensor ticket = at::zeros({1}, at::kInt);
+    start_order_kernel<<<1, 64>>>(o, ticket.mutable_data_ptr<int>());
+    order_kernel<<<1, 64>>>(o + 64);
+    return out.narrow(0, 0, 256).view({4, 64});
+  }
+  if (which == "neighbour_racy" || which == "neighbour_synced") {
+    if (which == "neighbour_racy") neighbour_kernel<false><<<2, 64>>>(o);
+    else neighbour_kernel<true><<<2, 64>>>(o);
+    return out.narrow(0, 0, 64);
   }
   if (which == "deadlock") deadlock_kernel<<<2, 256>>>(o);
   else if (which == "divergent") divergent_kernel<<<1, 256>>>(o);
@@ -109,7 +151,21 @@ at::Tensor selftest(c10::string_view which_view) {
   return out;
 }
 
+void set_schedule(c10::string_view name, int64_t seed) {
+  ::cuda_emu::set_schedule(std::string(name.data(), name.size()), seed);
+}
+
+// The schedule the next launch gets (set_schedule's, else MF_EXT_EMU_SCHEDULE's, else forward).
+std::string get_schedule() { return ::cuda_emu::schedule_name(::cuda_emu::current_schedule()); }
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mf_ext_emu, m) { m.def("selftest(str which) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(mf_ext_emu, m) {
+  m.def("selftest(str which) -> Tensor");
+  // name: forward | reverse | shuffled (seed: its generator's seed) | "" (back to
+  // MF_EXT_EMU_SCHEDULE, else forward). See cuda_emu.h, "schedule". (No tensor arguments:
+  // catch-all kernels.)
+  m.def("set_schedule(str name, int seed=0) -> ()", &set_schedule);
+  m.def("get_schedule() -> str", &get_schedule);
+}
 TORCH_LIBRARY_IMPL(mf_ext_emu, CompositeExplicitAutograd, m) { m.impl("selftest", &selftest); }
