@@ -69,9 +69,10 @@ def main() -> None:
         R, P, Q = make_problem(m, r)
         for name, fn in methods.items():
             forward_backward(fn, R, P, Q)  # warm-up (and compilation)
+            # num_threads: Timer runs on 1 thread unless told otherwise (it resets torch's count).
             timer = Timer("forward_backward(fn, R, P, Q)",
                           globals={"forward_backward": forward_backward, "fn": fn, "R": R, "P": P,
-                                   "Q": Q})
+                                   "Q": Q}, num_threads=torch.get_num_threads())
             times[m, r, name] = timer.blocked_autorange(min_run_time=args.min_time).median * 1e3
     fix_mmap_threshold()  # after the timings, which must see torch's normal allocation costs
     for m, r in sizes:
