@@ -59,14 +59,6 @@ def emu():
     return torch.ops.mf_ext_emu
 
 
-@pytest.fixture
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 # ---------------------------------------------------------------------------------------------
 # The emulator itself: it exchanges correctly, and it reports what a GPU would do wrong.
 

@@ -38,15 +38,6 @@ def to_device(args, device):
     return {k: (v.to(device) if v is not None else None) for k, v in args.items()}
 
 
-@pytest.fixture
-def deterministic():
-    """torch.use_deterministic_algorithms(True) for one test (the op's sort-based path)."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 # (m, n, r, nnz): lanes per triple and vectors per lane follow r (csrc/cuda/observed_mf_loss.cu,
 # plan_lanes): r 1..8 one lane, 17 four lanes, 64 sixteen (float32), 128 thirty-two (float64);
 # 200 (float64) / 300 (float32) four vectors per lane; 600, 700, 1100 the wide-rank kernel
