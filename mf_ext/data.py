@@ -95,6 +95,8 @@ def _parse_numeric(raw: bytes, separator: Optional[str], skip_header: bool) -> O
             break
         start = end + 1
     if skip_header and _is_header(line.decode("ascii"), separator):
+        if any(c in line.rstrip(b"\r") for c in b"\r\x0b\x0c\x1c\x1d\x1e"):
+            return None  # str.splitlines() would cut this line: not the header it looks like
         start = end + 1 if end >= 0 else len(raw)
     body = raw[start:]
     if body.translate(None, _NUMERIC_BYTES) or body.count(b"\r") != body.count(b"\r\n"):

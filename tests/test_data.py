@@ -146,6 +146,8 @@ def test_numeric_files_take_the_fast_path(format, text):
     ("csv", "a,2,3\n"),                              # string ids
     ("csv", "1,2,3\n   \n4,5,6\n"),                  # a whitespace-only line
     ("csv", "1,2,3,x\r4,5,6\r"),                     # old Mac line breaks
+    ("csv", "0,0,0\r0\n0,0,0\n"),                    # a lone \r cuts the "header" in two
+    ("csv", "a,b\x0cc,d\n1,2,3\n"),                   # so does a form feed
     ("csv", "1.0,2,3\n"),                            # "1.0" is kept as a string id
     ("csv", "99999999999999999999,2,3\n"),           # past int64: a string id
     ("ratings.dat", "1\t2::3::4\n"),                 # a tab where "::" separates
