@@ -142,19 +142,28 @@ def test_load_refuses_other_versions_and_junk(tmp_path):
         MatrixFactorization.load(str(tmp_path / "missing.pt"))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(rank=0), r"rank must be an integer >= 1, got 0"),
-    (dict(lr=0.0), r"lr must be a finite number > 0, got 0.0"),
-    (dict(lr=float("nan")), r"lr must be a finite number > 0, got nan"),
-    (dict(epochs=-1), r"epochs must be an integer >= 0, got -1"),
-    (dict(reg=-1.0), r"reg must be a finite number >= 0, got -1.0"),
-    (dict(validation_fraction=1.0), r"validation_fraction must be in \[0, 1\), got 1.0"),
-    (dict(bias_count_exponent=1.5), r"bias_count_exponent must be a number in \[0, 1\], got 1.5"),
-    (dict(bias_count_exponent=-0.1), r"bias_count_exponent must be a number in \[0, 1\], got -0.1"),
-    (dict(bias_count_exponent=True), r"bias_count_exponent must be a number in \[0, 1\], got True"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(rank=0), ValueError, r"rank must be an integer >= 1, got 0"),
+    (dict(rank=1.5), TypeError, r"rank must be an integer, got 1.5"),
+    (dict(lr=0.0), ValueError, r"lr must be a finite number > 0, got 0.0"),
+    (dict(lr=float("nan")), ValueError, r"lr must be a finite number > 0, got nan"),
+    (dict(lr="0.1"), TypeError, r"lr must be a number, got '0.1'"),
+    (dict(epochs=-1), ValueError, r"epochs must be an integer >= 0, got -1"),
+    (dict(reg=-1.0), ValueError, r"reg must be a finite number >= 0, got -1.0"),
+    (dict(batch_size=0), ValueError, r"batch_size must be an integer >= 1, got 0"),
+    (dict(validation_fraction=1.0), ValueError, r"validation_fraction must be in \[0, 1\), got 1.0"),
+    (dict(bias_count_exponent=1.5), ValueError,
+     r"bias_count_exponent must be a number in \[0, 1\], got 1.5"),
+    (dict(bias_count_exponent=-0.1), ValueError,
+     r"bias_count_exponent must be a number in \[0, 1\], got -0.1"),
+    (dict(bias_count_exponent=True), TypeError, r"bias_count_exponent must be a number, got True"),
+    (dict(lr_schedule="step"), ValueError,
+     r"lr_schedule must be \"cosine\" or \"constant\", got 'step'"),
+    (dict(seed=-1), ValueError, r"seed must be an integer in \[0, 2\*\*64\), got -1"),
+    (dict(dtype=torch.float16), TypeError, r"dtype must be torch.float32 or torch.float64"),
 ])
-def test_bad_settings(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_settings(kwargs, error, match):
+    with pytest.raises(error, match=r"^mf_ext\.MatrixFactorization: " + match):
         MatrixFactorization(**kwargs)
 
 
