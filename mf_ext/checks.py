@@ -33,58 +33,63 @@ class Check:
         raise NotImplementedError
 
 
-class Integer(Check):
-    """An integer in [low, high] (high None: no upper bound); None too when `optional`."""
+class _Ranged(Check):
+    """A value of one kind ("an integer", "a number") that `test` accepts; `rule` says which
+    ("an integer >= 1", "a finite number > 0", ...). None too when `optional`."""
+
+    kind = ""
+
+    def __init__(self, rule: str, test, optional: bool = False):
+        self.rule, self.test, self.optional = rule, test, optional
+
+    def normalize(self, value: Any) -> Any:
+        if value is None and self.optional:
+            return None
+        if isinstance(value, bool) or not self._is_kind(value):
+            raise TypeError(f"must be {self.kind}, got {value!r}")
+        return self._accept(self._convert(value), value)
+
+    def parse(self, text: str) -> Any:
+        try:
+            value = self._convert(text)
+        except ValueError:
+            raise ValueError(f"must be {self.kind}, got {text!r}") from None
+        return self._accept(value, text)
+
+    def _accept(self, value: Any, given: Any) -> Any:
+        if not self.test(value):
+            raise ValueError(f"must be {self.rule}, got {given!r}")
+        return value
+
+
+class Integer(_Ranged):
+    """An integer in [low, high] (high None: no upper bound); `bounds` rewords the range."""
+
+    kind = "an integer"
 
     def __init__(self, low: int, high: Optional[int] = None, optional: bool = False,
                  bounds: Optional[str] = None):
-        self.low, self.high, self.optional = low, high, optional
-        self.bounds = bounds or (f">= {low}" if high is None else f"in [{low}, {high}]")
+        bounds = bounds or (f">= {low}" if high is None else f"in [{low}, {high}]")
+        super().__init__(f"an integer {bounds}",
+                         lambda x: x >= low and (high is None or x <= high), optional)
 
-    def normalize(self, value: Any) -> Optional[int]:
-        if value is None and self.optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"must be an integer, got {value!r}")
-        if not self._in_range(value):
-            raise ValueError(f"must be an integer {self.bounds}, got {value!r}")
-        return int(value)
+    @staticmethod
+    def _is_kind(value: Any) -> bool:
+        return isinstance(value, numbers.Integral)
 
-    def parse(self, text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"must be an integer, got {text!r}") from None
-        if not self._in_range(value):
-            raise ValueError(f"must be an integer {self.bounds}, got {text!r}")
-        return value
-
-    def _in_range(self, value: int) -> bool:
-        return value >= self.low and (self.high is None or value <= self.high)
+    _convert = staticmethod(int)
 
 
-class Number(Check):
-    """A real number (not a bool) that `test` accepts; `rule` says which, e.g. "a finite number
-    > 0" or "a number in [0, 1)"."""
+class Number(_Ranged):
+    """A real number (not a bool), as a float."""
 
-    def __init__(self, rule: str, test):
-        self.rule, self.test = rule, test
+    kind = "a number"
 
-    def normalize(self, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"must be a number, got {value!r}")
-        if not self.test(value):
-            raise ValueError(f"must be {self.rule}, got {value!r}")
-        return float(value)
+    @staticmethod
+    def _is_kind(value: Any) -> bool:
+        return isinstance(value, numbers.Real)
 
-    def parse(self, text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"must be a number, got {text!r}") from None
-        if not self.test(value):
-            raise ValueError(f"must be {self.rule}, got {text!r}")
-        return value
+    _convert = staticmethod(float)
 
 
 POSITIVE = Number("a finite number > 0", lambda x: math.isfinite(x) and x > 0)

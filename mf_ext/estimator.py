@@ -40,7 +40,8 @@ class Estimator:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "Config" in cls.__dict__:  # help() and inspect show the settings as the arguments
-            cls.__signature__ = inspect.signature(cls.Config)
+            cls.__signature__ = inspect.signature(cls.Config).replace(
+                return_annotation=inspect.Signature.empty)
 
     def __init__(self, *args: Any, **settings: Any):
         self.__dict__["config"] = self.Config(*args, **settings)
