@@ -10,8 +10,9 @@ one-line help and whether it is a command-line option and whether a saved model 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, List
+from typing import Any, ClassVar, Dict, FrozenSet
 
 from mf_ext.checks import Check
 
@@ -40,8 +41,8 @@ class Config:
             setattr(self, f.name, f.metadata["check"](self.WHO, f.name, getattr(self, f.name)))
 
     @classmethod
-    def names(cls) -> List[str]:
-        return [f.name for f in fields(cls)]
+    def names(cls) -> FrozenSet[str]:
+        return _field_names(cls)
 
     @classmethod
     def options(cls) -> list:
@@ -61,3 +62,8 @@ class Config:
         if unknown:
             raise ValueError(f"unknown settings {unknown}")
         return cls(**{**cls.OLD_FILE_DEFAULTS, **saved, **others})
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> FrozenSet[str]:
+    return frozenset(f.name for f in fields(cls))  # asked on every setting read: cached

@@ -31,8 +31,10 @@ class EpochRecord:
 
 class Estimator:
     """Base of the models. A subclass sets `Config` (a Config dataclass whose fields are the
-    constructor's arguments, in order) and `FORMAT_VERSION`, and implements `_state()` and
-    `_restore(state, device)` for the tensors and values its saved file holds beyond the config."""
+    constructor's arguments, in order; the epoch loop reads its `epochs` and `patience`, and
+    save/load its `dtype` and `device`) and `FORMAT_VERSION`, and implements `_state()` and
+    `_restore(state, device)` for the tensors and values its saved file holds beyond the
+    config, dtype and history."""
 
     Config: ClassVar[Type[Config]]
     FORMAT_VERSION: ClassVar[int]

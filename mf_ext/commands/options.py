@@ -9,12 +9,12 @@ from typing import Any, Callable, Dict, Type
 
 import torch
 
-from mf_ext.checks import FRACTION, POSITIVE, SEED, Check, Integer
+from mf_ext.checks import FRACTION, POSITIVE, SEED, Check, Device, Integer
 from mf_ext.commands.errors import CliError
 from mf_ext.config import Config
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-DEVICES = ("cpu", "cuda")
+DEVICES = Device.choices
 
 
 def option_type(check: Check, name: str) -> Callable[[str], Any]:
