@@ -16,7 +16,7 @@ import contextlib
 import datetime
 import math
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -64,15 +64,98 @@ def data_parallel(distributed: Optional[bool], device: torch.device) -> Optional
     return DataParallel(device)
 
 
-class DataParallel:
+def training_group(distributed: Optional[bool], device: torch.device) -> "TrainingGroup":
+    """The processes a fit trains on: DataParallel when `distributed` resolves to data-parallel
+    (see data_parallel), else SingleProcess, whose collectives do nothing."""
+    return data_parallel(distributed, device) or SingleProcess(device)
+
+
+class TrainingGroup:
+    """The steps of MatrixFactorization.fit that depend on how many processes train together.
+    SingleProcess does them for one process; DataParallel agrees on them across ranks, where
+    every method is a collective: all ranks call it, in the same order."""
+
+    def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+        self.device = device
+        self.train_sizes: List[int] = []  # each rank's number of training ratings
+        self.n_train = 0                  # their sum, the N of the objective
+
+    def hold_out(self, data: Ratings, fraction: float, rng: np.random.Generator,
+                 sizes: Sequence[int]) -> Tuple[Ratings, Optional[Ratings]]:
+        """The hold-out rule: a random `fraction` (at least one) of all N ratings, when N >= 20;
+        none below. Drawn over the global positions, so with shard_ratings' contiguous shards
+        every rank holds out exactly the ratings a single process would. `rng` advances
+        identically on every rank. Returns (training ratings, held-out ratings or None)."""
+        total, offset = sum(sizes), sum(sizes[:self.rank])
+        if total < 20:
+            return data, None
+        order = rng.permutation(total)
+        held = np.zeros(total, dtype=bool)
+        held[order[:max(1, int(round(total * fraction)))]] = True
+        mine = held[offset:offset + len(data)]
+        return data.subset(np.flatnonzero(~mine)), data.subset(np.flatnonzero(mine))
+
+
+class SingleProcess(TrainingGroup):
+    """One process: DataParallel's interface, with statistics taken locally and collectives
+    that do nothing."""
+
+    def check_inputs(self, data: Ratings, validation: Optional[Ratings]) -> List[int]:
+        """[the number of ratings]; refuses empty training or validation ratings."""
+        if len(data) == 0:
+            raise ValueError(f"{_WHO}: no ratings given (empty input)")
+        if validation is not None and len(validation) == 0:
+            raise ValueError(f"{_WHO}: validation= holds no ratings")
+        return [len(data)]
+
+    def id_maps(self, train: Ratings) -> Tuple[IdMap, IdMap]:
+        return IdMap(train.users), IdMap(train.items)
+
+    def rated_pairs(self, users: np.ndarray, items: np.ndarray
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+        return users, items
+
+    def rating_stats(self, values: np.ndarray) -> Tuple[int, float, Tuple[float, float]]:
+        """(N, mean, (min, max)) of the training ratings."""
+        if len(values) == 0:
+            raise ValueError(f"{_WHO}: no ratings left to train on after holding out the "
+                             f"validation share")
+        self.train_sizes, self.n_train = [len(values)], len(values)
+        return self.n_train, float(values.mean()), (float(values.min()), float(values.max()))
+
+    def sum_counts(self, user_counts: torch.Tensor, item_counts: torch.Tensor) -> None:
+        pass
+
+    def batches(self, n_local: int, batch_size: Optional[int], rng: np.random.Generator,
+                ) -> List[Tuple[Optional[torch.Tensor], int]]:
+        """The epoch's batches as (index or None for all, number of ratings): all of them, or
+        mini-batches of `batch_size` in an order `rng` shuffles."""
+        if batch_size is None or batch_size >= n_local:
+            return [(None, n_local)]
+        order = torch.as_tensor(rng.permutation(n_local), device=self.device)
+        return [(b, len(b)) for b in torch.split(order, batch_size)]
+
+    def batch_loss(self, squared_errors: Callable[[str], torch.Tensor], count: int
+                   ) -> torch.Tensor:
+        """The batch's mean squared error: `squared_errors(reduction)` is the loss op."""
+        return squared_errors("mean")
+
+    def all_reduce_gradients(self, params: Sequence[torch.Tensor], batch_loss: torch.Tensor,
+                             count: int) -> float:
+        """Nothing to sum; returns the batch's squared-error sum."""
+        return batch_loss.item() * count
+
+    def rmse(self, squared_error_sum: float, count: int) -> float:
+        return math.sqrt(squared_error_sum / count)
+
+
+class DataParallel(TrainingGroup):
     """The collectives MatrixFactorization.fit needs, on the default process group. Every method
     is a collective: all ranks call it, in the same order."""
 
     def __init__(self, device: torch.device):
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = device
-        self.train_sizes: List[int] = []  # each rank's number of training ratings
-        self.n_train = 0                  # their sum, the N of the objective
+        super().__init__(device, dist.get_rank(), dist.get_world_size())
 
     # ---------------------------------------------------------------- agreement, once per fit
 
@@ -86,20 +169,6 @@ class DataParallel:
                              f"{[k for k, has in enumerate(given) if has]} but not on the others; "
                              f"pass each rank its shard of the validation set (possibly empty)")
         return [size for size, _ in rows]
-
-    def hold_out(self, data: Ratings, fraction: float, rng: np.random.Generator,
-                 sizes: Sequence[int]) -> Tuple[Ratings, Optional[Ratings]]:
-        """The single-process rule (a random `fraction` of all N ratings, when N >= 20), drawn
-        over the global positions: with shard_ratings' contiguous shards this holds out exactly
-        the ratings a single process would. `rng` advances identically on every rank."""
-        total, offset = sum(sizes), sum(sizes[:self.rank])
-        if total < 20:
-            return data, None
-        order = rng.permutation(total)
-        held = np.zeros(total, dtype=bool)
-        held[order[:max(1, int(round(total * fraction)))]] = True
-        mine = held[offset:offset + len(data)]
-        return data.subset(np.flatnonzero(~mine)), data.subset(np.flatnonzero(mine))
 
     def id_maps(self, train: Ratings) -> Tuple[IdMap, IdMap]:
         """The user and item maps of the union of all ranks' training ids."""
@@ -153,10 +222,18 @@ class DataParallel:
                       for size in self.train_sizes) for k in range(steps)]
         return [(torch.as_tensor(p, device=self.device), c) for p, c in zip(parts, counts)]
 
-    def all_reduce_gradients(self, params: Sequence[torch.Tensor], loss_sum: torch.Tensor
-                             ) -> float:
-        """Sums every rank's gradients of `params` and `loss_sum` with ONE all-reduce of a flat
-        buffer, writes the sums back into the .grad fields; returns the summed loss_sum."""
+    def batch_loss(self, squared_errors: Callable[[str], torch.Tensor], count: int
+                   ) -> torch.Tensor:
+        """This shard's squared errors over the step's GLOBAL count, so that the all-reduced
+        (summed) gradient is the single-process one."""
+        return squared_errors("sum") / count
+
+    def all_reduce_gradients(self, params: Sequence[torch.Tensor], batch_loss: torch.Tensor,
+                             count: int) -> float:
+        """Sums every rank's gradients of `params` and `batch_loss * count` with ONE all-reduce
+        of a flat buffer, writes the sums back into the .grad fields; returns the summed
+        squared-error sum."""
+        loss_sum = batch_loss.detach() * count
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         bucket = torch.cat([g.reshape(-1) for g in grads]
                            + [loss_sum.detach().reshape(1).to(grads[0].dtype)])
@@ -223,5 +300,5 @@ def init_from_environment(device: str, timeout_s: float = 1800.0) -> torch.devic
     return target
 
 
-__all__ = ["shard_ratings", "data_parallel", "DataParallel", "launched_by_torchrun",
-           "init_from_environment"]
+__all__ = ["shard_ratings", "data_parallel", "training_group", "TrainingGroup", "SingleProcess",
+           "DataParallel", "launched_by_torchrun", "init_from_environment"]

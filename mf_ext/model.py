@@ -4,30 +4,69 @@ observed-entries op (sklearn/Surprise-like API)."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
+from mf_ext.checks import (FRACTION, NONNEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Device, Flag,
+                           FloatDType, Integer, OneOf, check_int)
+from mf_ext.config import Config, setting
 from mf_ext.data import IdMap, Ratings, as_ratings
-from mf_ext.distributed import data_parallel
+from mf_ext.distributed import TrainingGroup, training_group
+from mf_ext.estimator import EpochRecord, Estimator, ids_from_file, ids_to_file
 
 FORMAT_VERSION = 1
 
 
 @dataclass
-class EpochRecord:
-    epoch: int
-    train_rmse: float
-    val_rmse: Optional[float]
-    seconds: float
+class MatrixFactorizationConfig(Config):
+    """MatrixFactorization's settings (its constructor's arguments, in order); see its docstring."""
+
+    WHO: ClassVar[str] = "mf_ext.MatrixFactorization"
+    OLD_FILE_DEFAULTS: ClassVar[Dict[str, Any]] = {
+        "bias_count_exponent": 1.0,  # files saved before the option: the penalty was n^1
+    }
+
+    rank: int = setting(64, Integer(1), "latent dimension r", cli=True)
+    epochs: int = setting(160, Integer(0), "maximum passes over the ratings", cli=True)
+    lr: float = setting(0.05, POSITIVE, "Adam's learning rate", cli=True)
+    reg: float = setting(0.12, NONNEGATIVE, "L2 on the factors", cli=True)
+    bias_reg: float = setting(0.25, NONNEGATIVE, "L2 on the biases", cli=True)
+    bias_count_exponent: float = setting(
+        0.5, UNIT_INTERVAL, "bias penalty weighted by count^this (0..1; see MatrixFactorization)",
+        cli=True)
+    batch_size: Optional[int] = setting(
+        None, Integer(1, optional=True),
+        "mini-batches of this many ratings (default: full batch)", cli=True)
+    validation_fraction: float = setting(
+        0.0, FRACTION, "share of the training ratings used for early stopping", cli=True)
+    patience: int = setting(10, Integer(1), "epochs without a better validation RMSE before "
+                                            "stopping")
+    init_std: float = setting(0.01, NONNEGATIVE, "the factors start as N(0, init_std^2)")
+    lr_schedule: str = setting("constant", OneOf(("cosine", "constant")),
+                               "constant, or cosine decay to 1% of lr over the epochs")
+    clip: bool = setting(True, Flag(), "clip predictions to the training ratings' range")
+    seed: Optional[int] = setting(0, SEED, "makes a run reproducible (None: random)", cli=True)
+    device: Union[str, torch.device] = setting("cpu", Device(), "where to train", cli=True,
+                                               saved=False)
+    dtype: torch.dtype = setting(torch.float32, FloatDType(), "float32 or float64", saved=False)
 
 
-class MatrixFactorization:
+@dataclass
+class _TrainingData:
+    """The training ratings as tensors, with what the objective needs of them."""
+
+    rows: torch.Tensor           # (N,) user indices
+    cols: torch.Tensor           # (N,) item indices
+    residual: torch.Tensor       # (N,) rating − global mean
+    user_counts: torch.Tensor    # (m,) ratings per user (all ranks), in the model's dtype
+    item_counts: torch.Tensor    # (n,)
+    bias_weights: Tuple[torch.Tensor, torch.Tensor]  # count^bias_count_exponent, (m,) and (n,)
+
+
+class MatrixFactorization(Estimator):
     """r̂(u, i) = μ + b_u + b_i + p_uᵀ q_i, fitted on observed ratings.
 
     Objective (full batch, mean over the N training ratings):
@@ -39,71 +78,27 @@ class MatrixFactorization:
     α = 1 is the per-rating penalty, which shrinks every bias by the same factor whatever its
     count; α = 0 is the classic baseline shrinkage b_u ≈ Σ residuals / (n_u + bias_reg); 0.5
     lies between and fitted MovieLens-100K best (benchmarks/results/movielens_100k.md).
+    A mini-batch step takes the batch's mean squared error plus the same penalty (over all N
+    ratings, not the batch), so full batch and mini-batches minimize the same objective.
 
-    Args:
+    Args (the fields of MatrixFactorizationConfig, which holds their defaults and checks):
         rank: latent dimension r. epochs: maximum passes. lr: Adam's learning rate.
-        reg, bias_reg: the L2 weights above. bias_count_exponent: α above, in [0, 1]. batch_size: None for full-batch Adam (the
-        notebook's optimizer), else mini-batches of that many ratings, reshuffled each epoch.
+        reg, bias_reg: the L2 weights above. bias_count_exponent: α above, in [0, 1].
+        batch_size: None for full-batch Adam (the notebook's optimizer), else mini-batches of
+        that many ratings, reshuffled each epoch.
         validation_fraction: share of the training ratings held out for early stopping (0, the
         default, trains on all of them for `epochs`). patience: epochs without a better
         validation RMSE before stopping; the best epoch's parameters are kept. init_std: the
         factors start as N(0, init_std²), the biases at 0. lr_schedule: "constant" or "cosine"
         (decay to 1% of lr over `epochs`). clip: clip predictions to the training ratings'
         range. seed: makes a run reproducible. device, dtype: where and in what precision.
+    Bad settings raise TypeError (wrong type) or ValueError (bad value).
 
     The defaults were tuned on MovieLens-100K (5-fold CV, benchmarks/bench_movielens.py).
     """
 
-    def __init__(
-        self,
-        rank: int = 64,
-        epochs: int = 160,
-        lr: float = 0.05,
-        reg: float = 0.12,
-        bias_reg: float = 0.25,
-        bias_count_exponent: float = 0.5,
-        batch_size: Optional[int] = None,
-        validation_fraction: float = 0.0,
-        patience: int = 10,
-        init_std: float = 0.01,
-        lr_schedule: str = "constant",
-        clip: bool = True,
-        seed: Optional[int] = 0,
-        device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        _check_int("rank", rank, 1)
-        _check_int("epochs", epochs, 0)
-        _check_int("patience", patience, 1)
-        _check_positive("lr", lr)
-        _check_nonnegative("reg", reg)
-        _check_nonnegative("bias_reg", bias_reg)
-        _check_nonnegative("init_std", init_std)
-        if isinstance(bias_count_exponent, bool) or not isinstance(
-                bias_count_exponent, (int, float)) or not 0 <= bias_count_exponent <= 1:
-            raise ValueError(f"mf_ext.MatrixFactorization: bias_count_exponent must be a number "
-                             f"in [0, 1], got {bias_count_exponent!r}")
-        if batch_size is not None:
-            _check_int("batch_size", batch_size, 1)
-        if not (isinstance(validation_fraction, (int, float)) and 0 <= validation_fraction < 1):
-            raise ValueError(f"mf_ext.MatrixFactorization: validation_fraction must be in "
-                             f"[0, 1), got {validation_fraction!r}")
-        if lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"mf_ext.MatrixFactorization: lr_schedule must be \"cosine\" or "
-                             f"\"constant\", got {lr_schedule!r}")
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"mf_ext.MatrixFactorization: dtype must be torch.float32 or "
-                            f"torch.float64, got {dtype!r}")
-        self.rank, self.epochs, self.lr = rank, epochs, float(lr)
-        self.reg, self.bias_reg = float(reg), float(bias_reg)
-        self.bias_count_exponent = float(bias_count_exponent)
-        self.batch_size, self.validation_fraction = batch_size, float(validation_fraction)
-        self.patience, self.init_std, self.clip = patience, float(init_std), clip
-        self.lr_schedule = lr_schedule
-        self.seed, self.device, self.dtype = seed, torch.device(device), dtype
-        self.history: list[EpochRecord] = []
-        self.interrupted = False
-        self._fitted = False
+    Config = MatrixFactorizationConfig
+    FORMAT_VERSION = FORMAT_VERSION
 
     # ------------------------------------------------------------------ fitting
 
@@ -121,176 +116,116 @@ class MatrixFactorization:
         each rank passes its shard of the ratings (mf_ext.distributed.shard_ratings) and of
         `validation`, and all ranks end with the same model (docs/distributed.md)."""
         data = as_ratings(users, items, ratings)
-        sync = data_parallel(distributed, self.device)
-        if len(data) == 0 and sync is None:
-            raise ValueError("mf_ext.MatrixFactorization.fit: no ratings given (empty input)")
-        bad = ~np.isfinite(data.ratings)
-        if bad.any():
-            k = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"mf_ext.MatrixFactorization.fit: {int(bad.sum())} ratings are NaN "
-                             f"or Inf, the first at position {k}: {data.ratings[k]}")
-        generator = torch.Generator()
-        if self.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(self.seed)
-        rng = np.random.default_rng(None if self.seed is None else self.seed)
-
+        group = training_group(distributed, self.device)
+        _check_finite(data)
+        generator, rng = self._random_sources()
+        sizes = group.check_inputs(data, validation)
         train, held_out = data, validation
-        if sync is not None:  # global statistics agreed across ranks (mf_ext/distributed.py)
-            sizes = sync.check_inputs(data, validation)
-            if held_out is None and self.validation_fraction > 0:
-                train, held_out = sync.hold_out(data, self.validation_fraction, rng, sizes)
-        elif held_out is None and self.validation_fraction > 0 and len(data) >= 20:
-            order = rng.permutation(len(data))
-            n_val = max(1, int(round(len(data) * self.validation_fraction)))
-            train, held_out = data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
-
-        self.user_map, self.item_map = (IdMap(train.users), IdMap(train.items)) if sync is None \
-            else sync.id_maps(train)
-        m, n = len(self.user_map), len(self.item_map)
-        seen_u, seen_i = self.user_map.index(data.users), self.item_map.index(data.items)
-        keep = (seen_u >= 0) & (seen_i >= 0)
-        seen_u, seen_i = (seen_u[keep], seen_i[keep]) if sync is None \
-            else sync.rated_pairs(seen_u[keep], seen_i[keep])
-        self._set_rated(seen_u, seen_i, m)
-        dev, dt = self.device, self.dtype
-        rows = torch.as_tensor(self.user_map.index(train.users), device=dev)
-        cols = torch.as_tensor(self.item_map.index(train.items), device=dev)
-        values = torch.as_tensor(train.ratings, dtype=dt, device=dev)
-        if sync is None:
-            self.global_mean = float(train.ratings.mean())
-            self.rating_range = (float(train.ratings.min()), float(train.ratings.max()))
-        else:
-            _, self.global_mean, self.rating_range = sync.rating_stats(train.ratings)
-        residual = values - self.global_mean
-        user_counts = torch.bincount(rows, minlength=m)
-        item_counts = torch.bincount(cols, minlength=n)
-        if sync is not None:
-            sync.sum_counts(user_counts, item_counts)
-        user_counts, item_counts = user_counts.to(dt), item_counts.to(dt)
-        # The biases' penalty weights n^α, computed once (0^α is 1 for α = 0: unseen ids have
-        # no gradient from the data, so their bias stays 0 either way).
-        bias_weights = (user_counts.pow(self.bias_count_exponent),
-                        item_counts.pow(self.bias_count_exponent))
-
-        P = (torch.randn(self.rank, m, generator=generator, dtype=dt) * self.init_std).to(dev)
-        Q = (torch.randn(self.rank, n, generator=generator, dtype=dt) * self.init_std).to(dev)
-        params = [P.requires_grad_(), Q.requires_grad_(),
-                  torch.zeros(m, dtype=dt, device=dev, requires_grad=True),
-                  torch.zeros(n, dtype=dt, device=dev, requires_grad=True)]
-        self.P, self.Q, self.user_bias, self.item_bias = params
+        if validation is None and self.validation_fraction > 0:
+            train, held_out = group.hold_out(data, self.validation_fraction, rng, sizes)
+        training = self._prepare(data, train, group)
+        params = self._init_parameters(generator)
         optimizer = torch.optim.Adam(params, lr=self.lr,
-                                     fused=True if dev.type == "cuda" else None)
+                                     fused=True if self.device.type == "cuda" else None)
         # Optional cosine decay to 1% of lr over `epochs` (for mini-batches mostly: full-batch
         # Adam at the default lr already converges).
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(self.epochs, 1), eta_min=self.lr * 0.01) \
             if self.lr_schedule == "cosine" else None
 
-        self.history, self.interrupted = [], False
+        def train_epoch() -> float:
+            mse = self._epoch(optimizer, training, rng, group)
+            if scheduler is not None:
+                scheduler.step()
+            return mse
+
         self._fitted = True
-        best_rmse, best_state, best_epoch = math.inf, None, 0
-        bar = _progress_bar(self.epochs) if progress else None
-        try:
-            for epoch in range(1, self.epochs + 1):
-                start = time.perf_counter()
-                train_mse = self._epoch(optimizer, rows, cols, residual, user_counts,
-                                        item_counts, bias_weights, rng, sync)
-                if scheduler is not None:
-                    scheduler.step()
-                val_rmse = self._validation_rmse(held_out, sync)
-                record = EpochRecord(epoch, math.sqrt(max(train_mse, 0.0)), val_rmse,
-                                     time.perf_counter() - start)
-                self.history.append(record)
-                # The best state first, so that an interrupt in the callback or the progress
-                # bar still counts this epoch.
-                stop = False
-                if val_rmse is not None:
-                    if val_rmse < best_rmse - 1e-6:
-                        best_rmse, best_epoch = val_rmse, epoch
-                        best_state = [p.detach().clone() for p in params]
-                    else:
-                        stop = epoch - best_epoch >= self.patience
-                if callback is not None:
-                    callback(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(train=f"{record.train_rmse:.4f}",
-                                    val="-" if val_rmse is None else f"{val_rmse:.4f}",
-                                    refresh=False)
-                if stop:
-                    break
-        except KeyboardInterrupt:
-            self.interrupted = True
-        finally:
-            if bar is not None:
-                bar.close()
-        if best_state is not None:
-            with torch.no_grad():
-                for p, best in zip(params, best_state):
-                    p.copy_(best)
-        self.best_epoch = best_epoch if best_state is not None else len(self.history)
-        for p in params:
-            p.requires_grad_(False)
+        self._run_epochs(params, train_epoch, lambda: self._validation_rmse(held_out, group),
+                         progress, callback)
         return self
 
-    def _epoch(self, optimizer, rows, cols, residual, user_counts, item_counts, bias_weights,
-               rng, sync=None) -> float:
+    def _random_sources(self) -> Tuple[torch.Generator, np.random.Generator]:
+        """The seeded torch generator (initial factors) and numpy generator (hold-out, shuffles)."""
+        generator = torch.Generator()
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+        return generator, np.random.default_rng(None if self.seed is None else self.seed)
+
+    def _prepare(self, data: Ratings, train: Ratings, group: TrainingGroup) -> _TrainingData:
+        """Id maps, rated pairs, global statistics and the training tensors."""
+        self.user_map, self.item_map = group.id_maps(train)
+        m, n = len(self.user_map), len(self.item_map)
+        seen_u, seen_i = self.user_map.index(data.users), self.item_map.index(data.items)
+        keep = (seen_u >= 0) & (seen_i >= 0)
+        self._set_rated(*group.rated_pairs(seen_u[keep], seen_i[keep]), m)
+        dev, dt = self.device, self.dtype
+        rows = torch.as_tensor(self.user_map.index(train.users), device=dev)
+        cols = torch.as_tensor(self.item_map.index(train.items), device=dev)
+        values = torch.as_tensor(train.ratings, dtype=dt, device=dev)
+        _, self.global_mean, self.rating_range = group.rating_stats(train.ratings)
+        user_counts = torch.bincount(rows, minlength=m)
+        item_counts = torch.bincount(cols, minlength=n)
+        group.sum_counts(user_counts, item_counts)
+        user_counts, item_counts = user_counts.to(dt), item_counts.to(dt)
+        # The biases' penalty weights n^α, computed once (0^α is 1 for α = 0: unseen ids have
+        # no gradient from the data, so their bias stays 0 either way).
+        bias_weights = (user_counts.pow(self.bias_count_exponent),
+                        item_counts.pow(self.bias_count_exponent))
+        return _TrainingData(rows, cols, values - self.global_mean, user_counts, item_counts,
+                             bias_weights)
+
+    def _init_parameters(self, generator: torch.Generator) -> list:
+        """P (r, m), Q (r, n) ~ N(0, init_std²) drawn on the CPU (the same start on every device
+        and rank), the biases at 0; set on the model and returned as a list."""
+        m, n, dev, dt = len(self.user_map), len(self.item_map), self.device, self.dtype
+        P = (torch.randn(self.rank, m, generator=generator, dtype=dt) * self.init_std).to(dev)
+        Q = (torch.randn(self.rank, n, generator=generator, dtype=dt) * self.init_std).to(dev)
+        params = [P.requires_grad_(), Q.requires_grad_(),
+                  torch.zeros(m, dtype=dt, device=dev, requires_grad=True),
+                  torch.zeros(n, dtype=dt, device=dev, requires_grad=True)]
+        self.P, self.Q, self.user_bias, self.item_bias = params
+        return params
+
+    def _epoch(self, optimizer: torch.optim.Optimizer, data: _TrainingData,
+               rng: np.random.Generator, group: TrainingGroup) -> float:
         """One pass over the training ratings; returns their mean squared error."""
         from mf_ext.ops import observed_mf_loss
 
-        nnz = residual.numel() if sync is None else sync.n_train  # N of the objective
-        if sync is not None:
-            batches = sync.batches(residual.numel(), self.batch_size, rng)
-        elif self.batch_size is None or self.batch_size >= nnz:
-            batches = [(None, nnz)]
-        else:
-            order = torch.as_tensor(rng.permutation(nnz), device=rows.device)
-            batches = [(b, len(b)) for b in torch.split(order, self.batch_size)]
         params = [self.P, self.Q, self.user_bias, self.item_bias]
         total = 0.0
-        for batch, count in batches:
-            r_, c_, v_ = (rows, cols, residual) if batch is None else (
-                rows[batch], cols[batch], residual[batch])
-            # Distributed: this shard's squared errors over the step's GLOBAL count, so that the
-            # all-reduced (summed) gradient is the single-process one.
-            data = observed_mf_loss(r_, c_, v_, self.P, self.Q, self.user_bias, self.item_bias,
-                                    reduction="mean") if sync is None else (
-                observed_mf_loss(r_, c_, v_, self.P, self.Q, self.user_bias, self.item_bias,
-                                 reduction="sum") / count)
-            # Per-rating L2 (Surprise's form): factor penalties weighted by each user's/item's
-            # count, bias penalties by count^bias_count_exponent, scaled like the data term so
-            # that full batch and mini-batches agree.
-            penalty = (self.reg * ((self.P * self.P).sum(0) @ user_counts
-                                   + (self.Q * self.Q).sum(0) @ item_counts)
-                       + self.bias_reg * (self.user_bias.square() @ bias_weights[0]
-                                          + self.item_bias.square() @ bias_weights[1])) / nnz
+        for batch, count in group.batches(data.residual.numel(), self.batch_size, rng):
+            r_, c_, v_ = (data.rows, data.cols, data.residual) if batch is None else (
+                data.rows[batch], data.cols[batch], data.residual[batch])
+            loss = group.batch_loss(
+                lambda reduction: observed_mf_loss(r_, c_, v_, *params, reduction=reduction),
+                count)
             optimizer.zero_grad(set_to_none=True)
-            # The penalty is global: rank 0 alone adds it, so the sum counts it once.
-            (data + penalty if sync is None or sync.rank == 0 else data).backward()
-            if sync is None:
-                total += data.item() * v_.numel()
-            else:
-                total += sync.all_reduce_gradients(params, data.detach() * count)
+            # The penalty is global: rank 0 alone adds it, so the ranks' sum counts it once.
+            (loss + self._penalty(data) / group.n_train if group.rank == 0 else loss).backward()
+            total += group.all_reduce_gradients(params, loss, count)
             optimizer.step()
-        return total / nnz
+        return total / group.n_train
 
-    def _validation_rmse(self, held_out: Optional[Ratings], sync=None) -> Optional[float]:
+    def _penalty(self, data: _TrainingData) -> torch.Tensor:
+        """The L2 terms of the objective times N (Surprise's per-rating form): factor penalties
+        weighted by each user's/item's count, bias penalties by count^bias_count_exponent."""
+        return (self.reg * ((self.P * self.P).sum(0) @ data.user_counts
+                            + (self.Q * self.Q).sum(0) @ data.item_counts)
+                + self.bias_reg * (self.user_bias.square() @ data.bias_weights[0]
+                                   + self.item_bias.square() @ data.bias_weights[1]))
+
+    def _validation_rmse(self, held_out: Optional[Ratings], group: TrainingGroup
+                         ) -> Optional[float]:
         """RMSE on the held-out ratings; distributed, over all ranks' shards of them."""
         if held_out is None:
             return None
-        if sync is None:
-            return self.evaluate(held_out)["rmse"]
         error = self.predict(held_out.users, held_out.items) - held_out.ratings \
             if len(held_out) else np.zeros(0)
-        return sync.rmse(float(np.square(error).sum()), len(error))
+        return group.rmse(float(np.square(error).sum()), len(error))
 
     # ------------------------------------------------------------------ using the model
-
-    def _check_fitted(self) -> None:
-        if not self._fitted:
-            raise RuntimeError("mf_ext.MatrixFactorization: call fit() (or load()) first")
 
     def predict(self, users: Any, items: Any) -> np.ndarray:
         """Predicted ratings for equal-length raw ids. Unknown users or items get the global
@@ -327,7 +262,7 @@ class MatrixFactorization:
         """The k items with the highest predicted rating for `user` that it has not rated in
         training (nor in `exclude`), as [(item id, predicted rating), …], best first."""
         self._check_fitted()
-        _check_int("k", k, 1)
+        k = check_int(self._who, "k", k, 1)
         index = int(self.user_map.index(np.asarray([user]))[0])
         if index < 0:
             raise KeyError(f"mf_ext.MatrixFactorization.recommend: unknown user {user!r}")
@@ -359,117 +294,33 @@ class MatrixFactorization:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, path: str) -> None:
-        """Write the model atomically (a temporary file in the same folder, then a rename),
-        so an interrupted save never leaves a broken file."""
-        self._check_fitted()
-        state = {
-            "format_version": FORMAT_VERSION,
-            "config": {k: _plain(getattr(self, k)) for k in (
-                "rank", "epochs", "lr", "reg", "bias_reg", "bias_count_exponent", "batch_size",
-                "validation_fraction", "patience", "init_std", "lr_schedule", "clip", "seed")},
-            "dtype": str(self.dtype).replace("torch.", ""),
+    def _state(self) -> Dict[str, Any]:
+        """What a saved model holds beside its config, dtype and history (save())."""
+        return {
             "global_mean": self.global_mean,
             "rating_range": self.rating_range,
-            "user_ids": _ids_to_file(self.user_map.ids),
-            "item_ids": _ids_to_file(self.item_map.ids),
+            "user_ids": ids_to_file(self.user_map.ids),
+            "item_ids": ids_to_file(self.item_map.ids),
             "P": self.P.detach().cpu(), "Q": self.Q.detach().cpu(),
             "user_bias": self.user_bias.detach().cpu(), "item_bias": self.item_bias.detach().cpu(),
             "rated_indptr": torch.from_numpy(self._rated_indptr),
             "rated_indices": torch.from_numpy(self._rated_indices),
-            "history": [{k: _plain(v) for k, v in vars(h).items()} for h in self.history],
         }
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".mf_ext-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
-    @classmethod
-    def load(cls, path: str, device: str = "cpu") -> "MatrixFactorization":
-        """A model written by save(). Refuses files of another format version clearly. The file
-        is read with torch.load(weights_only=True): tensors and plain Python values only, so
-        opening an untrusted file cannot run code."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"mf_ext.MatrixFactorization.load: no such file {path!r}") \
-                from None
-        except Exception as exc:
-            raise ValueError(f"mf_ext.MatrixFactorization.load: {path!r} is not an mf_ext model "
-                             f"({type(exc).__name__}: {exc})") from None
-        if not isinstance(state, dict) or "format_version" not in state:
-            raise ValueError(f"mf_ext.MatrixFactorization.load: {path!r} is not an mf_ext model")
-        if state["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"mf_ext.MatrixFactorization.load: {path!r} has model format "
-                             f"version {state['format_version']}, this mf_ext reads version "
-                             f"{FORMAT_VERSION}; refit or use a matching mf_ext")
-        dtype = {"float32": torch.float32, "float64": torch.float64}.get(state.get("dtype"))
-        if dtype is None:
-            raise ValueError(f"mf_ext.MatrixFactorization.load: {path!r} has an unknown dtype "
-                             f"{state.get('dtype')!r}")
-        config = dict(state["config"])
-        config.setdefault("bias_count_exponent", 1.0)  # files saved before the option: n^1
-        model = cls(**config, device=device, dtype=dtype)
-        model.user_map = IdMap(_ids_from_file(state["user_ids"]))
-        model.item_map = IdMap(_ids_from_file(state["item_ids"]))
-        model.global_mean, model.rating_range = state["global_mean"], tuple(state["rating_range"])
-        model.P, model.Q = state["P"].to(device), state["Q"].to(device)
-        model.user_bias, model.item_bias = state["user_bias"].to(device), state["item_bias"].to(device)
-        model._rated_indptr = state["rated_indptr"].numpy()
-        model._rated_indices = state["rated_indices"].numpy()
-        model.history = [EpochRecord(**h) for h in state["history"]]
-        model._fitted = True
-        return model
+    def _restore(self, state: Dict[str, Any], device: str) -> None:
+        """The inverse of _state (load())."""
+        self.user_map = IdMap(ids_from_file(state["user_ids"]))
+        self.item_map = IdMap(ids_from_file(state["item_ids"]))
+        self.global_mean, self.rating_range = state["global_mean"], tuple(state["rating_range"])
+        self.P, self.Q = state["P"].to(device), state["Q"].to(device)
+        self.user_bias, self.item_bias = state["user_bias"].to(device), state["item_bias"].to(device)
+        self._rated_indptr = state["rated_indptr"].numpy()
+        self._rated_indices = state["rated_indices"].numpy()
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars as Python ones, so that a saved model holds nothing but tensors and plain
-    values (what torch.load(weights_only=True) accepts)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _ids_to_file(ids: np.ndarray):
-    """Integer ids as an int64 tensor, any others as a list of str."""
-    if ids.dtype.kind in "iu":
-        return torch.from_numpy(ids.astype(np.int64))
-    return [str(x) for x in ids.tolist()]
-
-
-def _ids_from_file(ids) -> np.ndarray:
-    return ids.numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids, dtype=str)
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"mf_ext.MatrixFactorization: {name} must be an integer >= {low}, "
-                         f"got {value!r}")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"mf_ext.MatrixFactorization: {name} must be a finite number > 0, "
-                         f"got {value!r}")
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value >= 0):
-        raise ValueError(f"mf_ext.MatrixFactorization: {name} must be a finite number >= 0, "
-                         f"got {value!r}")
-
-
-def _progress_bar(total: int):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="fit", unit="epoch")
+def _check_finite(data: Ratings) -> None:
+    bad = ~np.isfinite(data.ratings)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"mf_ext.MatrixFactorization.fit: {int(bad.sum())} ratings are NaN "
+                         f"or Inf, the first at position {k}: {data.ratings[k]}")

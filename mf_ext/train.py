@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from mf_ext.checks import check_int, check_positive
 from mf_ext.ops import masked_mf_loss
+from mf_ext.progress import progress_bar
+
+_WHO = "mf_ext.factorize"
 
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[Sequence[float]]]
 
@@ -59,16 +61,6 @@ def _as_device(device: Union[str, torch.device]) -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"mf_ext.factorize: device must be a torch device such as 'cpu' or "
                          f"'cuda', got {device!r}") from exc
-
-
-def _check_int(name: str, value, minimum: int, maximum: Optional[int] = None) -> int:
-    """`value` as an int in [minimum, maximum]; bools and non-integers raise TypeError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"mf_ext.factorize: {name} must be an integer, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"mf_ext.factorize: {name} must be an integer {bounds}, got {value!r}")
-    return int(value)
 
 
 def _as_init(init, m: int, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -154,15 +146,11 @@ def factorize(
         P0, Q0 = _as_init(init, m, n)
         if rank is None:
             rank = P0.shape[0]
-    rank = _check_int("rank", 2 if rank is None else rank, minimum=1)
-    steps = _check_int("steps", steps, minimum=0)
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"mf_ext.factorize: lr must be a number, got {lr!r}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"mf_ext.factorize: lr must be a finite number > 0, got {lr!r}")
-    lr = float(lr)
+    rank = check_int(_WHO, "rank", 2 if rank is None else rank, 1)
+    steps = check_int(_WHO, "steps", steps, 0)
+    lr = check_positive(_WHO, "lr", lr)
     if seed is not None:
-        seed = _check_int("seed", seed, minimum=0, maximum=2**64 - 1)
+        seed = check_int(_WHO, "seed", seed, 0, 2**64 - 1)
     if mask is not None:
         mask = _as_mask(mask, R).to(device)
     observed = (R != 0) if mask is None else mask
@@ -196,25 +184,17 @@ def factorize(
     fused = True if device.type == "cuda" else None
     optimizer = torch.optim.Adam([P, Q], lr=lr, fused=fused)
     losses = []
-    bar = _progress_bar(steps) if progress else None
+    bar = progress_bar(steps, "factorize", "step", enabled=progress)
     for _ in range(steps):
         loss = masked_mf_loss(R, P, Q, mask, reduction)
         losses.append(loss.detach())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
+        if progress:  # .item() synchronizes with the device: only for a real bar
             bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
-    if bar is not None:
-        bar.close()
+    bar.close()
     history = torch.stack(losses).tolist() if losses else []
     return Factorization(P.detach(), Q.detach(), history, observed)
 
-
-def _progress_bar(total: int):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress is optional
-        return None
-    return tqdm(total=total, desc="factorize", unit="step")

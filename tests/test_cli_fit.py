@@ -63,6 +63,45 @@ def test_recommend_errors(ratings_file, tmp_path):
 
 
 def test_fit_rejects_a_bad_bias_exponent(ratings_file):
+    # The option is read with the setting's own check: a bad value is a bad option (status 2).
     result = run_cli("fit", ratings_file, "--bias-count-exponent", "2", "--no-progress")
-    assert result.returncode == 1
-    assert "bias_count_exponent must be a number in [0, 1], got 2.0" in result.stderr
+    assert result.returncode == 2
+    assert "argument --bias-count-exponent: must be a number in [0, 1], got '2'" in result.stderr
+
+
+def test_fit_options_are_the_config_fields():
+    from dataclasses import fields
+
+    from mf_ext.cli import build_parser
+    from mf_ext.model import MatrixFactorizationConfig
+
+    args = build_parser().parse_args(["fit", "r.csv"])
+    options = MatrixFactorizationConfig.options()
+    assert [f.name for f in options] == ["rank", "epochs", "lr", "reg", "bias_reg",
+                                         "bias_count_exponent", "batch_size",
+                                         "validation_fraction", "seed", "device"]
+    for f in fields(MatrixFactorizationConfig):
+        if f in options:
+            assert getattr(args, f.name) == f.default, f.name
+    from mf_ext.commands.options import config_settings
+    model = MatrixFactorizationConfig(**config_settings(MatrixFactorizationConfig, args))
+    assert model == MatrixFactorizationConfig()  # the command's defaults are the model's
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rank", "0"], "argument --rank: must be an integer >= 1, got '0'"),
+    (["--epochs", "x"], "argument --epochs: must be an integer, got 'x'"),
+    (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
+    (["--reg", "-1"], "argument --reg: must be a finite number >= 0, got '-1'"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+    (["--validation-fraction", "1"], "argument --validation-fraction: must be in [0, 1), got '1'"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**64), got '-1'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+])
+def test_fit_bad_options_exit_2(argv, message, capsys):
+    from mf_ext.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "r.csv", *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err

@@ -37,6 +37,44 @@ def test_tsv_whitespace(tmp_path):
     assert load_ratings(path).ratings.tolist() == [3.0, 1.0]
 
 
+# A csv/tsv header is told by its rating field (the third) not being a number: string ids in
+# the first two fields are data, and a header-less file must keep its first rating.
+@pytest.mark.parametrize("name, text, users, items, ratings", [
+    ("r.csv", "alice,m1,4.5,1\nbob,m2,2,2\n", ["alice", "bob"], ["m1", "m2"], [4.5, 2.0]),
+    ("r.csv", "alice,7,4.5\nbob,8,2\n", ["alice", "bob"], [7, 8], [4.5, 2.0]),
+    ("r.csv", "1,m1,4.5\n2,m2,2\n", [1, 2], ["m1", "m2"], [4.5, 2.0]),
+    ("r.tsv", "alice\tm1\t4.5\nbob\tm2\t2\n", ["alice", "bob"], ["m1", "m2"], [4.5, 2.0]),
+    ("r.tsv", "alice m1 4.5\nbob m2 2\n", ["alice", "bob"], ["m1", "m2"], [4.5, 2.0]),
+    ("r.csv", "\n\nalice,m1,4.5\n", ["alice"], ["m1"], [4.5]),  # blank lines first
+    ("r.csv", "user,item,rating\nalice,m1,4.5\n", ["alice"], ["m1"], [4.5]),
+    ("r.csv", "user,item,rating\n1,2,3\n", [1], [2], [3.0]),     # header, numeric body
+    ("r.csv", "1,2,rating\n1,2,3\n", [1], [2], [3.0]),           # numeric ids, still a header
+    ("r.tsv", "u i r\n5 6 1\n", [5], [6], [1.0]),
+])
+def test_header_is_told_by_the_rating_field(tmp_path, name, text, users, items, ratings):
+    data = load_ratings(write(tmp_path, name, text))
+    assert data.users.tolist() == users and data.items.tolist() == items
+    assert data.ratings.tolist() == ratings
+
+
+@pytest.mark.parametrize("line, separator, expected", [
+    ("userId,movieId,rating,timestamp", ",", True),
+    ("user,item,rating", ",", True),
+    ("1,2,rating", ",", True),
+    ("alice,m1,4.5,1", ",", False),
+    ("alice,1,4.5", ",", False),
+    ("1,m1,4.5", ",", False),
+    ("1,2,3", ",", False),
+    ("u i r", None, True),
+    ("alice m1 4", None, False),
+    ("a,b", ",", False),  # too few fields: data, for the line parser to report
+])
+def test_is_header(line, separator, expected):
+    from mf_ext.data import _is_header
+
+    assert _is_header(line, separator) is expected
+
+
 @pytest.mark.parametrize("text, match", [
     ("1\t2\t3\n4\t5\n", r"line 2: expected user<tab>item<tab>rating"),
     ("1\t2\t3\n4\t5\tfive\n", r"line 2: rating 'five' is not a number"),

@@ -142,19 +142,28 @@ def test_load_refuses_other_versions_and_junk(tmp_path):
         MatrixFactorization.load(str(tmp_path / "missing.pt"))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(rank=0), r"rank must be an integer >= 1, got 0"),
-    (dict(lr=0.0), r"lr must be a finite number > 0, got 0.0"),
-    (dict(lr=float("nan")), r"lr must be a finite number > 0, got nan"),
-    (dict(epochs=-1), r"epochs must be an integer >= 0, got -1"),
-    (dict(reg=-1.0), r"reg must be a finite number >= 0, got -1.0"),
-    (dict(validation_fraction=1.0), r"validation_fraction must be in \[0, 1\), got 1.0"),
-    (dict(bias_count_exponent=1.5), r"bias_count_exponent must be a number in \[0, 1\], got 1.5"),
-    (dict(bias_count_exponent=-0.1), r"bias_count_exponent must be a number in \[0, 1\], got -0.1"),
-    (dict(bias_count_exponent=True), r"bias_count_exponent must be a number in \[0, 1\], got True"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(rank=0), ValueError, r"rank must be an integer >= 1, got 0"),
+    (dict(rank=1.5), TypeError, r"rank must be an integer, got 1.5"),
+    (dict(lr=0.0), ValueError, r"lr must be a finite number > 0, got 0.0"),
+    (dict(lr=float("nan")), ValueError, r"lr must be a finite number > 0, got nan"),
+    (dict(lr="0.1"), TypeError, r"lr must be a number, got '0.1'"),
+    (dict(epochs=-1), ValueError, r"epochs must be an integer >= 0, got -1"),
+    (dict(reg=-1.0), ValueError, r"reg must be a finite number >= 0, got -1.0"),
+    (dict(batch_size=0), ValueError, r"batch_size must be an integer >= 1, got 0"),
+    (dict(validation_fraction=1.0), ValueError, r"validation_fraction must be in \[0, 1\), got 1.0"),
+    (dict(bias_count_exponent=1.5), ValueError,
+     r"bias_count_exponent must be a number in \[0, 1\], got 1.5"),
+    (dict(bias_count_exponent=-0.1), ValueError,
+     r"bias_count_exponent must be a number in \[0, 1\], got -0.1"),
+    (dict(bias_count_exponent=True), TypeError, r"bias_count_exponent must be a number, got True"),
+    (dict(lr_schedule="step"), ValueError,
+     r"lr_schedule must be \"cosine\" or \"constant\", got 'step'"),
+    (dict(seed=-1), ValueError, r"seed must be an integer in \[0, 2\*\*64\), got -1"),
+    (dict(dtype=torch.float16), TypeError, r"dtype must be torch.float32 or torch.float64"),
 ])
-def test_bad_settings(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_settings(kwargs, error, match):
+    with pytest.raises(error, match=r"^mf_ext\.MatrixFactorization: " + match):
         MatrixFactorization(**kwargs)
 
 
@@ -222,3 +231,165 @@ def test_interrupted_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
         model.save(path)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["model.pt"]
+
+
+# ---------------------------------------------------------------- early stopping restores the best
+
+def test_early_stopping_restores_the_best_epochs_parameters():
+    users, items, ratings = synthetic(noise=0.8)
+    snapshots = []
+
+    def record(_):  # the live parameters at the end of each epoch
+        snapshots.append([t.detach().clone() for t in
+                          (model.P, model.Q, model.user_bias, model.item_bias)])
+
+    model = MatrixFactorization(rank=16, epochs=400, lr=0.05, reg=0.0, validation_fraction=0.2,
+                                patience=5, seed=1)
+    model.fit(users, items, ratings, callback=record)
+    best = model.best_epoch
+    assert best < len(model.history) == len(snapshots)  # it ran past the best epoch
+    final = (model.P, model.Q, model.user_bias, model.item_bias)
+    for got, kept, last in zip(final, snapshots[best - 1], snapshots[-1]):
+        assert torch.equal(got, kept)
+        assert not torch.equal(got, last)  # so keeping the best changed something
+    # And the same run stopped by `epochs` at the best epoch ends with the same parameters.
+    again = MatrixFactorization(rank=16, epochs=best, lr=0.05, reg=0.0, validation_fraction=0.2,
+                                patience=5, seed=1).fit(users, items, ratings)
+    for name in ("P", "Q", "user_bias", "item_bias"):
+        assert torch.equal(getattr(again, name), getattr(model, name)), name
+
+
+def test_ctrl_c_restores_the_best_epochs_parameters():
+    users, items, ratings = synthetic(noise=0.8)
+    snapshots = []
+
+    def record_then_interrupt(record):
+        snapshots.append(model.P.detach().clone())
+        if record.epoch == 30:
+            raise KeyboardInterrupt
+
+    model = MatrixFactorization(rank=16, epochs=400, lr=0.05, reg=0.0, validation_fraction=0.2,
+                                patience=100, seed=1)
+    model.fit(users, items, ratings, callback=record_then_interrupt)
+    assert model.interrupted and model.best_epoch < 30
+    assert torch.equal(model.P, snapshots[model.best_epoch - 1])
+
+
+# ---------------------------------------------------------------- mini-batches: the documented objective
+
+def reference_fit(users, items, ratings, rank, epochs, lr, reg, bias_reg, alpha, batch_size,
+                  seed, init_std):
+    """The class docstring's objective minimized with Adam in plain PyTorch (float64), drawing
+    the initial factors and the batch order as fit does. users, items: indices 0..m-1, 0..n-1."""
+    generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    m, n, N = users.max() + 1, items.max() + 1, len(ratings)
+    P = (torch.randn(rank, m, generator=generator, dtype=torch.float64) * init_std).requires_grad_()
+    Q = (torch.randn(rank, n, generator=generator, dtype=torch.float64) * init_std).requires_grad_()
+    b_u = torch.zeros(m, dtype=torch.float64, requires_grad=True)
+    b_i = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    u, i, r = torch.as_tensor(users), torch.as_tensor(items), torch.as_tensor(ratings)
+    n_u, n_i = torch.bincount(u).double(), torch.bincount(i).double()
+    optimizer = torch.optim.Adam([P, Q, b_u, b_i], lr=lr)
+    for _ in range(epochs):
+        order = torch.as_tensor(rng.permutation(N))
+        for batch in torch.split(order, batch_size):
+            ub, ib = u[batch], i[batch]
+            prediction = r.mean() + b_u[ub] + b_i[ib] + (P[:, ub] * Q[:, ib]).sum(0)
+            data = ((r[batch] - prediction) ** 2).mean()
+            penalty = (reg * ((P ** 2).sum(0) @ n_u + (Q ** 2).sum(0) @ n_i)
+                       + bias_reg * (b_u ** 2 @ n_u ** alpha + b_i ** 2 @ n_i ** alpha)) / N
+            optimizer.zero_grad()
+            (data + penalty).backward()
+            optimizer.step()
+    return P.detach(), Q.detach(), b_u.detach(), b_i.detach()
+
+
+@pytest.mark.parametrize("batch_size", [7, 64])
+def test_minibatch_steps_minimize_the_documented_objective(batch_size):
+    rng = np.random.default_rng(3)
+    m, n = 12, 9
+    users = np.concatenate([np.arange(m), rng.integers(0, m, 60)])  # every id rated
+    items = np.concatenate([np.arange(n) % n, rng.integers(0, n, 60 + m - n)])
+    ratings = rng.uniform(1, 5, len(users))
+    settings = dict(rank=3, epochs=4, lr=0.05, reg=0.3, bias_reg=0.7, bias_count_exponent=0.5,
+                    batch_size=batch_size, seed=5, init_std=0.3)
+    model = MatrixFactorization(**settings, clip=False, dtype=torch.float64).fit(
+        users, items, ratings)
+    expected = reference_fit(users, items, ratings, **{
+        k if k != "bias_count_exponent" else "alpha": v for k, v in settings.items()})
+    for name, want in zip(("P", "Q", "user_bias", "item_bias"), expected):
+        torch.testing.assert_close(getattr(model, name), want, rtol=1e-9, atol=1e-12)
+
+
+def test_a_batch_as_large_as_the_data_is_the_full_batch_fit():
+    users, items, ratings = synthetic()
+    full = small_model(epochs=15).fit(users, items, ratings)
+    for batch_size in (len(ratings), len(ratings) + 1):
+        batched = small_model(epochs=15, batch_size=batch_size).fit(users, items, ratings)
+        for name in ("P", "Q", "user_bias", "item_bias"):
+            assert torch.equal(getattr(batched, name), getattr(full, name)), name
+        assert [h.train_rmse for h in batched.history] == [h.train_rmse for h in full.history]
+
+
+# ---------------------------------------------------------------- settings and files
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def test_a_file_saved_before_the_config_dataclass_loads():
+    # tests/data/model_format1.pt was written by MatrixFactorization(rank=2, epochs=3,
+    # bias_count_exponent=0.25, batch_size=4, seed=7) as of commit 396df4c, fitted on the
+    # ratings below; the values are what that code predicted.
+    model = MatrixFactorization.load(os.path.join(DATA, "model_format1.pt"))
+    assert (model.rank, model.epochs, model.bias_count_exponent, model.batch_size, model.seed,
+            model.dtype, model.reg) == (2, 3, 0.25, 4, 7, torch.float32, 0.12)
+    users = ["ann", "ann", "bob", "bob", "cy", "cy", "cy"]
+    items = [10, 11, 10, 12, 11, 12, 13]
+    np.testing.assert_array_equal(model.predict(users, items), np.array(
+        [3.6282291412353516, 3.1206881999969482, 3.5636417865753174, 3.1493403911590576,
+         2.926746129989624, 3.101250410079956, 3.363673686981201]))
+    assert model.recommend("ann", 2) == [(13, 3.577474594116211), (12, 3.2926313877105713)]
+    assert len(model.history) == 3
+
+
+def test_saved_files_keep_the_format(tmp_path):
+    old = torch.load(os.path.join(DATA, "model_format1.pt"), weights_only=True)
+    users, items, ratings = synthetic()
+    path = str(tmp_path / "model.pt")
+    small_model(epochs=2).fit(users, items, ratings).save(path)
+    new = torch.load(path, weights_only=True)
+    assert new.keys() == old.keys() and new["config"].keys() == old["config"].keys()
+    assert new["format_version"] == old["format_version"] == FORMAT_VERSION
+
+
+def test_settings_are_attributes_backed_by_the_config(tmp_path):
+    model = small_model(epochs=2)
+    assert model.epochs == model.config.epochs == 2 and model.device == torch.device("cpu")
+    model.epochs = 3
+    assert model.config.epochs == 3
+    users, items, ratings = synthetic()
+    model.fit(users, items, ratings)
+    assert len(model.history) == 3
+    model.save(str(tmp_path / "m.pt"))
+    assert MatrixFactorization.load(str(tmp_path / "m.pt")).config == model.config
+
+
+def test_load_refuses_unknown_settings(tmp_path):
+    users, items, ratings = synthetic()
+    path = str(tmp_path / "model.pt")
+    small_model(epochs=1).fit(users, items, ratings).save(path)
+    state = torch.load(path, weights_only=False)
+    state["config"]["momentum"] = 0.9
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"holds bad settings: unknown settings \['momentum'\]"):
+        MatrixFactorization.load(path)
+
+
+def test_empty_validation_set_is_refused_before_training():
+    from mf_ext import Ratings
+
+    users, items, ratings = synthetic()
+    empty = Ratings(users[:0], items[:0], ratings[:0])
+    with pytest.raises(ValueError, match=r"^mf_ext\.MatrixFactorization\.fit: validation= holds "
+                                         r"no ratings"):
+        small_model().fit(users, items, ratings, validation=empty)

@@ -4,53 +4,27 @@ save the model and the learning curve."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch.distributed as dist
 
 from mf_ext.commands.errors import CliError
-from mf_ext.commands.options import (DEVICES, check_device, nonnegative_int, positive_float,
-                                     positive_int, seed_int)
+from mf_ext.commands.options import (add_config_options, check_device, config_settings,
+                                     fraction, positive_int)
 from mf_ext import distributed
 from mf_ext.data import FORMATS, load_ratings, train_test_split
-from mf_ext.model import MatrixFactorization
+from mf_ext.model import MatrixFactorization, MatrixFactorizationConfig
+from mf_ext.progress import write_line
 
 HELP = "train a matrix-factorization recommender on a ratings file (u.data, ratings.dat, csv)"
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = MatrixFactorization()
     parser.add_argument("ratings", help="ratings file: user item rating [timestamp] lines")
     parser.add_argument("--format", choices=FORMATS, help="default: from the file name")
-    parser.add_argument("--rank", type=positive_int, default=defaults.rank)
-    parser.add_argument("--epochs", type=nonnegative_int, default=defaults.epochs)
-    parser.add_argument("--lr", type=positive_float, default=defaults.lr)
-    parser.add_argument("--reg", type=float, default=defaults.reg, help="L2 on the factors")
-    parser.add_argument("--bias-reg", type=float, default=defaults.bias_reg,
-                        help="L2 on the biases")
-    parser.add_argument("--bias-count-exponent", type=float,
-                        default=defaults.bias_count_exponent,
-                        help="bias penalty weighted by count^this (0..1; see MatrixFactorization)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="mini-batches of this many ratings (default: full batch)")
+    add_config_options(parser, MatrixFactorizationConfig, "model (MatrixFactorization settings)")
     parser.add_argument("--test-fraction", type=fraction, default=0.2,
                         help="share of ratings held out for the final test (default 0.2)")
-    parser.add_argument("--validation-fraction", type=fraction,
-                        default=defaults.validation_fraction,
-                        help="share of the training ratings used for early stopping")
-    parser.add_argument("--seed", type=seed_int, default=0)
-    parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument("--out", metavar="MODEL", help="where to save the model")
     parser.add_argument("--plot", metavar="PNG", help="where to draw the learning curve")
     parser.add_argument("--log-every", type=positive_int, default=10,
@@ -81,12 +55,8 @@ def _run(args: argparse.Namespace, device, rank: int = 0, world_size: int = 1) -
     try:
         data = load_ratings(args.ratings, args.format)
         train, test = train_test_split(data, args.test_fraction, seed=args.seed)
-        model = MatrixFactorization(rank=args.rank, epochs=args.epochs, lr=args.lr, reg=args.reg,
-                                    bias_reg=args.bias_reg,
-                                    bias_count_exponent=args.bias_count_exponent,
-                                    batch_size=args.batch_size,
-                                    validation_fraction=args.validation_fraction,
-                                    seed=args.seed, device=str(device))
+        settings = config_settings(MatrixFactorizationConfig, args)
+        model = MatrixFactorization(**dict(settings, device=str(device)))
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if main:
@@ -98,7 +68,7 @@ def _run(args: argparse.Namespace, device, rank: int = 0, world_size: int = 1) -
     def log(record) -> None:
         if main and (record.epoch % args.log_every == 0 or record.epoch == 1):
             val = "-" if record.val_rmse is None else f"{record.val_rmse:.4f}"
-            _write(f"epoch {record.epoch:4d}  train RMSE {record.train_rmse:.4f}  "
+            write_line(f"epoch {record.epoch:4d}  train RMSE {record.train_rmse:.4f}  "
                    f"validation RMSE {val}")
 
     start = time.perf_counter()
@@ -127,12 +97,3 @@ def _run(args: argparse.Namespace, device, rank: int = 0, world_size: int = 1) -
         print(f"learning curve: {args.plot}")
     return 0
 
-
-def _write(line: str) -> None:
-    """A log line on stderr that does not tear the progress bar."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        print(line, file=sys.stderr, flush=True)
-        return
-    tqdm.write(line, file=sys.stderr)

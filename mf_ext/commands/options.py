@@ -1,55 +1,61 @@
-"""argparse types and the option groups that several commands share (training options now;
-fit will reuse them)."""
+"""argparse types, and the option groups that several commands share: `demo`'s training options
+(factorize's meaning) and the options `fit` derives from a model's Config dataclass (each field
+marked cli=True: its name, default, help and check)."""
 
 from __future__ import annotations
 
 import argparse
-import math
+from typing import Any, Callable, Dict, Type
 
 import torch
 
+from mf_ext.checks import FRACTION, POSITIVE, SEED, Check, Device, Integer
 from mf_ext.commands.errors import CliError
+from mf_ext.config import Config
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-DEVICES = ("cpu", "cuda")
+DEVICES = Device.choices
 
 
-def positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def option_type(check: Check, name: str) -> Callable[[str], Any]:
+    """An argparse `type` that reads a value with check.parse; a bad one is an argparse error
+    "argument --x: must be ..., got '...'" (exit status 2)."""
+    def parse(text: str) -> Any:
+        try:
+            return check.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = name
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+positive_int = option_type(Integer(1), "positive_int")
+nonnegative_int = option_type(Integer(0), "nonnegative_int")
+seed_int = option_type(SEED, "seed_int")
+positive_float = option_type(POSITIVE, "positive_float")
+fraction = option_type(FRACTION, "fraction")
 
 
-def seed_int(text: str) -> int:
-    value = _int(text)
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}")
-    return value
+def add_config_options(parser: argparse.ArgumentParser, config: Type[Config],
+                       title: str) -> None:
+    """One option --name-with-dashes per field of `config` marked cli=True, with the field's
+    default, help and check."""
+    group = parser.add_argument_group(title)
+    for f in config.options():
+        check = f.metadata["check"]
+        kwargs: Dict[str, Any] = {"dest": f.name, "default": f.default}
+        if hasattr(check, "choices"):
+            kwargs["choices"] = check.choices
+        else:
+            kwargs["type"] = option_type(check, f.name)
+        default = "" if f.default is None else f" (default {f.default})"
+        group.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"] + default,
+                           **kwargs)
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+def config_settings(config: Type[Config], args: argparse.Namespace) -> Dict[str, Any]:
+    """The values of `config`'s command-line options in parsed `args`."""
+    return {f.name: getattr(args, f.name) for f in config.options()}
 
 
 def add_training_options(parser: argparse.ArgumentParser, steps: int, seed: int) -> None:
