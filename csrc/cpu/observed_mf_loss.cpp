@@ -22,6 +22,10 @@
 //
 // Indices are checked by the bucketing pass, before anything is read through them; the lowest
 // bad position is reported (its row if both are bad).
+//
+// Tiling, bucketing and chunks: bucketing.h; float32 accuracy over long sums:
+// compensated_sums.h; vector helpers: simd.h. This file holds the fused pass (run_chunk: its
+// hot loop is kept whole, see its comments) and the op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
