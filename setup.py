@@ -84,6 +84,8 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 WITH_CUDA = want_cuda(CUDA_HOME)
 
 sources = ["csrc/mf_ext.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+# Headers: setuptools rebuilds an extension only when a source or one of these is newer.
+headers = sorted(glob.glob("csrc/**/*.h", recursive=True))
 cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
 extra_link = ["-fopenmp"]
 define_macros = []  # py_limited_api=True makes torch define Py_LIMITED_API
@@ -122,10 +124,12 @@ write_build_info()
 if WITH_CUDA:
     cuda_includes, cuda_libs = pip_cuda_dirs()
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    headers += sorted(glob.glob("csrc/cuda/*.cuh"))
     define_macros.append(("MF_EXT_WITH_CUDA", "1"))
     ext = CUDAExtension(
         "mf_ext._C",
         sources,
+        depends=headers,
         include_dirs=include_dirs + cuda_includes,
         library_dirs=cuda_libs,
         define_macros=define_macros,
@@ -137,6 +141,7 @@ else:
     ext = CppExtension(
         "mf_ext._C",
         sources,
+        depends=headers,
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},

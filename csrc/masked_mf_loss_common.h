@@ -1,22 +1,28 @@
 // What the CPU and CUDA kernels of mf_ext::masked_mf_loss_and_grads share: the argument checks
-// (so both reject bad input with the same message), the outputs' allocation and the choice of
-// orientation.
+// (so both reject bad input with the same message), the outputs' allocation, the choice of
+// orientation and the even split of rows and columns into groups.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
-#include <string_view>
+
+#include "reduction.h"
+
+#if defined(__CUDACC__)
+#define MF_EXT_HOST_DEVICE __host__ __device__
+#else
+#define MF_EXT_HOST_DEVICE
+#endif
 
 namespace mf_ext {
 
-enum class Reduction { Sum, Mean };
-
-inline Reduction parse_reduction(std::string_view reduction) {
-  if (reduction == "sum") return Reduction::Sum;
-  if (reduction == "mean") return Reduction::Mean;
-  TORCH_CHECK_VALUE(false, "mf_ext.masked_mf_loss: reduction must be \"sum\" or \"mean\", got \"",
-                    reduction, "\"");
+// [begin, end) of part `index` when `total` is cut into `parts` near-equal parts.
+struct Range {
+  int64_t begin, end;
+};
+MF_EXT_HOST_DEVICE inline Range split(int64_t total, int64_t parts, int64_t index) {
+  return {total * index / parts, total * (index + 1) / parts};
 }
 
 inline void check_floating(const at::Tensor& t, const char* name) {
@@ -67,7 +73,7 @@ struct MaskedMfOutputs {
   at::Tensor loss, grad_R, grad_P, grad_Q;
 };
 
-inline MaskedMfOutputs allocate_outputs(const at::Tensor& R, const at::Tensor& P, bool grad_R,
+inline MaskedMfOutputs allocate_masked_outputs(const at::Tensor& R, const at::Tensor& P, bool grad_R,
                                         bool grad_P, bool grad_Q) {
   const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
   const auto opts = R.options();
@@ -85,18 +91,23 @@ struct RowMajorProblem {
   at::Tensor grad_R, grad_P, grad_Q;
 };
 
-inline RowMajorProblem orient_rows(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
-                                   const std::optional<at::Tensor>& mask,
-                                   const MaskedMfOutputs& out, bool grad_R, bool grad_P,
-                                   bool grad_Q) {
+// Whether the kernels see R transposed: when it is column-major, and not unit-stride along its rows.
+inline bool read_transposed(const at::Tensor& R) {
   const bool rows_unit = R.size(1) <= 1 || R.stride(1) == 1;
   // One row (m = 1) is never transposed: as an n × 1 problem its dP would be summed in long
   // sequential chains (slow and less accurate) instead of across vector lanes.
   const bool column_major = R.size(0) > 1 && R.stride(0) == 1;
+  return !rows_unit && column_major;
+}
+
+inline RowMajorProblem orient_rows(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
+                                   const std::optional<at::Tensor>& mask,
+                                   const MaskedMfOutputs& out, bool grad_R, bool grad_P,
+                                   bool grad_Q) {
   const at::Tensor dR = grad_R ? out.grad_R : at::Tensor();
   const at::Tensor dP = grad_P ? out.grad_P : at::Tensor();
   const at::Tensor dQ = grad_Q ? out.grad_Q : at::Tensor();
-  if (rows_unit || !column_major) return {R, P, Q, mask, dR, dP, dQ};
+  if (!read_transposed(R)) return {R, P, Q, mask, dR, dP, dQ};
   std::optional<at::Tensor> mask_t;
   if (mask.has_value()) mask_t = mask->t();
   return {R.t(), Q, P, mask_t, dR.defined() ? dR.t() : dR, dQ, dP};

@@ -31,4 +31,8 @@ TORCH_LIBRARY(mf_ext, m) {
       "bool grad_P, bool grad_Q, bool grad_row_bias, bool grad_col_bias, bool grad_weights) -> "
       "(Tensor loss, Tensor grad_values, Tensor grad_P, Tensor grad_Q, Tensor grad_row_bias, "
       "Tensor grad_col_bias, Tensor grad_weights)");
+  // Internal, for tests: how the CPU kernels cut a problem into units of work, flattened into
+  // ints (decoded by mf_ext.ops._observed_partition and _dense_partition). CPU only.
+  m.def("_observed_partition(Tensor rows, Tensor cols, Tensor P, Tensor Q) -> int[]");
+  m.def("_dense_partition(Tensor R, Tensor P, Tensor Q) -> int[]");
 }

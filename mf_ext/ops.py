@@ -153,7 +153,7 @@ def masked_mf_loss(
 
 def _check_observed_mf_loss_args(rows, cols, values, P, Q, row_bias, col_bias, weights,
                                  reduction) -> None:
-    """The same checks, with the same messages, as csrc/observed_mf_loss_checks.h; run here for
+    """The same checks, with the same messages, as csrc/observed_mf_loss_common.h; run here for
     fake tensors (torch.compile, meta), where the C++ kernel does not run. Index ranges need the
     data, so only the kernels check them."""
     op = "mf_ext.observed_mf_loss"
@@ -297,3 +297,43 @@ def observed_mf_loss(
         wants(values), wants(P), wants(Q), wants(row_bias), wants(col_bias), wants(weights),
     )[0]
     return loss
+
+
+# ---------------------------------------------------------------- partitions (internal, for tests)
+
+def _observed_partition(rows: torch.Tensor, cols: torch.Tensor, P: torch.Tensor,
+                        Q: torch.Tensor) -> dict:
+    """How the CPU kernel of observed_mf_loss cuts the triples (rows, cols) for P (r, m), Q (r, n)
+    (their shapes and dtype): {"outer": "rows" or "cols", "outer_block_size",
+    "inner_block_size" (indices per block), "outer_blocks", "inner_blocks", "tiles" (ints),
+    "segments" (triples per bucketing segment), "chunks" (triples per chunk, the units of
+    parallel work)}, computed by the kernel's own code. Out-of-range indices raise IndexError."""
+    flat = torch.ops.mf_ext._observed_partition(rows, cols, P, Q)
+    rows_outer, outer_size, inner_size, outer_blocks, inner_blocks, segments, chunks = flat[:7]
+    return {
+        "outer": "rows" if rows_outer else "cols",
+        "outer_block_size": outer_size,
+        "inner_block_size": inner_size,
+        "outer_blocks": outer_blocks,
+        "inner_blocks": inner_blocks,
+        "tiles": outer_blocks * inner_blocks,
+        "segments": list(flat[7:7 + segments]),
+        "chunks": list(flat[7 + segments:7 + segments + chunks]),
+    }
+
+
+def _dense_partition(R: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> dict:
+    """How the CPU kernel of masked_mf_loss cuts R (m, n) (its shape, strides and dtype) into
+    tasks: {"transposed" (the kernel reads R column-major), "row_groups", "col_groups" (of R's
+    rows and columns), "tasks" (cells per task, in task order), "task_ranges" (each task's
+    (row_begin, row_end, col_begin, col_end) in R)}, computed by the kernel's own code."""
+    flat = torch.ops.mf_ext._dense_partition(R, P, Q)
+    transposed, row_groups, col_groups, tasks = flat[:4]
+    cells = [tuple(flat[4 + 4 * t:8 + 4 * t]) for t in range(tasks)]
+    return {
+        "transposed": bool(transposed),
+        "row_groups": row_groups,
+        "col_groups": col_groups,
+        "tasks": [(i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in cells],
+        "task_ranges": cells,
+    }

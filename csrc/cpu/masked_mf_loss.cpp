@@ -52,9 +52,31 @@ struct TaskResult {
   int64_t count = 0;
 };
 
-// [begin, end) of part `index` when `total` is cut into `parts` near-equal parts.
-inline std::pair<int64_t, int64_t> split(int64_t total, int64_t parts, int64_t index) {
-  return {total * index / parts, total * (index + 1) / parts};
+// The tasks: row_groups × col_groups, from the shape and dtype alone. Columns are padded to
+// n_pad, a whole number of 4-vector blocks, and cut into groups of whole blocks.
+struct DenseGroups {
+  int64_t n_pad, row_groups, col_groups;
+};
+
+template <typename T>
+DenseGroups plan_dense_groups(int64_t m, int64_t n) {
+  constexpr int64_t kBlock = 4 * Vec<T>::width;
+  const int64_t n_pad = (n + kBlock - 1) / kBlock * kBlock;
+  return {n_pad, std::clamp<int64_t>((m + 63) / 64, 1, kMaxGroups),
+          std::clamp<int64_t>((n_pad / kBlock + 3) / 4, 1, kMaxGroups)};
+}
+
+// Task t's rows [i0, i1) and padded columns [j0, j1).
+struct TaskCells {
+  int64_t i0, i1, j0, j1;
+};
+
+template <typename T>
+MF_EXT_INLINE TaskCells task_cells(int64_t m, const DenseGroups& g, int64_t task) {
+  constexpr int64_t kBlock = 4 * Vec<T>::width;
+  const Range rows = split(m, g.row_groups, task / g.col_groups);
+  const Range blocks = split(g.n_pad / kBlock, g.col_groups, task % g.col_groups);
+  return {rows.begin, rows.end, blocks.begin * kBlock, blocks.end * kBlock};
 }
 
 // W entries of a row starting at `p` with stride `stride`, of which only `lanes` exist (the
@@ -173,11 +195,9 @@ MF_EXT_INLINE void process_rows(const DenseProblem<T>& pb, int64_t i, int64_t jt
 template <typename T, bool kGradP, bool kGradQ>
 MF_EXT_INLINE void run_task(const DenseProblem<T>& pb, int64_t task, TaskResult& result) {
   constexpr int kRows = 4;
-  constexpr int64_t kBlock = 4 * Vec<T>::width;
   const int64_t r = pb.r, m = pb.m, n_pad = pb.n_pad;
-  const auto [i0, i1] = split(m, pb.row_groups, task / pb.col_groups);
-  const auto [b0, b1] = split(n_pad / kBlock, pb.col_groups, task % pb.col_groups);
-  const int64_t j0 = b0 * kBlock, j1 = b1 * kBlock;
+  const auto [i0, i1, j0, j1] =
+      task_cells<T>(m, DenseGroups{n_pad, pb.row_groups, pb.col_groups}, task);
   T* dP = kGradP ? pb.dP_parts + (task % pb.col_groups) * r * m : nullptr;
   T* dQ = kGradQ ? pb.dQ_parts + (task / pb.col_groups) * r * n_pad : nullptr;
 
@@ -250,13 +270,13 @@ double masked_mf_loss_impl(const at::Tensor& R, const at::Tensor& P, const at::T
                            const std::optional<at::Tensor>& mask, Reduction reduction,
                            const at::Tensor& grad_R, const at::Tensor& grad_P,
                            const at::Tensor& grad_Q) {
-  constexpr int64_t kBlock = 4 * Vec<T>::width;
   const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
   if (grad_P.defined()) grad_P.zero_();
   if (grad_Q.defined()) grad_Q.zero_();
   if (m == 0 || n == 0) return 0.0;
 
-  const int64_t n_pad = (n + kBlock - 1) / kBlock * kBlock;
+  const DenseGroups groups = plan_dense_groups<T>(m, n);
+  const int64_t n_pad = groups.n_pad;
   at::Tensor P_c = P.contiguous();
   at::Tensor Q_pad = at::zeros({r, n_pad}, Q.options());
   Q_pad.narrow(1, 0, n).copy_(Q);
@@ -281,8 +301,8 @@ double masked_mf_loss_impl(const at::Tensor& R, const at::Tensor& P, const at::T
   }
   pb.P = P_c.const_data_ptr<T>();
   pb.Q = Q_pad.const_data_ptr<T>();
-  pb.row_groups = std::clamp<int64_t>((m + 63) / 64, 1, kMaxGroups);
-  pb.col_groups = std::clamp<int64_t>((n_pad / kBlock + 3) / 4, 1, kMaxGroups);
+  pb.row_groups = groups.row_groups;
+  pb.col_groups = groups.col_groups;
   at::Tensor dP_parts, dQ_parts;
   if (grad_P.defined() && r > 0) {
     dP_parts = at::zeros({pb.col_groups, r, m}, P.options());
@@ -323,11 +343,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_gr
     const std::optional<at::Tensor>& mask, c10::string_view reduction, bool grad_R, bool grad_P,
     bool grad_Q) {
   check_masked_mf_loss_args(R, P, Q, mask);
-  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const Reduction red = parse_reduction("mf_ext.masked_mf_loss", reduction);
   TORCH_CHECK_TYPE(R.scalar_type() == at::kFloat || R.scalar_type() == at::kDouble,
                    "mf_ext.masked_mf_loss: the CPU kernel supports float32 and float64, got ",
                    R.scalar_type());
-  MaskedMfOutputs out = allocate_outputs(R, P, grad_R, grad_P, grad_Q);
+  MaskedMfOutputs out = allocate_masked_outputs(R, P, grad_R, grad_P, grad_Q);
   if (grad_R && R.numel() == 0) out.grad_R.zero_();
   const RowMajorProblem k = orient_rows(R, P, Q, mask, out, grad_R, grad_P, grad_Q);
   AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "masked_mf_loss_cpu", [&] {
@@ -337,10 +357,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_gr
   return {out.loss, out.grad_R, out.grad_P, out.grad_Q};
 }
 
+// mf_ext::_dense_partition: how the kernel above cuts R (m, n) into tasks, computed by its own
+// planning code, for tests. In R's coordinates, flattened: [transposed (the kernel reads R
+// column-major), row groups, column groups, tasks, then per task in task order its rows
+// [begin, end) and columns [begin, end)]; no tasks when R is empty.
+std::vector<int64_t> dense_partition_cpu(const at::Tensor& R, const at::Tensor& P,
+                                         const at::Tensor& Q) {
+  check_masked_mf_loss_args(R, P, Q, std::nullopt);
+  TORCH_CHECK_TYPE(R.scalar_type() == at::kFloat || R.scalar_type() == at::kDouble,
+                   "mf_ext._dense_partition: R must be float32 or float64, got ",
+                   R.scalar_type());
+  const bool transposed = read_transposed(R);
+  const int64_t m = transposed ? R.size(1) : R.size(0), n = transposed ? R.size(0) : R.size(1);
+  std::vector<int64_t> out{transposed, 0, 0, 0};
+  if (m == 0 || n == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "dense_partition_cpu", [&] {
+    const DenseGroups g = plan_dense_groups<scalar_t>(m, n);
+    out[1 + transposed] = g.row_groups;
+    out[2 - transposed] = g.col_groups;
+    out[3] = g.row_groups * g.col_groups;
+    for (int64_t task = 0; task < out[3]; ++task) {
+      const TaskCells c = task_cells<scalar_t>(m, g, task);
+      const int64_t rows[2] = {c.i0, c.i1}, cols[2] = {c.j0, std::min(c.j1, n)};
+      const int64_t* first = transposed ? cols : rows;
+      const int64_t* second = transposed ? rows : cols;
+      out.insert(out.end(), {first[0], first[1], second[0], second[1]});
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mf_ext, CPU, m) {
   m.impl("masked_mf_loss_and_grads", &masked_mf_loss_and_grads_cpu);
+  m.impl("_dense_partition", &dense_partition_cpu);
 }
 
 }  // namespace mf_ext

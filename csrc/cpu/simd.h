@@ -3,7 +3,14 @@
 // MF_EXT_TARGET_CLONES), so one source gives every x86-64 machine its widest vectors.
 #pragma once
 
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 
 namespace mf_ext::simd {
 
@@ -69,6 +76,96 @@ MF_EXT_INLINE typename Vec<T>::type load_mask(const bool* p) {
   typename Vec<T>::bytes b;
   __builtin_memcpy(&b, p, sizeof(b));
   return __builtin_convertvector(b, typename Vec<T>::type);
+}
+
+// Sum of the lanes as a fixed pairwise tree (lane l + lane l + W/2, and so on down), kept in
+// registers: the per-triple dot product sits on the critical path, and simd::sum_lanes (W
+// dependent adds) or a tree through memory costs several times more. The order depends on
+// nothing but W.
+MF_EXT_INLINE float sum_lanes_tree(Vec<float>::type v) {
+  typedef float f8 __attribute__((vector_size(32)));
+  typedef float f4 __attribute__((vector_size(16)));
+  typedef float f2 __attribute__((vector_size(8)));
+  const f8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const f2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+  return c[0] + c[1];
+}
+
+MF_EXT_INLINE double sum_lanes_tree(Vec<double>::type v) {
+  typedef double d4 __attribute__((vector_size(32)));
+  typedef double d2 __attribute__((vector_size(16)));
+  const d4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const d2 b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
+  return b[0] + b[1];
+}
+
+// Vectors of an r-row: in registers when their count NV is a compile-time constant, else on
+// the heap (NV == 0). Both are 64-byte aligned by hand: the kernels are compiled for the base ISA,
+// where a 64-byte vector type is only 16-byte aligned (so std::vector<V> gets 16-byte blocks),
+// while the AVX2 / AVX-512 clones of the kernel move V with aligned instructions (a misaligned
+// heap block crashed float64 at r > 64 and float32 at r > 128).
+constexpr size_t kVectorAlign = 64;
+template <typename V, int NV>
+struct RowVectors {
+  alignas(kVectorAlign) V v[NV];
+  explicit RowVectors(int64_t) {}
+  MF_EXT_INLINE V* data() { return v; }
+};
+template <typename V>
+struct RowVectors<V, 0> {
+  struct Free {
+    void operator()(V* p) const { std::free(p); }
+  };
+  std::unique_ptr<V[], Free> v;
+  explicit RowVectors(int64_t count) {
+    static_assert(sizeof(V) % kVectorAlign == 0, "aligned_alloc needs a multiple of 64 bytes");
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(V);
+    v.reset(static_cast<V*>(std::aligned_alloc(kVectorAlign, bytes)));
+    TORCH_CHECK(v != nullptr, "mf_ext: out of memory (", bytes, " bytes of vector rows)");
+    std::memset(static_cast<void*>(v.get()), 0, bytes);
+  }
+  MF_EXT_INLINE V* data() { return v.get(); }
+};
+
+// p · q over nv vectors: products summed as a fixed pairwise tree (shorter latency than a
+// chain), then across lanes.
+template <typename T, int NV>
+MF_EXT_INLINE T dot_row(const typename Vec<T>::type* p, const T* q, int64_t nv) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  if constexpr (NV == 0) {
+    V even = simd::broadcast<T>(0), odd = simd::broadcast<T>(0);
+    int64_t v = 0;
+    for (; v + 1 < nv; v += 2) {
+      even += p[v] * simd::load(q + v * W);
+      odd += p[v + 1] * simd::load(q + (v + 1) * W);
+    }
+    if (v < nv) even += p[v] * simd::load(q + v * W);
+    return sum_lanes_tree(even + odd);
+  } else {
+    V prod[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) prod[v] = p[v] * simd::load(q + v * W);
+#pragma GCC unroll 8
+    for (int width = 1; width < NV; width *= 2) {
+#pragma GCC unroll 8
+      for (int v = 0; v + width < NV; v += 2 * width) prod[v] += prod[v + width];
+    }
+    return sum_lanes_tree(prod[0]);
+  }
+}
+
+// dp += acc (nv vectors), then acc = 0.
+template <typename T>
+MF_EXT_INLINE void flush_run(T* dp, typename Vec<T>::type* acc, int64_t nv) {
+  constexpr int W = Vec<T>::width;
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < nv; ++v) {
+    simd::store(dp + v * W, simd::load(dp + v * W) + acc[v]);
+    acc[v] = simd::broadcast<T>(0);
+  }
 }
 
 }  // namespace mf_ext::simd

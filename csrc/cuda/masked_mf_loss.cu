@@ -28,14 +28,14 @@
 #include <cstdint>
 
 #include "../masked_mf_loss_common.h"
+#include "common.cuh"
 
 namespace mf_ext {
 namespace {
 
-constexpr int kThreads = 256;            // 16 × 16 threads, each owning 8 × 8 entries of a tile
+static_assert(kThreads == 256, "16 × 16 threads, each owning 8 × 8 entries of a tile");
 constexpr int kTile = 128;               // rows (and columns) of R per tile
 constexpr int kHalfTile = kTile / 2;     // a thread's 8 rows are two runs of 4, 64 rows apart
-constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxGroups = 16;       // row (column) groups when both dimensions are large
 constexpr int64_t kTargetBlocks = 256;   // about two waves of one block per SM (H200: 132 SMs)
 
@@ -73,13 +73,6 @@ struct DenseProblem {
   int64_t* count_parts;   // (row_groups · col_groups): each block's |Ω ∩ its tiles|
   int64_t tile_rows, tile_cols, row_groups, col_groups;
 };
-
-// [begin, end) of part `index` when `total` is cut into `parts` near-equal parts.
-__host__ __device__ inline void split(int64_t total, int64_t parts, int64_t index, int64_t& begin,
-                                      int64_t& end) {
-  begin = total * index / parts;
-  end = total * (index + 1) / parts;
-}
 
 // Tile-local row (or column) of a thread's a-th row (column), a in [0, 8).
 __device__ __forceinline__ int local_index(int t, int a) {
@@ -235,17 +228,14 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(32) acc_t Qs[KC][kTile];
   __shared__ __align__(32) acc_t dQ_warp[kWarps][KC][kTile];  // per-warp column sums
   __shared__ acc_t dP_rows[KC][kTile];                         // the tile's row sums
-  __shared__ double warp_loss[kWarps];
-  __shared__ long long warp_count[kWarps];
 
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const int lane = tid % 32, warp = tid / 32, lane_half = (tid / 16) & 1;
+  const int warp = tid / 32, lane_half = (tid / 16) & 1;
   const int64_t gc = blockIdx.x, gr = blockIdx.y;
   const int64_t r = pb.r;
   const bool want_dP = pb.dP_parts != nullptr, want_dQ = pb.dQ_parts != nullptr;
-  int64_t tr0, tr1, tc0, tc1;
-  split(pb.tile_rows, pb.row_groups, gr, tr0, tr1);
-  split(pb.tile_cols, pb.col_groups, gc, tc0, tc1);
+  const auto [tr0, tr1] = split(pb.tile_rows, pb.row_groups, gr);
+  const auto [tc0, tc1] = split(pb.tile_cols, pb.col_groups, gc);
 
   double loss = 0;
   int64_t count = 0;
@@ -363,23 +353,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  // The block's loss and count, summed in a fixed order: shuffle tree, then warps in order.
-  for (int offset = 16; offset > 0; offset /= 2) {
-    loss += __shfl_down_sync(0xffffffffu, loss, offset);
-    count += __shfl_down_sync(0xffffffffu, count, offset);
-  }
-  if (lane == 0) {
-    warp_loss[warp] = loss;
-    warp_count[warp] = count;
-  }
-  __syncthreads();
+  // The block's loss and count, summed in a fixed order.
+  const double block_loss = block_sum(loss);
+  const int64_t block_count = block_sum(count);
   if (tid == 0) {
-    double block_loss = 0;
-    long long block_count = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      block_loss += warp_loss[w];
-      block_count += warp_count[w];
-    }
     const int64_t block = gr * pb.col_groups + gc;
     pb.loss_parts[block] = block_loss;
     pb.count_parts[block] = block_count;
@@ -392,28 +369,13 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     finalize_loss_kernel(const double* loss_parts, const int64_t* count_parts, int64_t blocks,
                          bool mean, scalar_t* loss_out, double* scale_out) {
-  __shared__ double loss[kThreads];
-  __shared__ long long count[kThreads];
-  const int tid = threadIdx.x;
-  double l = 0;
-  long long c = 0;
-  for (int64_t b = tid; b < blocks; b += kThreads) {
-    l += loss_parts[b];
-    c += count_parts[b];
-  }
-  loss[tid] = l;
-  count[tid] = c;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (tid < stride) {
-      loss[tid] += loss[tid + stride];
-      count[tid] += count[tid + stride];
-    }
-    __syncthreads();
-  }
-  if (tid == 0) {
-    const double scale = mean ? 1.0 / static_cast<double>(count[0] > 0 ? count[0] : 1) : 1.0;
-    *loss_out = static_cast<scalar_t>(loss[0] * scale);
+  __shared__ double loss_sums[kThreads];
+  __shared__ int64_t count_sums[kThreads];
+  const double loss = sum_parts(loss_parts, blocks, loss_sums);
+  const int64_t count = sum_parts(count_parts, blocks, count_sums);
+  if (threadIdx.x == 0) {
+    const double scale = mean ? 1.0 / static_cast<double>(count > 0 ? count : 1) : 1.0;
+    *loss_out = static_cast<scalar_t>(loss * scale);
     *scale_out = scale;
   }
 }
@@ -453,9 +415,9 @@ bool aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
+// The partial sums' grid-stride kernel: a thread per entry, at most 8 blocks per SM.
 int reduce_grid(int64_t total) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min((total + kThreads - 1) / kThreads, sms * 8)));
+  return grid_for(total, kThreads, 8);
 }
 
 // Runs the fused pass on R (m, n), P (r, m), Q (r, n) (m, n ≥ 1); writes loss, grad_R (if
@@ -544,9 +506,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_gr
   // Checks first: with a CPU tensor among CUDA ones the dispatcher lands here, and the device
   // check must speak before the guard does.
   check_masked_mf_loss_args(R, P, Q, mask);
-  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const Reduction red = parse_reduction("mf_ext.masked_mf_loss", reduction);
   const c10::cuda::CUDAGuard guard(R.device());
-  MaskedMfOutputs out = allocate_outputs(R, P, grad_R, grad_P, grad_Q);
+  MaskedMfOutputs out = allocate_masked_outputs(R, P, grad_R, grad_P, grad_Q);
   if (R.numel() == 0) {  // nothing observed: zero loss and gradients, no kernel
     out.loss.zero_();
     out.grad_P.zero_();

@@ -9,6 +9,7 @@
 // so that a triple reads two contiguous vectors p_i, q_j. The gradients of P and Q are
 // accumulated in the same row layout and transposed back at the end. Nothing of size nnz × r is
 // ever formed; the extra memory is O(r·(m + n)) (plus, in deterministic mode, O(nnz) for a sort).
+// The vectors and the transposes are in row_layout.cuh.
 //
 // The fused pass. A group of G lanes (a power of two ≤ 32, from r) owns a contiguous chunk of
 // triples and walks it in order; each lane holds kVecs vectors of the r-vectors, so G·kVecs
@@ -30,8 +31,8 @@
 // torch.are_deterministic_algorithms_enabled(), the fused pass instead writes each triple's g
 // (an nnz vector), and dP/drow_bias and dQ/dcol_bias are segment sums over a stable sort of the
 // triples by row and by column: each row's (column's) terms are added in triple order by one
-// warp, so results are bitwise repeatable. The loss is always reduced in a fixed order (per-block
-// partials, then one block), so it is bitwise repeatable in both modes.
+// warp (segment_sums.cuh), so results are bitwise repeatable. The loss is always reduced in a
+// fixed order (per-block partials, then one block), so it is bitwise repeatable in both modes.
 //
 // Index ranges. A triple whose row or column is out of range is never read through: it is
 // skipped, and the lowest such position is recorded on the device (atomicMin). After every kernel
@@ -56,82 +57,20 @@
 #include <cstdio>
 #include <limits>
 
-#include "../observed_mf_loss_checks.h"
+#include "../observed_mf_loss_common.h"
+#include "common.cuh"
+#include "row_layout.cuh"
+#include "segment_sums.cuh"
 
 namespace mf_ext {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 // Vectors per lane the group size aims for: more lanes per triple means more shuffles per
 // triple, more vectors per lane means more registers (fewer resident warps). Tunable.
 constexpr int kTargetVecsPerLane = 2;
 // Beyond 4 (r > 512 float, > 256 double) the registers spill: the wide-rank kernel instead.
 constexpr int kMaxVecsPerLane = 4;
 constexpr unsigned long long kNoBadIndex = std::numeric_limits<long long>::max();
-
-// 16-byte vectors of the accumulation type.
-template <typename acc_t>
-struct Vec;
-template <>
-struct Vec<float> {
-  using type = float4;
-  static constexpr int width = 4;
-};
-template <>
-struct Vec<double> {
-  using type = double2;
-  static constexpr int width = 2;
-};
-
-__device__ __forceinline__ void set_zero(float4& a) { a = make_float4(0.f, 0.f, 0.f, 0.f); }
-__device__ __forceinline__ void set_zero(double2& a) { a = make_double2(0.0, 0.0); }
-
-__device__ __forceinline__ float dot_add(float s, const float4& a, const float4& b) {
-  return s + a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
-}
-__device__ __forceinline__ double dot_add(double s, const double2& a, const double2& b) {
-  return s + a.x * b.x + a.y * b.y;
-}
-
-__device__ __forceinline__ void add_scaled(float4& a, float g, const float4& b) {
-  a.x += g * b.x;
-  a.y += g * b.y;
-  a.z += g * b.z;
-  a.w += g * b.w;
-}
-__device__ __forceinline__ void add_scaled(double2& a, double g, const double2& b) {
-  a.x += g * b.x;
-  a.y += g * b.y;
-}
-
-__device__ __forceinline__ float4 scaled(float g, const float4& b) {
-  return make_float4(g * b.x, g * b.y, g * b.z, g * b.w);
-}
-__device__ __forceinline__ double2 scaled(double g, const double2& b) {
-  return make_double2(g * b.x, g * b.y);
-}
-
-// One 16-byte atomic add where the hardware has it (sm_90+), else one per component.
-__device__ __forceinline__ void atomic_add_vec(float4* address, const float4& v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  atomicAdd(&address->x, v.x);
-  atomicAdd(&address->y, v.y);
-  atomicAdd(&address->z, v.z);
-  atomicAdd(&address->w, v.w);
-#else
-  atomicAdd(address, v);
-#endif
-}
-__device__ __forceinline__ void atomic_add_vec(double2* address, const double2& v) {
-  atomicAdd(&address->x, v.x);
-  atomicAdd(&address->y, v.y);
-}
-
-__device__ __forceinline__ int64_t load_index(const void* base, bool is_64, int64_t offset) {
-  return is_64 ? static_cast<const int64_t*>(base)[offset]
-               : static_cast<int64_t>(static_cast<const int32_t*>(base)[offset]);
-}
 
 // Everything the kernels read and write, as raw pointers taken once on the host.
 template <typename scalar_t, typename acc_t>
@@ -208,21 +147,24 @@ __device__ __forceinline__ Triple<acc_t> load_triple(const ObservedProblem<scala
   return tr;
 }
 
-// Sums the block's per-thread losses in a fixed order (shuffle tree, then warps in order) into
-// loss_parts[blockIdx.x]. Every thread of the block must call it.
+// A valid triple's error e = value − pred, from its dot product p_iᵀ q_j; `leader` (one lane of
+// the triple's lanes) adds w e² to its loss, in double.
+template <typename acc_t>
+__device__ __forceinline__ acc_t triple_error(const Triple<acc_t>& tr, acc_t dot, bool leader,
+                                              double& loss) {
+  const acc_t pred = (dot + tr.row_bias) + tr.col_bias;
+  const acc_t e = tr.value - pred;
+  if (leader) {
+    loss += static_cast<double>(tr.weight) * (static_cast<double>(e) * static_cast<double>(e));
+  }
+  return e;
+}
+
+// loss_parts[blockIdx.x] = Σ loss over the block's threads, in a fixed order. Every thread of the
+// block must call it.
 __device__ __forceinline__ void store_block_loss(double loss, double* loss_parts) {
-  __shared__ double warp_loss[kWarps];
-  __syncwarp();  // the warp's groups may have left their loops at different times
-  for (int offset = 16; offset > 0; offset /= 2) {
-    loss += __shfl_down_sync(0xffffffffu, loss, offset);
-  }
-  if (threadIdx.x % 32 == 0) warp_loss[threadIdx.x / 32] = loss;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double block_loss = 0;
-    for (int w = 0; w < kWarps; ++w) block_loss += warp_loss[w];
-    loss_parts[blockIdx.x] = block_loss;
-  }
+  const double block_loss = block_sum(loss);
+  if (threadIdx.x == 0) loss_parts[blockIdx.x] = block_loss;
 }
 
 // The fused pass (see the header). kVecs: vectors of each r-vector held per lane.
@@ -326,13 +268,8 @@ __global__ void __launch_bounds__(kThreads)
         for (int offset = G / 2; offset > 0; offset /= 2) {
           dot += __shfl_xor_sync(mask, dot, offset);
         }
-        const acc_t pred = (dot + cur.row_bias) + cur.col_bias;
-        const acc_t e = cur.value - pred;
+        const acc_t e = triple_error(cur, dot, gl == 0, loss);
         const acc_t g = pb.coef * (cur.weight * e);
-        if (gl == 0) {
-          loss += static_cast<double>(cur.weight) *
-                  (static_cast<double>(e) * static_cast<double>(e));
-        }
         if (dP) {
 #pragma unroll
           for (int u = 0; u < kVecs; ++u) add_scaled(dp[u], g, q_cur[u]);
@@ -399,12 +336,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int offset = 16; offset > 0; offset /= 2) {
         dot += __shfl_xor_sync(0xffffffffu, dot, offset);
       }
-      const acc_t pred = (dot + tr.row_bias) + tr.col_bias;
-      e = tr.value - pred;
+      e = triple_error(tr, dot, lane == 0, loss);
       g = pb.coef * (tr.weight * e);
-      if (lane == 0) {
-        loss += static_cast<double>(tr.weight) * (static_cast<double>(e) * static_cast<double>(e));
-      }
       for (int64_t v = lane; v < nvec; v += 32) {
         if (dP) atomic_add_vec(dP + tr.i * nvec + v, scaled(g, q[v]));
         if (dQ) atomic_add_vec(dQ + tr.j * nvec + v, scaled(g, p[v]));
@@ -423,105 +356,13 @@ __global__ void __launch_bounds__(kThreads)
   store_block_loss(loss, pb.loss_parts);
 }
 
-// Deterministic mode: out_rows[key] = Σ_t coef[t] · other_rows[other[t]] and out_bias[key] =
-// Σ_t coef[t] over the triples t of `key`, which are order[offsets[key] : offsets[key + 1]] (a
-// stable sort by key, so in triple order), added in that order by one warp. Triples whose other
-// index is out of range are skipped (their coef is 0; the op raises for them afterwards).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    segment_sum_kernel(int64_t keys, const int64_t* __restrict__ offsets,
-                       const int64_t* __restrict__ order, const void* other, bool other_64,
-                       int64_t other_s, int64_t other_count, const acc_t* other_rows,
-                       int64_t nvec, const acc_t* __restrict__ coef, acc_t* out_rows,
-                       acc_t* out_bias) {
-  using V = typename Vec<acc_t>::type;
-  const int lane = threadIdx.x % 32;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  const V* __restrict__ source = reinterpret_cast<const V*>(other_rows);
-  V* out = reinterpret_cast<V*>(out_rows);
-  for (int64_t key = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
-       key < keys; key += warps) {
-    const int64_t begin = offsets[key], end = offsets[key + 1];
-    if (out) {
-      for (int64_t v = lane; v < nvec; v += 32) {
-        V acc;
-        set_zero(acc);
-        for (int64_t s = begin; s < end; ++s) {
-          const int64_t t = order[s];
-          const int64_t o = load_index(other, other_64, t * other_s);
-          if (static_cast<uint64_t>(o) >= static_cast<uint64_t>(other_count)) continue;
-          add_scaled(acc, coef[t], source[o * nvec + v]);
-        }
-        out[key * nvec + v] = acc;
-      }
-    }
-    if (out_bias && lane == 0) {
-      acc_t sum = 0;
-      for (int64_t s = begin; s < end; ++s) sum += coef[order[s]];
-      out_bias[key] = sum;
-    }
-  }
-}
-
-// dst[a][b] = src[b][a] for b < s0, a < s1, else 0; dst is (d0, d1). 32 × 32 tiles through
-// shared memory, so both the reads and the writes are coalesced.
-template <typename src_t, typename dst_t, typename tile_t>
-__global__ void __launch_bounds__(kThreads)
-    transpose_kernel(const src_t* __restrict__ src, int64_t s0, int64_t s1, int64_t src_ld,
-                     dst_t* __restrict__ dst, int64_t d0, int64_t d1, int64_t dst_ld) {
-  __shared__ tile_t tile[32][33];
-  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
-  const int64_t tiles_a = (d0 + 31) / 32, tiles_b = (d1 + 31) / 32;
-  for (int64_t tile_id = blockIdx.x; tile_id < tiles_a * tiles_b; tile_id += gridDim.x) {
-    const int64_t a0 = tile_id / tiles_b * 32, b0 = tile_id % tiles_b * 32;
-    for (int y = ty; y < 32; y += kWarps) {
-      const int64_t b = b0 + y, a = a0 + tx;
-      tile[y][tx] = b < s0 && a < s1 ? static_cast<tile_t>(src[b * src_ld + a]) : tile_t(0);
-    }
-    __syncthreads();
-    for (int y = ty; y < 32; y += kWarps) {
-      const int64_t a = a0 + y, b = b0 + tx;
-      if (a < d0 && b < d1) dst[a * dst_ld + b] = static_cast<dst_t>(tile[tx][y]);
-    }
-    __syncthreads();
-  }
-}
-
 // Sums the blocks' losses in a fixed order and divides by `divisor` (nnz for "mean", else 1).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     finalize_loss_kernel(const double* parts, int64_t count, double divisor, scalar_t* out) {
   __shared__ double sums[kThreads];
-  double s = 0;
-  for (int64_t b = threadIdx.x; b < count; b += kThreads) s += parts[b];
-  sums[threadIdx.x] = s;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) sums[threadIdx.x] += sums[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) *out = static_cast<scalar_t>(sums[0] / divisor);
-}
-
-int grid_for(int64_t work_items, int64_t per_block) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(
-      std::max<int64_t>(1, std::min((work_items + per_block - 1) / per_block, sms * 16)));
-}
-
-// X (s0, s1) → dst (d0, d1) = Xᵀ, zero-padded, cast; any strides of X.
-template <typename src_t, typename dst_t, typename tile_t>
-void launch_transpose(const at::Tensor& X, dst_t* dst, int64_t d0, int64_t d1, int64_t dst_ld,
-                      cudaStream_t stream) {
-  if (d0 == 0 || d1 == 0) return;
-  // The kernel reads X along its second dimension: make that unit-stride (a size-1 dimension's
-  // stride is irrelevant).
-  const at::Tensor X_k = X.size(1) <= 1 || X.stride(1) == 1 ? X : X.contiguous();
-  const int64_t tiles = ((d0 + 31) / 32) * ((d1 + 31) / 32);
-  transpose_kernel<src_t, dst_t, tile_t><<<grid_for(tiles, 1), kThreads, 0, stream>>>(
-      X_k.const_data_ptr<src_t>(), X_k.size(0), X_k.size(1), X_k.stride(0), dst, d0, d1,
-      dst_ld);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const double total = sum_parts(parts, count, sums);
+  if (threadIdx.x == 0) *out = static_cast<scalar_t>(total / divisor);
 }
 
 // Lanes per triple and vectors per lane for `nvec` vectors per row; kVecs 0: the wide kernel.
@@ -535,10 +376,6 @@ void plan_lanes(int64_t nvec, int& lanes, int& vecs) {
   vecs = k <= kMaxVecsPerLane ? static_cast<int>(k) : 0;
   if (vecs == 0) lanes = 32;
 }
-
-struct ObservedOutputs {
-  at::Tensor loss, grad_values, grad_P, grad_Q, grad_row_bias, grad_col_bias, grad_weights;
-};
 
 // A gradient accumulator of `count` entries in acc_t: the output itself when it already has
 // that dtype (zeroed when atomics add into it), else a buffer copied into it at the end.
@@ -659,26 +496,12 @@ void observed_mf_loss_launch(const at::Tensor& rows, const at::Tensor& cols,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (deterministic) {
-    // Segment sums over a stable sort by key: `key` (rows or cols) picks the gradient rows,
-    // `other` the row of the other factor each term reads.
-    auto segment_sums = [&](const at::Tensor& key, int64_t keys, const at::Tensor& other,
-                            int64_t other_count, const at::Tensor& other_rows,
-                            const at::Tensor& out_rows, const at::Tensor& out_bias) {
-      if (keys == 0) return;
-      // (std::optional, so that `true` is not taken for the dim of the other overload)
-      const auto [sorted, order] = at::sort(key, std::optional<bool>(true), /*dim=*/0);
-      const at::Tensor offsets = at::searchsorted(
-          sorted.to(at::kLong), at::arange(keys + 1, key.options().dtype(at::kLong)));
-      segment_sum_kernel<acc_t><<<grid_for(keys, kWarps), kThreads, 0, stream>>>(
-          keys, offsets.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
-          other.const_data_ptr(), other.scalar_type() == at::kLong, other.stride(0), other_count,
-          other_rows.const_data_ptr<acc_t>(), pb.nvec, coef.const_data_ptr<acc_t>(),
-          out_rows.defined() ? out_rows.mutable_data_ptr<acc_t>() : nullptr,
-          out_bias.defined() ? out_bias.mutable_data_ptr<acc_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (want_dP || want_drb) segment_sums(rows, m, cols, n, Q_rows, dP_rows, drb);
-    if (want_dQ || want_dcb) segment_sums(cols, n, rows, m, P_rows, dQ_rows, dcb);
+    if (want_dP || want_drb) {
+      launch_segment_sums<acc_t>(rows, m, cols, n, Q_rows, pb.nvec, coef, dP_rows, drb, stream);
+    }
+    if (want_dQ || want_dcb) {
+      launch_segment_sums<acc_t>(cols, n, rows, m, P_rows, pb.nvec, coef, dQ_rows, dcb, stream);
+    }
   }
 
   // Back to P's layout (r, m) and the output dtype.
@@ -711,53 +534,34 @@ void observed_mf_loss_launch(const at::Tensor& rows, const at::Tensor& cols,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-observed_mf_loss_and_grads_cuda(const at::Tensor& rows, const at::Tensor& cols,
-                                const at::Tensor& values, const at::Tensor& P,
-                                const at::Tensor& Q, const std::optional<at::Tensor>& row_bias,
-                                const std::optional<at::Tensor>& col_bias,
-                                const std::optional<at::Tensor>& weights,
-                                c10::string_view reduction, bool grad_values, bool grad_P,
-                                bool grad_Q, bool grad_row_bias, bool grad_col_bias,
-                                bool grad_weights) {
+ObservedResult observed_mf_loss_and_grads_cuda(
+    const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& values, const at::Tensor& P,
+    const at::Tensor& Q, const std::optional<at::Tensor>& row_bias,
+    const std::optional<at::Tensor>& col_bias, const std::optional<at::Tensor>& weights,
+    c10::string_view reduction, bool grad_values, bool grad_P, bool grad_Q, bool grad_row_bias,
+    bool grad_col_bias, bool grad_weights) {
   // Checks first: with a CPU tensor among CUDA ones the dispatcher lands here, and the device
   // check must speak before the guard does.
-  check_observed_mf_loss_args(rows, cols, values, P, Q, row_bias, col_bias, weights);
-  check_observed_grad_flags(row_bias, col_bias, weights, grad_row_bias, grad_col_bias,
-                            grad_weights);
+  const ObservedGradFlags want{grad_values, grad_P, grad_Q, grad_row_bias, grad_col_bias,
+                               grad_weights};
   const Reduction red =
-      parse_observed_reduction(std::string_view(reduction.data(), reduction.size()));
+      check_observed_call(rows, cols, values, P, Q, row_bias, col_bias, weights, reduction, want);
   const c10::cuda::CUDAGuard guard(values.device());
-  const int64_t nnz = values.size(0), r = P.size(0), m = P.size(1), n = Q.size(1);
-  const auto opts = values.options();
-  auto maybe = [&](bool wanted, at::IntArrayRef shape) {
-    return wanted ? at::empty(shape, opts) : at::empty({0}, opts);
-  };
-  ObservedOutputs out;
-  out.loss = at::empty({}, opts);
-  at::Tensor dvalues = maybe(grad_values, {nnz});
-  at::Tensor dP = maybe(grad_P, {r, m});
-  at::Tensor dQ = maybe(grad_Q, {r, n});
-  at::Tensor drb = maybe(grad_row_bias, {m});
-  at::Tensor dcb = maybe(grad_col_bias, {n});
-  at::Tensor dweights = maybe(grad_weights, {nnz});
-  if (nnz == 0) {  // nothing observed: zero loss and gradients, no kernel, no sync
-    for (at::Tensor* t : {&out.loss, &dP, &dQ, &drb, &dcb}) t->zero_();
-    return {out.loss, dvalues, dP, dQ, drb, dcb, dweights};
+  const ObservedOutputs all = allocate_observed_outputs(values, P, Q, want);
+  if (values.size(0) == 0) {  // nothing observed: zero loss and gradients, no kernel, no sync
+    for (const at::Tensor* t : {&all.loss, &all.grad_P, &all.grad_Q, &all.grad_row_bias,
+                                &all.grad_col_bias}) {
+      t->zero_();
+    }
+    return all.as_tuple();
   }
-  if (grad_values) out.grad_values = dvalues;
-  if (grad_P) out.grad_P = dP;
-  if (grad_Q) out.grad_Q = dQ;
-  if (grad_row_bias) out.grad_row_bias = drb;
-  if (grad_col_bias) out.grad_col_bias = dcb;
-  if (grad_weights) out.grad_weights = dweights;
-
+  const ObservedOutputs out = want.wanted(all);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(),
                                   "observed_mf_loss_cuda", [&] {
     observed_mf_loss_launch<scalar_t>(rows, cols, values, P, Q, row_bias, col_bias, weights, red,
                                       out);
   });
-  return {out.loss, dvalues, dP, dQ, drb, dcb, dweights};
+  return all.as_tuple();
 }
 
 }  // namespace

@@ -8,7 +8,11 @@ original file), so compiler messages and the emulator's error reports point into
 
 Rewrites:
   * the CUDA-only includes (ATen/cuda/CUDAContext.h, c10/cuda/CUDAException.h,
-    c10/cuda/CUDAGuard.h) -> cuda_emu.h; "../x.h" -> the absolute path of csrc/x.h;
+    c10/cuda/CUDAGuard.h) -> cuda_emu.h; the project's own headers ("../x.h" for csrc/x.h,
+    "x.cuh" for csrc/cuda/x.cuh) -> their translated copies, csrc/... under the output folder
+    (a header's own relative includes then find the translated copies too). A .cuh header gets
+    the rewrites of a .cu file (less the registration); a csrc/*.h header (host code shared
+    with the CPU kernels) only the at::empty one;
   * kernel<<<grid, block, smem, stream>>>(args) -> ::cuda_emu::launch("kernel", kernel, grid,
     block, smem, stream, args);
   * each `__shared__ T name[...]` declaration gets `::cuda_emu::shared_poison(&name, ...)`
@@ -167,9 +171,11 @@ def translate(text, filename, namespace=NAMESPACE, mutation=None):
                           "// (CUDA include removed by the emulation translator)")
     rel = re.findall(r'#include "\.\./([\w.]+)"', src)
     _expect(rel, f"{filename}: expected an include of a csrc/ header")
-    for name in rel:
-        _expect((CSRC / name).is_file(), f"{filename}: csrc/{name} not found")
-        src = src.replace(f'#include "../{name}"', f'#include "{CSRC / name}"')
+    for header in local_includes(text, CSRC / "cuda" / filename):
+        _expect(header.is_file(), f"{filename}: {header} not found")
+    # "../x.h" -> "csrc/x.h", "x.cuh" -> "csrc/cuda/x.cuh": the copies generate() translates.
+    src = re.sub(r'#include "\.\./([\w.]+)"', r'#include "csrc/\1"', src)
+    src = re.sub(r'#include "([\w.]+\.cuh)"', r'#include "csrc/cuda/\1"', src)
     _expect(not re.search(r"#include\s*<(cuda|cub|thrust|c10/cuda|ATen/cuda)", src),
             f"{filename}: a CUDA include the emulator does not replace")
 
@@ -208,6 +214,44 @@ def translate(text, filename, namespace=NAMESPACE, mutation=None):
 
     _expect(src.count("\n") == text.count("\n"), f"{filename}: line numbering changed")
     return f'#line 1 "{CSRC / "cuda" / filename}"\n' + src
+
+
+def local_includes(text, path):
+    """The project headers that `text` (the file at `path`) includes with quotes."""
+    return [(path.parent / name).resolve() for name in re.findall(r'#include "([\w./]+)"', text)]
+
+
+def translate_header(text, path):
+    """The translated copy of a project header included by the CUDA sources: a csrc/cuda/*.cuh
+    gets the rewrites of a .cu file but the registration (and need not contain any); a csrc/*.h
+    (host code, also compiled into the CPU kernels) only at::empty -> garbage_empty."""
+    name = str(path.relative_to(CSRC))
+    src = text
+    if path.suffix == ".cuh":
+        unknown = sorted(cuda_names(text) - EMULATED)
+        _expect(not unknown, f"{name} uses CUDA names the emulator lacks: {unknown}")
+        first = True
+        for inc in CUDA_INCLUDES:
+            line = f"#include <{inc}>"
+            if line in src:
+                src = src.replace(line, f'#include "{HERE / "cuda_emu.h"}"' if first else
+                                  "// (CUDA include removed by the emulation translator)")
+                first = False
+        _expect(not re.search(r"\basm\b", src), f"{name}: inline asm the emulator does not know")
+        declared = src.count("__shared__")
+        src, n = SHARED_RE.subn(lambda m: m.group(0) + f" ::cuda_emu::shared_poison("
+                                f"&{m.group(1)}, sizeof({m.group(1)}));", src)
+        _expect(n == declared, f"{name}: {declared} __shared__ declarations but {n} parsed")
+        src, _ = rewrite_launches(src)
+        _expect("<<<" not in src and ">>>" not in src, f"{name}: a launch was not rewritten")
+    else:
+        _expect("__shared__" not in src and "<<<" not in src,
+                f"{name}: device code in a host header")
+    _expect(not re.search(r"#include\s*<(cuda|cub|thrust|c10/cuda|ATen/cuda)", src),
+            f"{name}: a CUDA include the emulator does not replace")
+    src = src.replace("at::empty(", "::cuda_emu::garbage_empty(")
+    _expect(src.count("\n") == text.count("\n"), f"{name}: line numbering changed")
+    return f'#line 1 "{path}"\n' + src
 
 
 def registered_ops(cu_text):
@@ -255,6 +299,22 @@ def build_dir():
 def generate(out_dir):
     """Writes the translated sources; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The project headers the sources include, directly or through other headers.
+    pending = [h for name in SOURCES
+               for h in local_includes((CSRC / "cuda" / name).read_text(), CSRC / "cuda" / name)]
+    headers = set()
+    while pending:
+        header = pending.pop()
+        if header in headers:
+            continue
+        _expect(header.is_file() and CSRC in header.parents,
+                f"{header}: not a header under csrc/")
+        headers.add(header)
+        pending += local_includes(header.read_text(), header)
+    for header in sorted(headers):
+        copy = out_dir / "csrc" / header.relative_to(CSRC)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        _write_if_changed(copy, translate_header(header.read_text(), header))
     paths = []
     for name in SOURCES:
         text = (CSRC / "cuda" / name).read_text()

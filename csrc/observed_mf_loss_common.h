@@ -1,23 +1,17 @@
-// Argument checks of mf_ext::observed_mf_loss_and_grads, shared by the CPU and CUDA kernels so
-// both reject bad input with the same message. (Index ranges are checked by the kernels, in
-// their pass over the triples; see observed_index_error.)
+// What the CPU and CUDA kernels of mf_ext::observed_mf_loss_and_grads share: the argument checks
+// (so both reject bad input with the same message) and the outputs' allocation. (Index ranges
+// are checked by the kernels, in their pass over the triples; see observed_index_error.)
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
 #include <string_view>
+#include <tuple>
 
-#include "masked_mf_loss_common.h"  // enum Reduction
+#include "reduction.h"
 
 namespace mf_ext {
-
-inline Reduction parse_observed_reduction(std::string_view reduction) {
-  if (reduction == "sum") return Reduction::Sum;
-  if (reduction == "mean") return Reduction::Mean;
-  TORCH_CHECK_VALUE(false, "mf_ext.observed_mf_loss: reduction must be \"sum\" or \"mean\", got \"",
-                    reduction, "\"");
-}
 
 inline void check_observed_index_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 1, "mf_ext.observed_mf_loss: ", name,
@@ -86,25 +80,80 @@ inline void check_observed_mf_loss_args(const at::Tensor& rows, const at::Tensor
   }
 }
 
-// The gradient flags must name inputs that exist.
-inline void check_observed_grad_flags(const std::optional<at::Tensor>& row_bias,
-                                      const std::optional<at::Tensor>& col_bias,
-                                      const std::optional<at::Tensor>& weights,
-                                      bool grad_row_bias, bool grad_col_bias, bool grad_weights) {
-  TORCH_CHECK_VALUE(!grad_row_bias || row_bias.has_value(),
-                    "mf_ext.observed_mf_loss: grad_row_bias=True but row_bias is None");
-  TORCH_CHECK_VALUE(!grad_col_bias || col_bias.has_value(),
-                    "mf_ext.observed_mf_loss: grad_col_bias=True but col_bias is None");
-  TORCH_CHECK_VALUE(!grad_weights || weights.has_value(),
-                    "mf_ext.observed_mf_loss: grad_weights=True but weights is None");
-}
-
 // Raised by the kernels for the first (lowest position) index out of [0, size).
 [[noreturn]] inline void observed_index_error(const char* name, int64_t position, int64_t value,
                                               int64_t size, const char* what) {
   TORCH_CHECK_INDEX(false, "mf_ext.observed_mf_loss: ", name, "[", position, "] = ", value,
                     " is out of range: ", name, " must lie in [0, ", size, ") (", what, ")");
   __builtin_unreachable();
+}
+
+// The op's seven outputs, in schema order. A gradient that is not wanted is an empty (0,)
+// tensor in what the op returns, and an undefined one in what the kernels are given (wanted()).
+using ObservedResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct ObservedOutputs {
+  at::Tensor loss, grad_values, grad_P, grad_Q, grad_row_bias, grad_col_bias, grad_weights;
+
+  ObservedResult as_tuple() const {
+    return {loss, grad_values, grad_P, grad_Q, grad_row_bias, grad_col_bias, grad_weights};
+  }
+};
+
+struct ObservedGradFlags {
+  bool values, P, Q, row_bias, col_bias, weights;
+
+  // out's tensors, the gradients not wanted undefined.
+  ObservedOutputs wanted(const ObservedOutputs& out) const {
+    auto pick = [](bool flag, const at::Tensor& t) { return flag ? t : at::Tensor(); };
+    return {out.loss, pick(values, out.grad_values), pick(P, out.grad_P), pick(Q, out.grad_Q),
+            pick(row_bias, out.grad_row_bias), pick(col_bias, out.grad_col_bias),
+            pick(weights, out.grad_weights)};
+  }
+};
+
+// The gradient flags must name inputs that exist.
+inline void check_observed_grad_flags(const std::optional<at::Tensor>& row_bias,
+                                      const std::optional<at::Tensor>& col_bias,
+                                      const std::optional<at::Tensor>& weights,
+                                      const ObservedGradFlags& want) {
+  TORCH_CHECK_VALUE(!want.row_bias || row_bias.has_value(),
+                    "mf_ext.observed_mf_loss: grad_row_bias=True but row_bias is None");
+  TORCH_CHECK_VALUE(!want.col_bias || col_bias.has_value(),
+                    "mf_ext.observed_mf_loss: grad_col_bias=True but col_bias is None");
+  TORCH_CHECK_VALUE(!want.weights || weights.has_value(),
+                    "mf_ext.observed_mf_loss: grad_weights=True but weights is None");
+}
+
+// The checks both kernels run first, in this order (so both raise the same error for the same
+// call); returns the reduction.
+inline Reduction check_observed_call(const at::Tensor& rows, const at::Tensor& cols,
+                                     const at::Tensor& values, const at::Tensor& P,
+                                     const at::Tensor& Q,
+                                     const std::optional<at::Tensor>& row_bias,
+                                     const std::optional<at::Tensor>& col_bias,
+                                     const std::optional<at::Tensor>& weights,
+                                     std::string_view reduction, const ObservedGradFlags& want) {
+  check_observed_mf_loss_args(rows, cols, values, P, Q, row_bias, col_bias, weights);
+  check_observed_grad_flags(row_bias, col_bias, weights, want);
+  return parse_reduction("mf_ext.observed_mf_loss", reduction);
+}
+
+// Uninitialized outputs on values' device: the loss, and each gradient of its input's shape
+// (grad_P (r, m) and grad_Q (r, n) contiguous, as the fake kernel says) or (0,) if not wanted.
+inline ObservedOutputs allocate_observed_outputs(const at::Tensor& values, const at::Tensor& P,
+                                                 const at::Tensor& Q,
+                                                 const ObservedGradFlags& want) {
+  const int64_t nnz = values.size(0), r = P.size(0), m = P.size(1), n = Q.size(1);
+  const auto opts = values.options();
+  auto maybe = [&](bool wanted, at::IntArrayRef shape) {
+    return wanted ? at::empty(shape, opts) : at::empty({0}, opts);
+  };
+  return {at::empty({}, opts),          maybe(want.values, {nnz}),
+          maybe(want.P, {r, m}),        maybe(want.Q, {r, n}),
+          maybe(want.row_bias, {m}),    maybe(want.col_bias, {n}),
+          maybe(want.weights, {nnz})};
 }
 
 }  // namespace mf_ext
