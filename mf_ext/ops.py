@@ -186,6 +186,9 @@ def _sparse_entries(R: torch.Tensor):
     return plain, expanded, values
 
 
+# Dynamo refuses sparse tensors, and tracing this route's dense pieces after that graph break
+# hit an internal Dynamo error (torch 2.14): it always runs eagerly.
+@torch.compiler.disable
 def _sparse_masked_mf_loss(R, P, Q, mask, reduction) -> torch.Tensor:
     """masked_mf_loss for a sparse R (m, n): the same function as for R.to_dense(), computed by
     the observed-entries kernel over R's stored entries, without an m×n tensor.
@@ -198,8 +201,9 @@ def _sparse_masked_mf_loss(R, P, Q, mask, reduction) -> torch.Tensor:
     gradient into a CSC leaf's .grad (its AccumulateGrad raises): use torch.autograd.grad there,
     or COO / CSR. Only R's stored entries are read: a NaN/Inf in PᵀQ at a position R does not
     store leaves the loss finite, where the dense op (which multiplies every error by the mask)
-    would give NaN. torch.compile does not trace sparse tensors (Dynamo refuses them); the dense
-    path compiles as before.
+    would give NaN. torch.compile: Dynamo refuses sparse tensors (with fullgraph=True it raises
+    its "does not support sparse Tensors"; otherwise the call runs eagerly); the dense path
+    compiles as before, with no guard or graph break added.
     """
     op = "mf_ext.masked_mf_loss"
     if R.layout not in _SPARSE_LAYOUTS:
