@@ -308,6 +308,18 @@ def test_backward_fills_the_grad_of_a_sparse_leaf(layout):
     torch.testing.assert_close(P.grad, Pd.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("to_layout", ["to_sparse", "to_sparse_csr", "to_sparse_csc"])
+def test_gradient_reaches_a_dense_tensor_made_sparse_in_the_graph(to_layout):
+    """A sparse R computed from a dense X: X.grad is the dense op's dR (CSC included, since
+    the CSC tensor is not a leaf here)."""
+    R, _, P, Q = dense_problem(9, 6, 2, seed=15)
+    X = R.clone().requires_grad_(True)
+    masked_mf_loss(getattr(X, to_layout)(), P, Q, reduction="mean").backward()
+    Xd = R.clone().requires_grad_(True)
+    masked_mf_loss(Xd, P, Q, reduction="mean").backward()
+    torch.testing.assert_close(X.grad, Xd.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_no_grad(layout):
     R, stored, P, Q = dense_problem(8, 6, 2, seed=12)
