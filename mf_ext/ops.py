@@ -144,7 +144,7 @@ def masked_mf_loss(
     """
     if not isinstance(reduction, str):
         raise TypeError(f"mf_ext.masked_mf_loss: reduction must be a str, got {type(reduction)}")
-    if R.layout != torch.strided:  # a static property: no cost, no guard change for dense R
+    if R.layout != torch.strided:  # static: a dense R runs and traces exactly as before
         return _sparse_masked_mf_loss(R, P, Q, mask, reduction)
     grad = torch.is_grad_enabled()
     loss, _, _, _ = torch.ops.mf_ext.masked_mf_loss_and_grads(
@@ -195,7 +195,8 @@ def _sparse_masked_mf_loss(R, P, Q, mask, reduction) -> torch.Tensor:
 
     Ω = the stored entries whose value is not 0 (a stored 0 is not observed, a stored NaN is):
     every stored entry goes to the kernel with weight (value ≠ 0), so the shapes never depend on
-    the data (no host sync, no boolean indexing). "mean" divides by |Ω|, 0 when Ω is empty.
+    the data (no boolean indexing, no host sync added to the kernel's own; only coalescing an
+    uncoalesced COO waits for the device). "mean" divides by |Ω|, 0 when Ω is empty.
     The gradient w.r.t. R is a sparse tensor of R's layout holding the dense op's ∂L/∂R at the
     stored positions (an uncoalesced COO R gets it coalesced). torch 2.14 cannot accumulate a
     gradient into a CSC leaf's .grad (its AccumulateGrad raises): use torch.autograd.grad there,
