@@ -138,14 +138,102 @@ def masked_mf_loss(
     Returns a 0-dim tensor of R's dtype. Gradients flow to whichever of R, P, Q require grad
     (first derivatives only). NaN or Inf in the inputs propagate exactly as in the reference:
     the error is multiplied by the mask, so a NaN even at an unobserved entry gives a NaN loss.
+
+    R may also be a sparse COO, CSR or CSC tensor (m, n): its stored entries go through the
+    observed-entries kernel and R is never densified; see `_sparse_masked_mf_loss`.
     """
     if not isinstance(reduction, str):
         raise TypeError(f"mf_ext.masked_mf_loss: reduction must be a str, got {type(reduction)}")
+    if R.layout != torch.strided:  # static: a dense R runs and traces exactly as before
+        return _sparse_masked_mf_loss(R, P, Q, mask, reduction)
     grad = torch.is_grad_enabled()
     loss, _, _, _ = torch.ops.mf_ext.masked_mf_loss_and_grads(
         R, P, Q, mask, reduction,
         grad and R.requires_grad, grad and P.requires_grad, grad and Q.requires_grad,
     )
+    return loss
+
+
+# ---------------------------------------------------------------- masked_mf_loss with a sparse R
+
+_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc)
+
+
+def _sparse_entries(R: torch.Tensor):
+    """(rows, cols, values) of a sparse R's stored entries, values differentiable w.r.t. R.
+
+    An uncoalesced COO R is coalesced first: torch's meaning of repeated indices is their sum
+    (R.to_dense() adds them up), so the loss sees one entry per position, as the dense op does.
+    CSR / CSC must hold torch's invariants (sorted, unique indices per row / column), which
+    torch itself assumes; repeated positions there would each count once per occurrence.
+    """
+    if R.layout == torch.sparse_coo:
+        if not R.is_coalesced():
+            R = R.coalesce()
+        indices = R.indices()
+        return indices[0], indices[1], R.values()
+    if R.layout == torch.sparse_csr:
+        compressed, plain, size = R.crow_indices(), R.col_indices(), R.shape[0]
+    else:
+        compressed, plain, size = R.ccol_indices(), R.row_indices(), R.shape[1]
+    values = R.values()
+    # output_size is known on the host, so this expansion does not wait for the device
+    expanded = torch.repeat_interleave(
+        torch.arange(size, dtype=compressed.dtype, device=compressed.device),
+        compressed.diff(), output_size=values.shape[0])
+    if R.layout == torch.sparse_csr:
+        return expanded, plain, values
+    return plain, expanded, values
+
+
+# Dynamo refuses sparse tensors, and tracing this route's dense pieces after that graph break
+# hit an internal Dynamo error (torch 2.14): it always runs eagerly.
+@torch.compiler.disable
+def _sparse_masked_mf_loss(R, P, Q, mask, reduction) -> torch.Tensor:
+    """masked_mf_loss for a sparse R (m, n): the same function as for R.to_dense(), computed by
+    the observed-entries kernel over R's stored entries, without an m×n tensor.
+
+    Ω = the stored entries whose value is not 0 (a stored 0 is not observed, a stored NaN is):
+    every stored entry goes to the kernel with weight (value ≠ 0), so the shapes never depend on
+    the data (no boolean indexing, no host sync added to the kernel's own; only coalescing an
+    uncoalesced COO waits for the device). "mean" divides by |Ω|, 0 when Ω is empty.
+    The gradient w.r.t. R is a sparse tensor of R's layout holding the dense op's ∂L/∂R at the
+    stored positions (an uncoalesced COO R gets it coalesced). torch 2.14 cannot accumulate a
+    gradient into a CSC leaf's .grad (its AccumulateGrad raises): use torch.autograd.grad there,
+    or COO / CSR. Only R's stored entries are read: a NaN/Inf in PᵀQ at a position R does not
+    store leaves the loss finite, where the dense op (which multiplies every error by the mask)
+    would give NaN. torch.compile: Dynamo refuses sparse tensors (with fullgraph=True it raises
+    its "does not support sparse Tensors"; otherwise the call runs eagerly); the dense path
+    compiles as before, with no guard or graph break added.
+    """
+    op = "mf_ext.masked_mf_loss"
+    if R.layout not in _SPARSE_LAYOUTS:
+        raise TypeError(f"{op}: R must be a dense (strided) tensor or a sparse COO, CSR or CSC "
+                        f"tensor, got layout {R.layout}")
+    if R.dense_dim() != 0 or R.dim() != 2:
+        raise ValueError(f"{op}: a sparse R must be a plain 2-D (m, n) matrix, got shape "
+                         f"{list(R.shape)} with layout {R.layout} ({R.sparse_dim()} sparse and "
+                         f"{R.dense_dim()} dense dimensions)")
+    if mask is not None:
+        raise ValueError(f"{op}: mask must be None when R is sparse ({R.layout}): R's stored "
+                         f"non-zero entries are the observed set; got a mask of shape "
+                         f"{list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask)}")
+    for name, t in (("P", P), ("Q", Q)):
+        if t.layout != torch.strided:
+            raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout "
+                            f"{t.layout}")
+    _check_masked_mf_loss_args(R, P, Q, None, reduction)
+    if R.device.type == "cpu" and R.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: the CPU kernel supports float32 and float64, got {R.dtype}")
+    rows, cols, values = _sparse_entries(R)
+    observed = values != 0
+    loss = observed_mf_loss(rows, cols, values, P, Q, weights=observed.to(values.dtype),
+                            reduction=reduction)
+    if reduction == "mean":
+        # The kernel's mean divides by the stored count (in its float32/float64 accumulator,
+        # so float16 sums cannot overflow); rescale to |Ω|, by exactly 1 when no stored 0.
+        scale = values.shape[0] / observed.sum().clamp_min(1).double()
+        loss = (loss.double() * scale).to(loss.dtype)
     return loss
 
 
