@@ -1,7 +1,12 @@
 import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import HALF, Backend, register_emulated_autograd
 
 try:
     from hypothesis import settings
@@ -18,6 +23,31 @@ if settings is not None:
     settings.load_profile(os.environ.get("MF_EXT_HYPOTHESIS_PROFILE", "mf_ext"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cases(predicate): the parametrized cases (parameters as keywords, backend "
+                   "included) a test runs; the others are deselected")
+
+
+def _runs(item):
+    """Whether a parametrized case runs: the CPU kernels refuse half precision (tested as an
+    error) and have one algorithm (no deterministic mode); and a test's `cases` marker may
+    choose a subset, mostly for the emulator, about 1000x slower than a GPU."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    if params.get("backend") == "cpu" and (params.get("dtype") in HALF
+                                           or params.get("mode") == "deterministic"):
+        return False
+    marker = item.get_closest_marker("cases")
+    return marker is None or marker.args[0](**params)
+
+
+def pytest_collection_modifyitems(config, items):
+    dropped = [item for item in items if not _runs(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if _runs(item)]
+
+
 @pytest.fixture(autouse=True)
 def _restore_threads():
     """Tests that change torch's thread count must not leak it into the others."""
@@ -28,9 +58,48 @@ def _restore_threads():
 
 @pytest.fixture
 def deterministic():
-    """torch.use_deterministic_algorithms(True) for one test (the CUDA observed op's sort-based
-    path, for example), restored afterwards."""
+    """torch.use_deterministic_algorithms(True) for one test, restored afterwards (also makes
+    torch fill new tensors with NaN, so an output entry a kernel leaves unwritten shows)."""
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(before)
+
+
+@pytest.fixture(params=["default", "deterministic"])
+def mode(request):
+    """The CUDA observed op's two algorithms: atomics (default) and, under
+    torch.use_deterministic_algorithms(True), the sort-based one."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param == "deterministic")
+    yield request.param
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """torch.ops.mf_ext_emu: csrc/cuda/*.cu translated by tests/cuda_emulation/translate.py and
+    built (cached by source hash, see its README); a build error fails the tests using it."""
+    from torch.utils.cpp_extension import get_cxx_compiler
+    if not shutil.which(get_cxx_compiler()):
+        pytest.skip("no C++ compiler: the CUDA emulation cannot be built")
+    prebuilt = os.environ.get("MF_EXT_EMU_LIBRARY")
+    if prebuilt:  # a library built elsewhere (see cuda_emulation/README.md)
+        torch.ops.load_library(prebuilt)
+    else:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from cuda_emulation import translate
+        translate.load()
+    register_emulated_autograd("mf_ext_emu")
+    return torch.ops.mf_ext_emu
+
+
+@pytest.fixture(params=["cpu", "cuda", "emulated"])
+def backend(request):
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        return Backend("cuda", "cuda", torch.ops.mf_ext)
+    if request.param == "emulated":
+        return Backend("emulated", "cpu", request.getfixturevalue("emu"))
+    return Backend("cpu", "cpu", torch.ops.mf_ext)
