@@ -118,6 +118,32 @@ def random_problem(m, n, r, dtype=torch.float64, observed=0.5, seed=0, mask=Fals
     return to_device(dict(R=R.to(dtype), P=P.to(dtype), Q=Q.to(dtype), mask=M), device)
 
 
+KINDS = ["none", "random", "all_masked", "all_zero", "empty_rows_cols", "default_empty_rows_cols"]
+
+
+def with_mask_kind(args, kind, seed=0):
+    """args with Ω of the given kind: R ≠ 0, a random mask, nothing observed (by the mask or an
+    all-zero R), rows and columns with nothing observed (by the mask, or zeros of R)."""
+    R = args["R"].clone()
+    m, n = R.shape
+    g = torch.Generator().manual_seed(seed)
+    M = None
+    if kind == "random":
+        M = torch.rand(m, n, generator=g) < 0.6
+    elif kind == "all_masked":
+        M = torch.zeros(m, n, dtype=torch.bool)
+    elif kind == "all_zero":
+        R.zero_()
+    elif kind == "empty_rows_cols":  # R ≠ 0 there, the mask says unobserved
+        M = torch.rand(m, n, generator=g) < 0.7
+        M[::3] = False
+        M[:, 1::4] = False
+    elif kind == "default_empty_rows_cols":
+        R[1::3] = 0
+        R[:, ::5] = 0
+    return dict(args, R=R, mask=None if M is None else M.to(R.device))
+
+
 def random_triples(m, n, r, nnz, dtype=torch.float64, seed=0, biases=False, weights=False,
                    index_dtype=torch.int64, device="cpu"):
     """Observed: nnz uniformly random (row, col) pairs (so with duplicates when nnz is large,

@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 
-from helpers import random_problem
+from helpers import random_problem, random_triples
 from mf_ext import masked_mf_loss, observed_mf_loss
-from test_observed_mf_loss import random_triples
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads VmRSS from /proc/self/status")
@@ -30,9 +29,10 @@ def resident_mib() -> float:
 
 
 def masked_step():
-    R, P, Q, M = random_problem(9, 7, 3, torch.float32, mask=True)
-    R.requires_grad_(), P.requires_grad_(), Q.requires_grad_()
-    return lambda: masked_mf_loss(R, P, Q, M, "mean").backward()
+    args = random_problem(9, 7, 3, torch.float32, mask=True)
+    for k in "RPQ":
+        args[k].requires_grad_()
+    return lambda: masked_mf_loss(**args, reduction="mean").backward()
 
 
 def observed_step():

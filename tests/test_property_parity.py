@@ -16,10 +16,8 @@ pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from helpers import assert_close_to_reference as assert_masked_close
+from helpers import GRADS, assert_close_to_reference
 from mf_ext import masked_mf_loss, observed_mf_loss
-from test_observed_mf_loss import FLOAT_ARGS, NAMES
-from test_observed_mf_loss import assert_close_to_reference as assert_observed_close
 
 LAYOUTS_2D = ("contiguous", "transposed", "stepped", "transposed_stepped")
 LAYOUTS_1D = ("contiguous", "stepped")
@@ -85,8 +83,8 @@ def test_masked_mf_loss_matches_reference(m, n, r, dtype, reduction, density, wi
     loss, grads = grads_of_views(
         lambda R, P, Q, mask: masked_mf_loss(R, P, Q, mask, reduction),
         dict(R=R, P=P, Q=Q, mask=M), wanted)
-    got = (loss, grads.get("R"), grads["P"], grads["Q"])
-    assert_masked_close(got, R0, P0, Q0, M0, reduction, grad_R)
+    got = [loss, grads.get("R"), grads["P"], grads["Q"]]
+    assert_close_to_reference(got, dict(R=R0, P=P0, Q=Q0, mask=M0), reduction, wanted)
 
 
 @st.composite
@@ -124,7 +122,7 @@ def observed_problems(draw):
         # Gaps of index tensors hold an index out of range: reading one raises IndexError.
         fill = float("nan") if v.dtype.is_floating_point else 2**31 - 1
         views[k] = laid_out(v, layout, fill)
-    present = [k for k in FLOAT_ARGS if args[k] is not None]
+    present = [k for k in GRADS["observed"] if args[k] is not None]
     wanted = tuple(k for k in present if draw(st.booleans()))
     return args, views, wanted, draw(st.sampled_from(("sum", "mean")))
 
@@ -134,6 +132,5 @@ def test_observed_mf_loss_matches_reference(problem):
     args, views, wanted, reduction = problem
     loss, grads = grads_of_views(
         lambda **a: observed_mf_loss(**a, reduction=reduction), views, wanted)
-    got = [loss] + [grads.get(k) for k in FLOAT_ARGS]
-    assert len(got) == len(NAMES)
-    assert_observed_close(got, args, reduction, grad=wanted)
+    got = [loss] + [grads.get(k) for k in GRADS["observed"]]
+    assert_close_to_reference(got, args, reduction, wanted)

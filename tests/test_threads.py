@@ -9,11 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import loss_and_grads as masked_loss_and_grads
-from helpers import random_problem
+from helpers import loss_and_grads, random_problem, random_triples
 from mf_ext import masked_mf_loss, observed_mf_loss
-from test_observed_mf_loss import loss_and_grads as observed_loss_and_grads
-from test_observed_mf_loss import random_triples
 
 THREADS = 4
 CALLS_PER_THREAD = 30
@@ -23,18 +20,17 @@ def _masked_cases():
     for i, (m, n, r, mask) in enumerate([(5, 4, 2, False), (67, 131, 5, True),
                                          (301, 900, 7, True)]):  # the last: a 4 x 4 task grid
         for dtype in (torch.float64, torch.float32):
-            R, P, Q, M = random_problem(m, n, r, dtype, mask=mask, seed=i)
-            yield lambda R=R, P=P, Q=Q, M=M: masked_loss_and_grads(
-                lambda *a: masked_mf_loss(*a), R, P, Q, M, "mean")
+            args = random_problem(m, n, r, dtype, mask=mask, seed=i)
+            yield lambda args=args: loss_and_grads(masked_mf_loss, args, "mean")
 
 
 def _observed_cases():
     for i, (m, n, r, nnz) in enumerate([(5, 4, 2, 12), (67, 131, 5, 1000),
-                                        (301, 97, 13, 70001)]):  # the last: 8 chunks
+                                        (301, 97, 13, 70001)]):
         for dtype in (torch.float64, torch.float32):
             args = random_triples(m, n, r, nnz, dtype, seed=i, biases=True, weights=True,
                                   index_dtype=torch.int32 if i % 2 else torch.int64)
-            yield lambda args=args: observed_loss_and_grads(observed_mf_loss, args, "sum")
+            yield lambda args=args: loss_and_grads(observed_mf_loss, args, "sum")
 
 
 @pytest.mark.parametrize("cases", [_masked_cases, _observed_cases], ids=["masked", "observed"])
