@@ -1,16 +1,20 @@
 """mf_ext.masked_mf_loss on every backend (cpu, cuda, emulated cuda: conftest.py) against the
-notebook's pure-PyTorch reference, then the CPU-only behaviour (threads, errors, compile)."""
+notebook's pure-PyTorch reference, then what only the CPU (threads, errors) or only a GPU
+(mixed devices, factorize on CUDA) shows."""
 
 import pytest
 import torch
 
+import mf_ext
 from helpers import (DTYPES, KINDS, assert_close_to_reference, assert_equal, cases, check,
                      flat_offset, random_problem, same_layout, sliced, stepped, transposed,
                      with_mask_kind)
 from mf_ext import masked_mf_loss
+from mf_ext.reference import adam_reference_loop
 
 F64, F32, F16 = torch.float64, torch.float32, torch.float16
 OP = torch.ops.mf_ext.masked_mf_loss_and_grads.default
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 # (m, n, r): the notebook's, single entries, rank > min(m, n), rank 0, tall and wide, odd sizes
 # across the CUDA kernel's 128-wide tiles and row / column groups, ranks beyond a staged chunk
@@ -290,52 +294,41 @@ def test_raw_op_with_missing_grad_flag_refuses_backward():
         loss.backward()
 
 
-def _ok():
-    args = random_problem(5, 4, 2)
-    return args["R"], args["P"], args["Q"]
-
-
-@pytest.mark.parametrize("make, exc, match", [
-    (lambda R, P, Q: (R[0], P, Q), ValueError, r"R must be 2-D \(m, n\), got shape \[4\]"),
-    (lambda R, P, Q: (R, P[0], Q), ValueError, r"P must be 2-D \(r, m\), got shape \[5\]"),
-    (lambda R, P, Q: (R, P, Q[None]), ValueError, r"Q must be 2-D \(r, n\), got shape \[1, 2, 4\]"),
-    (lambda R, P, Q: (R, P, Q[:1]), ValueError, r"P has rank 2 \(shape \[2, 5\]\) but Q has rank 1"),
-    (lambda R, P, Q: (R, P[:, :4], Q), ValueError, r"P has 4 columns but R has 5 rows"),
-    (lambda R, P, Q: (R, P, Q[:, :3]), ValueError, r"Q has 3 columns but R has 4 columns"),
-    (lambda R, P, Q: (R.float(), P, Q), TypeError, r"R, P and Q must have the same dtype, got R Float, P Double, Q Double"),
-    (lambda R, P, Q: (R.long(), P.long(), Q.long()), TypeError, r"R must be a floating-point tensor, got Long"),
-    (lambda R, P, Q: (R.to(torch.complex128), P, Q), TypeError, r"R must be a floating-point tensor, got ComplexDouble"),
-    (lambda R, P, Q: (R.half(), P.half(), Q.half()), TypeError, r"the CPU kernel supports float32 and float64, got Half"),
-])
-def test_bad_tensors(make, exc, match):
-    with pytest.raises(exc, match="mf_ext.masked_mf_loss: " + match):
-        masked_mf_loss(*make(*_ok()))
-
-
-@pytest.mark.parametrize("mask, exc, match", [
-    (torch.ones(5, 3, dtype=torch.bool), ValueError, r"mask has shape \[5, 3\] but R has shape \[5, 4\]"),
-    (torch.ones(5, 4), TypeError, r"mask must be a bool tensor, got Float"),
-])
-def test_bad_mask(mask, exc, match):
-    with pytest.raises(exc, match="mf_ext.masked_mf_loss: " + match):
-        masked_mf_loss(*_ok(), mask=mask)
-
-
-def test_bad_reduction():
-    with pytest.raises(ValueError, match=r'reduction must be "sum" or "mean", got "avg"'):
-        masked_mf_loss(*_ok(), reduction="avg")
-    with pytest.raises(TypeError, match="reduction must be a str"):
-        masked_mf_loss(*_ok(), reduction=None)
-
-
-def test_mixed_devices():
-    R, P, Q = _ok()
-    with pytest.raises(ValueError, match=r"R, P and Q must be on the same device, got R on cpu, P on meta"):
-        masked_mf_loss(R, P.to("meta"), Q)
-
-
 def test_bad_input_under_compile_names_the_argument():
-    R, P, Q = _ok()
+    """(The eager errors: tests/bad_input_cases.py.)"""
+    R, P, Q, _ = random_problem(5, 4, 2).values()
     compiled = torch.compile(masked_mf_loss, fullgraph=True)
     with pytest.raises(Exception, match=r"P has 4 columns but R has 5 rows"):
         compiled(R, P[:, :4], Q)
+
+
+# ---------------------------------------------------------------------------------- CUDA only
+
+@needs_cuda
+def test_factorize_on_cuda_matches_cpu():
+    R = random_problem(23, 31, 3, observed=0.6)["R"]
+    cpu = mf_ext.factorize(R, rank=3, steps=60, seed=4)
+    gpu = mf_ext.factorize(R, rank=3, steps=60, seed=4, device="cuda")
+    assert gpu.P.device.type == "cuda"
+    torch.testing.assert_close(torch.tensor(gpu.losses), torch.tensor(cpu.losses), rtol=1e-9,
+                               atol=1e-9)
+    torch.testing.assert_close(gpu.P.cpu(), cpu.P, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(gpu.Q.cpu(), cpu.Q, rtol=1e-8, atol=1e-8)
+    gen = torch.Generator().manual_seed(4)
+    P0 = torch.rand(3, 23, generator=gen, dtype=torch.float64)
+    Q0 = torch.rand(3, 31, generator=gen, dtype=torch.float64)
+    _, _, losses = adam_reference_loop(R, P0, Q0, steps=60)
+    torch.testing.assert_close(torch.tensor(gpu.losses), torch.tensor(losses), rtol=1e-8,
+                               atol=1e-8)
+
+
+@needs_cuda
+@pytest.mark.parametrize("which", ["R", "P", "Q", "mask"])
+def test_mixed_devices_error(which):
+    args = random_problem(6, 7, 2, torch.float32, mask=True, device="cuda")
+    args[which] = args[which].cpu()
+    match = "mask is on" if which == "mask" else "must be on the same device"
+    with pytest.raises(ValueError, match=f"mf_ext.masked_mf_loss: .*{match}"):
+        torch.ops.mf_ext.masked_mf_loss_and_grads(*args.values(), "sum", True, True, True)
+    with pytest.raises(ValueError, match="mf_ext.masked_mf_loss:"):
+        mf_ext.masked_mf_loss(args["R"], args["P"].requires_grad_(True), args["Q"], args["mask"])

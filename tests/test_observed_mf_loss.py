@@ -1,11 +1,12 @@
 """mf_ext.observed_mf_loss on every backend (cpu, cuda, emulated cuda: conftest.py; the CUDA
-kernel's two algorithms through the `mode` fixture) against the pure-PyTorch reference, then the
-CPU-only behaviour (threads, errors)."""
+kernel's two algorithms through the `mode` fixture) against the pure-PyTorch reference, then
+what only the CPU (threads, errors) or only a GPU (mixed devices, the model on CUDA) shows."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from mf_ext import observed_mf_loss, observed_mf_loss_reference
 F64, F32 = torch.float64, torch.float32
 OP = torch.ops.mf_ext.observed_mf_loss_and_grads.default
 FLOATS = GRADS["observed"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 # (m, n, r, nnz): rank > min(m, n), many duplicates (nnz 40000 on 600 cells), and on CUDA the
 # lanes per triple and vectors per lane, which follow r (csrc/cuda/observed_mf_loss.cu,
@@ -311,52 +313,45 @@ def test_torch_compile_fullgraph(backend, compiler):
 
 ERRORS = [  # (overrides, exception, message regex)
     (dict(rows=torch.zeros(6, 1, dtype=torch.long)), ValueError,
-     r"mf_ext.observed_mf_loss: rows must be 1-D \(nnz,\), got shape \[6, 1\]"),
+     r"rows must be 1-D \(nnz,\), got shape \[6, 1\]"),
     (dict(cols=torch.zeros(6, dtype=torch.float32)), TypeError,
-     r"mf_ext.observed_mf_loss: cols must be an int32 or int64 tensor, got (Float|torch.float32)"),
+     r"cols must be an int32 or int64 tensor, got (Float|torch.float32)"),
     (dict(rows=torch.zeros(6, dtype=torch.int16)), TypeError,
-     r"mf_ext.observed_mf_loss: rows must be an int32 or int64 tensor, got (Short|torch.int16)"),
+     r"rows must be an int32 or int64 tensor, got (Short|torch.int16)"),
     (dict(values=torch.ones(6, 1, dtype=torch.float64)), ValueError,
-     r"mf_ext.observed_mf_loss: values must be 1-D \(nnz,\), got shape \[6, 1\]"),
+     r"values must be 1-D \(nnz,\), got shape \[6, 1\]"),
     (dict(cols=torch.zeros(5, dtype=torch.long)), ValueError,
-     r"mf_ext.observed_mf_loss: rows, cols and values must have the same length, "
-     r"got rows 6, cols 5, values 6"),
+     r"rows, cols and values must have the same length, got rows 6, cols 5, values 6"),
     (dict(values=torch.ones(7, dtype=torch.float64)), ValueError,
      r"rows, cols and values must have the same length, got rows 6, cols 6, values 7"),
     (dict(P=torch.ones(3, 5, 1, dtype=torch.float64)), ValueError,
-     r"mf_ext.observed_mf_loss: P must be 2-D \(r, m\), got shape \[3, 5, 1\]"),
+     r"P must be 2-D \(r, m\), got shape \[3, 5, 1\]"),
     (dict(Q=torch.ones(12, dtype=torch.float64)), ValueError,
-     r"mf_ext.observed_mf_loss: Q must be 2-D \(r, n\), got shape \[12\]"),
+     r"Q must be 2-D \(r, n\), got shape \[12\]"),
     (dict(values=torch.ones(6, dtype=torch.int64)), TypeError,
-     r"mf_ext.observed_mf_loss: values must be a floating-point tensor, got (Long|torch.int64)"),
+     r"values must be a floating-point tensor, got (Long|torch.int64)"),
     (dict(P=torch.ones(3, 5, dtype=torch.float32)), TypeError,
-     r"mf_ext.observed_mf_loss: values, P and Q must have the same dtype, got values "
+     r"values, P and Q must have the same dtype, got values "
      r"(Double|torch.float64), P (Float|torch.float32), Q (Double|torch.float64)"),
     (dict(Q=torch.ones(2, 4, dtype=torch.float64)), ValueError,
-     r"mf_ext.observed_mf_loss: P has rank 3 \(shape \[3, 5\]\) but Q has rank 2 "
-     r"\(shape \[2, 4\]\)"),
+     r"P has rank 3 \(shape \[3, 5\]\) but Q has rank 2 \(shape \[2, 4\]\)"),
     (dict(row_bias=torch.ones(4, dtype=torch.float64)), ValueError,
-     r"mf_ext.observed_mf_loss: row_bias must have shape \(5,\) \(m, the columns of P\), "
-     r"got shape \[4\]"),
+     r"row_bias must have shape \(5,\) \(m, the columns of P\), got shape \[4\]"),
     (dict(col_bias=torch.ones(4, 1, dtype=torch.float64)), ValueError,
-     r"mf_ext.observed_mf_loss: col_bias must have shape \(4,\) \(n, the columns of Q\), "
-     r"got shape \[4, 1\]"),
+     r"col_bias must have shape \(4,\) \(n, the columns of Q\), got shape \[4, 1\]"),
     (dict(weights=torch.ones(5, dtype=torch.float64)), ValueError,
-     r"mf_ext.observed_mf_loss: weights must have shape \(6,\) \(nnz, the length of values\), "
-     r"got shape \[5\]"),
+     r"weights must have shape \(6,\) \(nnz, the length of values\), got shape \[5\]"),
     (dict(weights=torch.ones(6, dtype=torch.float32)), TypeError,
-     r"mf_ext.observed_mf_loss: weights must have the dtype of values "
+     r"weights must have the dtype of values "
      r"\((Double|torch.float64)\), got (Float|torch.float32)"),
     (dict(col_bias=torch.ones(4, dtype=torch.float32)), TypeError,
-     r"mf_ext.observed_mf_loss: col_bias must have the dtype of values"),
+     r"col_bias must have the dtype of values"),
     (dict(rows=torch.tensor([0, 1, 2, 5, 4, 0])), IndexError,
-     r"mf_ext.observed_mf_loss: rows\[3\] = 5 is out of range: rows must lie in \[0, 5\) "
-     r"\(m, the columns of P\)"),
+     r"rows\[3\] = 5 is out of range: rows must lie in \[0, 5\) \(m, the columns of P\)"),
     (dict(rows=torch.tensor([0, 1, -1, 2, 4, 0], dtype=torch.int32)), IndexError,
-     r"mf_ext.observed_mf_loss: rows\[2\] = -1 is out of range: rows must lie in \[0, 5\)"),
+     r"rows\[2\] = -1 is out of range: rows must lie in \[0, 5\)"),
     (dict(cols=torch.tensor([0, 1, 2, 3, 3, 4])), IndexError,
-     r"mf_ext.observed_mf_loss: cols\[5\] = 4 is out of range: cols must lie in \[0, 4\) "
-     r"\(n, the columns of Q\)"),
+     r"cols\[5\] = 4 is out of range: cols must lie in \[0, 4\) \(n, the columns of Q\)"),
     (dict(cols=torch.tensor([0, -7, 2, 3, 3, 1])), IndexError,
      r"cols\[1\] = -7 is out of range: cols must lie in \[0, 4\)"),
 ]
@@ -369,14 +364,14 @@ def _good(device="cpu", **overrides):
 
 @pytest.mark.parametrize("overrides,exc,match", ERRORS)
 def test_error_messages(backend, overrides, exc, match):
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match="mf_ext.observed_mf_loss: " + match):
         backend.observed_mf_loss(**_good(backend.device, **overrides))
 
 
 @pytest.mark.parametrize("overrides,exc,match", [e for e in ERRORS if e[1] is not IndexError])
 def test_error_messages_fake(overrides, exc, match):
     """The fake kernel (meta tensors, torch.compile) raises the same errors."""
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match="mf_ext.observed_mf_loss: " + match):
         observed_mf_loss(**_good("meta", **overrides))
 
 
@@ -389,34 +384,6 @@ def test_grad_flag_without_input(backend, index, name):
         with pytest.raises(ValueError, match=rf"mf_ext.observed_mf_loss: grad_{name}=True but "
                                              rf"{name} is None"):
             OP(*to_device(args, device).values(), "sum", *flags)
-
-
-def test_device_mismatch():
-    args = dict(_good(), P=torch.ones(3, 5, dtype=torch.float64, device="meta"))
-    with pytest.raises(ValueError, match=r"mf_ext.observed_mf_loss: rows, cols, values, P and Q "
-                                         r"must be on the same device, got rows on cpu, cols on "
-                                         r"cpu, values on cpu, P on meta, Q on cpu"):
-        observed_mf_loss(**args)
-    args = dict(_good(), weights=torch.ones(6, dtype=torch.float64, device="meta"))
-    with pytest.raises(ValueError, match=r"mf_ext.observed_mf_loss: weights is on meta but "
-                                         r"values is on cpu"):
-        observed_mf_loss(**args)
-
-
-@pytest.mark.parametrize("reduction,exc,match", [
-    ("avg", ValueError, r'mf_ext.observed_mf_loss: reduction must be "sum" or "mean", got "avg"'),
-    (1, TypeError, r"mf_ext.observed_mf_loss: reduction must be a str, got <class 'int'>"),
-])
-def test_bad_reduction(reduction, exc, match):
-    with pytest.raises(exc, match=match):
-        observed_mf_loss(**_good(), reduction=reduction)
-
-
-def test_half_is_rejected_on_cpu():
-    args = {k: (v.half() if k in FLOATS and v is not None else v) for k, v in _good().items()}
-    with pytest.raises(TypeError, match=r"mf_ext.observed_mf_loss: the CPU kernel supports "
-                                        r"float32 and float64, got Half"):
-        observed_mf_loss(**args)
 
 
 def test_flag_off_but_requires_grad():
@@ -476,3 +443,50 @@ def test_bitwise_deterministic_across_thread_counts(m, n, r, nnz, dtype):
         runs.append(loss_and_grads(observed_mf_loss, args, "sum"))
     for run in runs[1:]:
         assert_equal(run, runs[0])
+
+
+# ---------------------------------------------------------------------------------- CUDA only
+
+@needs_cuda
+@pytest.mark.parametrize("which", ["rows", "cols", "values", "P", "Q", "row_bias", "col_bias",
+                                   "weights"])
+def test_mixed_devices_error(which):
+    args = random_triples(5, 4, 3, 6, biases=True, weights=True, device="cuda")
+    args[which] = args[which].cpu()
+    if which in ("row_bias", "col_bias", "weights"):
+        match = rf"mf_ext.observed_mf_loss: {which} is on cpu but values is on cuda"
+    elif which == "values":
+        match = r"mf_ext.observed_mf_loss: .*(must be on the same device|is on cuda)"
+    else:
+        match = r"mf_ext.observed_mf_loss: rows, cols, values, P and Q must be on the same device"
+    with pytest.raises(ValueError, match=match):
+        observed_mf_loss(**args)
+    args = {k: v.requires_grad_() if k in FLOATS else v for k, v in args.items()}
+    with pytest.raises(ValueError, match="mf_ext.observed_mf_loss:"):
+        observed_mf_loss(**args)
+
+
+@needs_cuda
+def test_matrix_factorization_fits_on_cuda():
+    """The recommender on the GPU: fits a small synthetic low-rank set, and follows the CPU
+    fit's trajectory (float64, so the kernels' different summation orders stay invisible)."""
+    rng = np.random.default_rng(0)
+    users, items, rank = 80, 60, 3
+    U, V = rng.normal(size=(users, rank)), rng.normal(size=(items, rank))
+    u = rng.integers(0, users, 3000)
+    i = rng.integers(0, items, 3000)
+    ratings = 3 + (U[u] * V[i]).sum(1) + 0.05 * rng.normal(size=3000)
+    fits = {}
+    for device in ("cpu", "cuda"):
+        model = mf_ext.MatrixFactorization(rank=rank, epochs=150, lr=0.05, reg=0.0, bias_reg=0.0,
+                                           init_std=0.1, device=device, dtype=torch.float64)
+        fits[device] = model.fit(u, i, ratings)
+    gpu, cpu = fits["cuda"], fits["cpu"]
+    assert gpu.P.device.type == "cuda" and gpu.user_bias.device.type == "cuda"
+    first, last = gpu.history[0].train_rmse, gpu.history[-1].train_rmse
+    assert last < 0.25 * first, (first, last)
+    assert gpu.evaluate(u, i, ratings)["rmse"] < 0.5
+    np.testing.assert_allclose([h.train_rmse for h in gpu.history],
+                               [h.train_rmse for h in cpu.history], rtol=1e-6)
+    np.testing.assert_allclose(gpu.predict(u[:50], i[:50]), cpu.predict(u[:50], i[:50]),
+                               rtol=1e-6, atol=1e-8)

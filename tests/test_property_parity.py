@@ -16,7 +16,7 @@ pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from helpers import GRADS, assert_close_to_reference
+from helpers import GRADS, assert_close_to_reference, loss_and_grads
 from mf_ext import masked_mf_loss, observed_mf_loss
 
 LAYOUTS_2D = ("contiguous", "transposed", "stepped", "transposed_stepped")
@@ -39,19 +39,6 @@ def laid_out(x: torch.Tensor, layout: str, fill) -> torch.Tensor:
     wide[1::2, 1::3] = source
     view = wide[1::2, 1::3]
     return view.t() if layout == "transposed_stepped" else view
-
-
-def grads_of_views(fn, views: dict, wanted) -> list:
-    """fn(**views)'s loss and its gradients w.r.t. the views named in `wanted` (None for the
-    others): the kernels see the views' own strides."""
-    leaves = {k: v.detach().requires_grad_(k in wanted) for k, v in views.items()
-              if isinstance(v, torch.Tensor)}
-    inputs = {k: leaves.get(k, v) for k, v in views.items()}
-    inputs = {k: (v[...] if k in wanted else v) for k, v in inputs.items()}  # non-leaf views
-    loss = fn(**inputs)
-    targets = [inputs[k] for k in wanted]
-    grads = dict(zip(wanted, torch.autograd.grad(loss, targets))) if targets else {}
-    return [loss.detach(), grads]
 
 
 def random_matrix(g, shape, dtype, density=1.0, low=-2.0, high=2.0):
@@ -80,10 +67,8 @@ def test_masked_mf_loss_matches_reference(m, n, r, dtype, reduction, density, wi
     R, P, Q = (laid_out(x, lay, float("nan")) for x, lay in zip((R0, P0, Q0), layouts))
     M = None if M0 is None else laid_out(M0, layouts[3], True)
     wanted = ("R", "P", "Q") if grad_R else ("P", "Q")
-    loss, grads = grads_of_views(
-        lambda R, P, Q, mask: masked_mf_loss(R, P, Q, mask, reduction),
-        dict(R=R, P=P, Q=Q, mask=M), wanted)
-    got = [loss, grads.get("R"), grads["P"], grads["Q"]]
+    # detach() in loss_and_grads keeps the views' strides: the kernels see these layouts
+    got = loss_and_grads(masked_mf_loss, dict(R=R, P=P, Q=Q, mask=M), reduction, wanted)
     assert_close_to_reference(got, dict(R=R0, P=P0, Q=Q0, mask=M0), reduction, wanted)
 
 
@@ -130,7 +115,5 @@ def observed_problems(draw):
 @given(problem=observed_problems())
 def test_observed_mf_loss_matches_reference(problem):
     args, views, wanted, reduction = problem
-    loss, grads = grads_of_views(
-        lambda **a: observed_mf_loss(**a, reduction=reduction), views, wanted)
-    got = [loss] + [grads.get(k) for k in GRADS["observed"]]
+    got = loss_and_grads(observed_mf_loss, views, reduction, wanted)
     assert_close_to_reference(got, args, reduction, wanted)
