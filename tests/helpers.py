@@ -185,18 +185,16 @@ def flat_offset(t):
     return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
 
 
-def stepped(t, rows=1, cols=2, offset=0):
-    """t's values as a view that steps over gaps (filled with zeros or False), after an offset."""
+def stepped(t, rows=1, cols=2, offset=0, fill=0):
+    """t's values as a view that steps over gaps (holding `fill`), after an offset."""
     if t is None:
         return None
-    if t.dim() == 1:
-        wide = torch.zeros(offset + cols * t.shape[0], dtype=t.dtype, device=t.device)
-        wide[offset::cols] = t
-        return wide[offset::cols]
-    wide = torch.zeros(offset + rows * t.shape[0], offset + cols * t.shape[1], dtype=t.dtype,
-                       device=t.device)
-    wide[offset::rows, offset::cols] = t
-    return wide[offset::rows, offset::cols]
+    steps = (slice(offset, None, cols),) if t.dim() == 1 else \
+        (slice(offset, None, rows), slice(offset, None, cols))
+    shape = [offset + step.step * size for step, size in zip(steps, t.shape)]
+    wide = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+    wide[steps] = t
+    return wide[steps]
 
 
 # ----------------------------------------------------------------------------- the numeric rule
@@ -274,6 +272,22 @@ def check(backend, args, reduction="sum", wanted=None):
     assert all(g is None or g.device.type == torch.device(backend.device).type for g in got)
     assert_close_to_reference(got, args, reduction, wanted)
     return got
+
+
+def assert_agrees_with_cpu_kernel(backend, got, args, reduction):
+    """The CUDA kernels (on a GPU or emulated) against the CPU kernel in float32 / float64: the
+    same numbers up to the summation order."""
+    dtype = args["R" if op_of(args) == "masked" else "values"].dtype
+    if backend.name == "cpu" or dtype in HALF:
+        return
+    cpu = Backend("cpu", "cpu", torch.ops.mf_ext)
+    want = cpu.raw(cpu.to(args), reduction, [args.get(k) is not None for k in GRADS[op_of(args)]])
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5 if op_of(args) == "masked" else 1e-4
+    for a, b in zip(got, want):
+        if a is None:
+            continue
+        atol = rtol * (b.abs().max().item() if b.numel() else 0.0) + 1e-12
+        torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=atol, equal_nan=True)
 
 
 def same_layout(a, b):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mf_ext
-from helpers import (DTYPES, KINDS, assert_close_to_reference, assert_equal, cases, check,
-                     flat_offset, random_problem, same_layout, sliced, stepped, transposed,
+from helpers import (DTYPES, KINDS, assert_agrees_with_cpu_kernel, assert_close_to_reference,
+                     assert_equal, cases, check, flat_offset, random_problem, same_layout, sliced, stepped, transposed,
                      with_mask_kind)
 from mf_ext import masked_mf_loss
 from mf_ext.reference import adam_reference_loop
@@ -36,19 +36,6 @@ def emulated_kinds(dtype, reduction):
     return ["none", "empty_rows_cols"] if reduction == "sum" else ["random"]
 
 
-def agrees_with_cpu_kernel(backend, got, args, reduction):
-    """CUDA kernels (on a GPU or emulated) against the CPU kernel: the same numbers up to the
-    summation order."""
-    if backend.name == "cpu" or args["R"].dtype not in (F64, F32):
-        return
-    cpu = {k: None if v is None else v.cpu() for k, v in args.items()}
-    want = OP(cpu["R"], cpu["P"], cpu["Q"], cpu["mask"], reduction, True, True, True)
-    rtol = 1e-10 if args["R"].dtype == F64 else 1e-5
-    for a, b in zip(got, want):
-        atol = rtol * (b.abs().max().item() if b.numel() else 0.0) + 1e-12
-        torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=atol, equal_nan=True)
-
-
 @cases(lambda backend, m, n, r, dtype, **_: backend != "emulated" or (m, n, r) in EMULATED_SHAPES
        and (dtype == F64 or (m, n, r) in [(3, 5, 2), (130, 259, 5), (257, 257, 33), (300, 129, 17)]))
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -60,7 +47,7 @@ def test_parity(backend, m, n, r, dtype, reduction, deterministic):
     for kind in emulated_kinds(dtype, reduction) if backend.emulated else KINDS:
         args = with_mask_kind(problem, kind)
         got = check(backend, args, reduction)
-        agrees_with_cpu_kernel(backend, got, args, reduction)
+        assert_agrees_with_cpu_kernel(backend, got, args, reduction)
         if kind in ("all_masked", "all_zero"):
             assert got[0].item() == 0 and not any(g.any() for g in got[1:]), kind
         if kind in EMPTY and m * n > 1:
@@ -245,20 +232,6 @@ def test_torch_compile_fullgraph(backend, dtype, mode):
 
 
 # ----------------------------------------------------------------------------------- CPU only
-
-@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
-def test_bitwise_deterministic_across_thread_counts(dtype):
-    # Big enough for the maximal 4 x 4 task grid, odd so that tails are exercised.
-    args = random_problem(301, 1203, 7, dtype, mask=True)
-    results = []
-    for threads in (1, 2, 3, 4):
-        torch.set_num_threads(threads)
-        for mask in (None, args["mask"]):
-            results.append(OP(args["R"], args["P"], args["Q"], mask, "mean", True, True, True))
-    for i in range(2):
-        for other in results[2 + i::2]:
-            assert_equal(results[i], other)
-
 
 def test_single_row_layout_does_not_change_the_result():
     """A one-row R read with a column step must run as the same row problem as a contiguous one

@@ -16,7 +16,7 @@ pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from helpers import GRADS, assert_close_to_reference, loss_and_grads
+from helpers import GRADS, assert_close_to_reference, loss_and_grads, stepped, transposed
 from mf_ext import masked_mf_loss, observed_mf_loss
 
 LAYOUTS_2D = ("contiguous", "transposed", "stepped", "transposed_stepped")
@@ -25,20 +25,13 @@ DTYPES = (torch.float32, torch.float64)
 
 
 def laid_out(x: torch.Tensor, layout: str, fill) -> torch.Tensor:
-    """x's values as a view in `layout`; the rest of the underlying storage holds `fill`."""
-    if layout == "contiguous":
-        return x.clone()
-    if layout == "transposed":  # 2-D only
-        return x.t().contiguous().t()
-    if x.dim() == 1:  # "stepped": every third element, after an offset of 1
-        wide = torch.full((3 * x.shape[0] + 1,), fill, dtype=x.dtype)
-        wide[1::3] = x
-        return wide[1::3]
-    source = x.t() if layout == "transposed_stepped" else x
-    wide = torch.full((2 * source.shape[0] + 1, 3 * source.shape[1] + 1), fill, dtype=x.dtype)
-    wide[1::2, 1::3] = source
-    view = wide[1::2, 1::3]
-    return view.t() if layout == "transposed_stepped" else view
+    """x's values as a view in `layout` (stepped: every second row and third column, or every
+    third element, after an offset of 1); the rest of the underlying storage holds `fill`."""
+    if layout in ("contiguous", "transposed"):
+        return x.clone() if layout == "contiguous" else transposed(x)
+    if layout == "transposed_stepped":  # 2-D only
+        return stepped(x.t(), 2, 3, offset=1, fill=fill).t()
+    return stepped(x, 2, 3, offset=1, fill=fill)
 
 
 def random_matrix(g, shape, dtype, density=1.0, low=-2.0, high=2.0):

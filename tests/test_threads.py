@@ -1,6 +1,5 @@
-"""Both ops called from several Python threads at once give, bitwise, the single-threaded
-answers (loss and gradients). Thread-count determinism (torch.set_num_threads) is tested next
-to each op, in test_masked_mf_loss.py and test_observed_mf_loss.py."""
+"""The CPU kernels and threads: both ops give bitwise the same answers (loss and gradients)
+whatever torch.set_num_threads says, and when called from several Python threads at once."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import loss_and_grads, random_problem, random_triples
+from helpers import assert_equal, loss_and_grads, random_problem, random_triples
 from mf_ext import masked_mf_loss, observed_mf_loss
 
 THREADS = 4
@@ -48,3 +47,21 @@ def test_concurrent_calls_match_single_threaded(cases):
     for index, got in results:
         for a, b in zip(got, expected[index]):
             assert (a is None and b is None) or torch.equal(a, b), f"case {index}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("op,args", [  # the maximal 4 x 4 task grid, odd so tails are exercised
+    (masked_mf_loss, lambda dtype: random_problem(301, 1203, 7, dtype, mask=True)),
+    (masked_mf_loss, lambda dtype: random_problem(301, 1203, 7, dtype)),
+    (observed_mf_loss, lambda dtype: random_triples(30, 20, 64, 40000, dtype, biases=True,
+                                                    weights=True)),
+    (observed_mf_loss, lambda dtype: random_triples(301, 97, 13, 70001, dtype, biases=True,
+                                                    weights=True))], ids=str)
+def test_bitwise_deterministic_across_thread_counts(op, args, dtype):
+    args = args(dtype)
+    runs = []
+    for threads in (1, 2, 1, 3, 4):
+        torch.set_num_threads(threads)
+        runs.append([g for reduction in ("sum", "mean") for g in loss_and_grads(op, args, reduction)])
+    for run in runs[1:]:
+        assert_equal(run, runs[0])

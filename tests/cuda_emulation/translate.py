@@ -295,27 +295,21 @@ def generate(out_dir):
     return paths
 
 
-def _compiler_version():
-    from torch.utils.cpp_extension import get_cxx_compiler
-    try:
-        run = subprocess.run([get_cxx_compiler(), "--version"], capture_output=True, text=True)
-        return run.stdout.splitlines()[0] if run.stdout else run.stderr
-    except OSError as e:
-        return str(e)
-
-
 def cache_key(sources, flags):
     """A digest of everything the library depends on: the translated sources, the headers they
     include (csrc/, cuda_emu.h), the flags, torch, Python and the compiler. The clone's own path
     (in the sources' #include and #line directives) is left out, so clones share builds."""
     import torch
+    from torch.utils.cpp_extension import get_cxx_compiler
 
     h = hashlib.sha256()
     headers = sorted(CSRC.rglob("*.h")) + sorted(CSRC.rglob("*.cuh")) + [HERE / "cuda_emu.h"]
     for path in [*sources, *headers]:
         text = path.read_bytes().replace(str(REPO).encode(), b"<repo>")
         h.update(f"{path.name}\0".encode() + text + b"\0")
-    for part in (" ".join(flags).replace(str(REPO), "<repo>"), torch.__version__, sys.version, _compiler_version()):
+    compiler = subprocess.run([get_cxx_compiler(), "--version"], capture_output=True, text=True)
+    for part in (" ".join(flags).replace(str(REPO), "<repo>"), torch.__version__, sys.version,
+                 compiler.stdout):
         h.update(f"{part}\0".encode())
     return h.hexdigest()[:20]
 
