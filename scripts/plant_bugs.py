@@ -58,9 +58,9 @@ def run_mutant(mutant, env):
         path.write_text(original.replace(mutant["old"], mutant["new"]))
         if rebuild and not build(env):
             return "error: the mutant does not build"
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                *mutant["tests"]], cwd=SCRATCH, env=env, capture_output=True,
-                               text=True)
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p",
+                                "no:cacheprovider", *mutant["tests"]],
+                               cwd=SCRATCH, env=env, capture_output=True, text=True)
     finally:
         path.write_text(original)
     outcome = {0: "MISSED", 1: "caught"}.get(tests.returncode)

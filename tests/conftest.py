@@ -1,7 +1,5 @@
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +12,9 @@ except ImportError:  # the property tests skip themselves; everything else runs
     settings = None
 
 # Hypothesis example counts: the default keeps the whole property suite to a few hundred
-# examples (well under a minute); MF_EXT_HYPOTHESIS_PROFILE=large runs a longer search.
+# examples, derandomized (CI sees the same examples on every run: no flaky reds);
+# MF_EXT_HYPOTHESIS_PROFILE=large runs a longer search with fresh random examples.
 if settings is not None:
-    # The default profile is derandomized: CI sees the same examples on every run (no flaky
-    # reds); the large profile explores with fresh random examples.
     settings.register_profile("mf_ext", max_examples=300, deadline=None, derandomize=True)
     settings.register_profile("large", max_examples=3000, deadline=None)
     settings.load_profile(os.environ.get("MF_EXT_HYPOTHESIS_PROFILE", "mf_ext"))
@@ -68,8 +65,7 @@ def deterministic():
 
 @pytest.fixture(params=["default", "deterministic"])
 def mode(request):
-    """The CUDA observed op's two algorithms: atomics (default) and, under
-    torch.use_deterministic_algorithms(True), the sort-based one."""
+    """The CUDA observed op's two algorithms: atomics, or deterministic (sort-based)."""
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(request.param == "deterministic")
     yield request.param
@@ -87,7 +83,6 @@ def emu():
     if prebuilt:  # a library built elsewhere (see cuda_emulation/README.md)
         torch.ops.load_library(prebuilt)
     else:
-        sys.path.insert(0, str(Path(__file__).parent))
         from cuda_emulation import translate
         translate.load()
     register_emulated_autograd("mf_ext_emu")

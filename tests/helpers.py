@@ -1,10 +1,7 @@
-"""Shared test helpers: the backends the kernels run on, random problems for both ops, their
-memory layouts, and the one numeric rule every parity test uses.
-
-A problem is a dict of an op's keyword arguments: masked (R, P, Q, mask), observed (rows, cols,
-values, P, Q, row_bias, col_bias, weights). Results are lists: the loss, then the gradient of
-each floating-point argument (GRADS order; None where not asked for or absent).
-"""
+"""Shared test helpers: the backends, random problems for both ops and their memory layouts,
+and the one numeric rule. A problem is a dict of an op's keyword arguments: masked (R, P, Q,
+mask), observed (rows, cols, values, P, Q, row_bias, col_bias, weights). Results are lists: the
+loss, then the gradient of each floating-point argument (GRADS order; None if not asked for)."""
 
 from __future__ import annotations
 
@@ -25,10 +22,6 @@ OBSERVED_ORDER = ("rows", "cols", "values", "P", "Q", "row_bias", "col_bias", "w
 
 def op_of(args):
     return "masked" if "R" in args else "observed"
-
-
-def names(args):
-    return ("loss", *("d" + k for k in GRADS[op_of(args)]))
 
 
 # ------------------------------------------------------------------------------------ backends
@@ -164,12 +157,6 @@ def random_triples(m, n, r, nnz, dtype=torch.float64, seed=0, biases=False, weig
                      device)
 
 
-def permuted(args, perm):
-    """The same triples in another order."""
-    return {k: v[perm] if v is not None and v.dim() == 1 and k not in ("row_bias", "col_bias")
-            else v for k, v in args.items()}
-
-
 def transposed(t):
     """t's values in transposed storage (column-major for a matrix)."""
     return None if t is None else t.t().contiguous().t()
@@ -249,7 +236,8 @@ def assert_close_to_reference(got, args, reduction="sum", wanted=None):
     scale = loss_and_grads(reference, magnitudes(cpu64), reduction, wanted) \
         if dtype != torch.float64 else exact
     eps = torch.finfo(dtype).eps
-    for name, a, e, b, s in zip(names(args), got, eager, exact, scale):
+    names = ("loss", *("d" + k for k in GRADS[op_of(args)]))
+    for name, a, e, b, s in zip(names, got, eager, exact, scale):
         assert (a is None) == (b is None), name
         if b is None:
             continue
@@ -263,7 +251,7 @@ def assert_close_to_reference(got, args, reduction="sum", wanted=None):
         floor = eps * (8 * (1 + size) + (s.abs().max().item() if b.numel() else 0.0))
         err_kernel, err_eager = _max_err(a, b), _max_err(e, b)
         assert err_kernel <= 2 * err_eager + floor, (
-            f"{name}: kernel error {err_kernel:.3g} > 2 x eager error {err_eager:.3g} + {floor:.3g}")
+            f"{name}: kernel error {err_kernel:.3g} > 2 x eager's {err_eager:.3g} + {floor:.3g}")
 
 
 def check(backend, args, reduction="sum", wanted=None):

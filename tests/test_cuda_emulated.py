@@ -1,16 +1,10 @@
-"""The CUDA emulator itself (tests/cuda_emulation/, see its README): it exchanges correctly,
-reports what a GPU would do wrong, applies its schedules, refuses sources it cannot translate,
-and a planted bug shows. The CUDA kernels' parity tests run on it as the `emulated` backend
-(conftest.py); the end of this file runs a subset of them under the other schedules.
-
-Not a substitute for a GPU run (no memory model, no real scheduling or atomics ordering, no
-resource limits).
+"""The CUDA emulator itself (tests/cuda_emulation/, see its README; not a substitute for a GPU
+run): it exchanges correctly, reports what a GPU would do wrong, applies its schedules, refuses
+sources it cannot translate, and a planted bug shows. The CUDA kernels' parity tests run on it
+as the `emulated` backend (conftest.py); the end of this file runs some under other schedules.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -157,7 +151,6 @@ def test_planted_stride_bug_is_caught(emu):
 def test_translator_fails_loudly():
     """A source change the translator does not understand stops the build with a message
     instead of leaving something untranslated (or unregistered, so silently untested)."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from cuda_emulation import translate as T
     text = (T.CSRC / "cuda" / "observed_mf_loss.cu").read_text()
     T.translate(text, "observed_mf_loss.cu")  # as it is: fine

@@ -2,13 +2,15 @@
 notebook's pure-PyTorch reference, then what only the CPU (threads, errors) or only a GPU
 (mixed devices, factorize on CUDA) shows."""
 
+from functools import partial
+
 import pytest
 import torch
 
 import mf_ext
 from helpers import (DTYPES, KINDS, assert_agrees_with_cpu_kernel, assert_close_to_reference,
-                     assert_equal, cases, check, flat_offset, random_problem, same_layout, sliced, stepped, transposed,
-                     with_mask_kind)
+                     assert_equal, cases, check, flat_offset, random_problem, same_layout, sliced,
+                     stepped, transposed, with_mask_kind)
 from mf_ext import masked_mf_loss
 from mf_ext.reference import adam_reference_loop
 
@@ -30,14 +32,16 @@ EMPTY = {"empty_rows_cols": (slice(None, None, 3), slice(1, None, 4)),
 
 
 def emulated_kinds(dtype, reduction):
-    """The emulator's time budget: every kind but all_zero in float64, fewer in lower precision."""
+    """The emulator's time budget: every kind but all_zero in float64, fewer in lower precision
+    (and there only on a few shapes)."""
     if dtype == F64:
         return KINDS[:3] + KINDS[4:]
     return ["none", "empty_rows_cols"] if reduction == "sum" else ["random"]
 
 
-@cases(lambda backend, m, n, r, dtype, **_: backend != "emulated" or (m, n, r) in EMULATED_SHAPES
-       and (dtype == F64 or (m, n, r) in [(3, 5, 2), (130, 259, 5), (257, 257, 33), (300, 129, 17)]))
+@cases(lambda backend, m, n, r, dtype, **_: backend != "emulated" or (m, n, r) in (
+    EMULATED_SHAPES if dtype == F64 else [(3, 5, 2), (130, 259, 5), (257, 257, 33),
+                                          (300, 129, 17)]))
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m,n,r", SHAPES)
@@ -55,9 +59,11 @@ def test_parity(backend, m, n, r, dtype, reduction, deterministic):
             assert not got[2][:, rows].any() and not got[3][:, cols].any(), kind
 
 
-def _offset(t):
-    """Unaligned for the vector loads: one row and column in."""
-    return stepped(t, 1, 1, offset=1)
+_offset = partial(stepped, rows=1, cols=1, offset=1)  # one row and column in: unaligned
+
+
+def _emu(layout_R, layout_mask):
+    return lambda R, P, Q, M: (layout_R(R), transposed(P), sliced(Q), layout_mask(M))
 
 
 LAYOUTS = {  # name: (R, P, Q, mask) -> the same values in other memory layouts
@@ -72,15 +78,11 @@ LAYOUTS = {  # name: (R, P, Q, mask) -> the same values in other memory layouts
     "R offset by one": lambda R, P, Q, M: (flat_offset(R), P, Q, M),
     "Q column-stepped": lambda R, P, Q, M: (R, P, stepped(Q), M),
     # The emulator's set: P in transposed storage and Q sliced as well.
-    "emu: transposed": lambda R, P, Q, M: (transposed(R), transposed(P), sliced(Q),
-                                           transposed(M)),
-    "emu: column-stepped": lambda R, P, Q, M: (stepped(R, offset=1), transposed(P), sliced(Q),
-                                               stepped(M, offset=1)),
-    "emu: offset": lambda R, P, Q, M: (_offset(R), transposed(P), sliced(Q), _offset(M)),
-    "emu: R stepped, mask transposed": lambda R, P, Q, M: (
-        stepped(R, offset=1), transposed(P), sliced(Q), transposed(M)),
-    "emu: rows and columns stepped": lambda R, P, Q, M: (
-        stepped(R, 2, 3), transposed(P), sliced(Q), stepped(M, 2, 3)),
+    "emu: transposed": _emu(transposed, transposed),
+    "emu: column-stepped": _emu(lambda t: stepped(t, offset=1), lambda t: stepped(t, offset=1)),
+    "emu: offset": _emu(_offset, _offset),
+    "emu: R stepped, mask transposed": _emu(lambda t: stepped(t, offset=1), transposed),
+    "emu: rows and columns stepped": _emu(lambda t: stepped(t, 2, 3), lambda t: stepped(t, 2, 3)),
 }
 
 
@@ -170,9 +172,8 @@ def test_nan_inf_propagate_as_the_reference(backend):
     R[3, 7], R[100, 200], M[3, 7] = float("nan"), float("inf"), False
     P = args["P"].clone()
     P[0, 1] = float("inf")
-    cases = [dict(args, mask=M), dict(args, mask=None),
-             dict(args, R=torch.ones_like(R), P=P, mask=None)]  # R clean: only P is not finite
-    for case in cases:
+    for case in [dict(args, mask=M), dict(args, mask=None),
+                 dict(args, R=torch.ones_like(R), P=P, mask=None)]:  # R clean: only P not finite
         got = check(backend, backend.to(case))
         assert not got[0].isfinite()
     assert got[0].item() == float("inf")

@@ -28,23 +28,17 @@ def resident_mib() -> float:
     raise AssertionError("no VmRSS line in /proc/self/status")
 
 
-def masked_step():
-    args = random_problem(9, 7, 3, torch.float32, mask=True)
-    for k in "RPQ":
-        args[k].requires_grad_()
-    return lambda: masked_mf_loss(**args, reduction="mean").backward()
+@pytest.mark.parametrize("op,args", [
+    (masked_mf_loss, random_problem(9, 7, 3, torch.float32, mask=True)),
+    (observed_mf_loss, random_triples(9, 7, 3, 20, torch.float32, biases=True, weights=True))],
+    ids=["masked", "observed"])
+def test_resident_memory_stays_flat(op, args):
+    args = {k: v.requires_grad_() if v is not None and v.is_floating_point() else v
+            for k, v in args.items()}
 
+    def step():
+        op(**args, reduction="mean").backward()
 
-def observed_step():
-    args = random_triples(9, 7, 3, 20, torch.float32, biases=True, weights=True)
-    for k in ("values", "P", "Q", "row_bias", "col_bias", "weights"):
-        args[k].requires_grad_()
-    return lambda: observed_mf_loss(**args, reduction="mean").backward()
-
-
-@pytest.mark.parametrize("make_step", [masked_step, observed_step], ids=["masked", "observed"])
-def test_resident_memory_stays_flat(make_step):
-    step = make_step()
     for _ in range(WARM_UP):
         step()
     gc.collect()

@@ -19,22 +19,21 @@ def _masked_cases():
     for i, (m, n, r, mask) in enumerate([(5, 4, 2, False), (67, 131, 5, True),
                                          (301, 900, 7, True)]):  # the last: a 4 x 4 task grid
         for dtype in (torch.float64, torch.float32):
-            args = random_problem(m, n, r, dtype, mask=mask, seed=i)
-            yield lambda args=args: loss_and_grads(masked_mf_loss, args, "mean")
+            yield masked_mf_loss, random_problem(m, n, r, dtype, mask=mask, seed=i), "mean"
 
 
 def _observed_cases():
     for i, (m, n, r, nnz) in enumerate([(5, 4, 2, 12), (67, 131, 5, 1000),
                                         (301, 97, 13, 70001)]):
         for dtype in (torch.float64, torch.float32):
-            args = random_triples(m, n, r, nnz, dtype, seed=i, biases=True, weights=True,
-                                  index_dtype=torch.int32 if i % 2 else torch.int64)
-            yield lambda args=args: loss_and_grads(observed_mf_loss, args, "sum")
+            yield observed_mf_loss, random_triples(
+                m, n, r, nnz, dtype, seed=i, biases=True, weights=True,
+                index_dtype=torch.int32 if i % 2 else torch.int64), "sum"
 
 
 @pytest.mark.parametrize("cases", [_masked_cases, _observed_cases], ids=["masked", "observed"])
 def test_concurrent_calls_match_single_threaded(cases):
-    cases = list(cases())
+    cases = [lambda case=case: loss_and_grads(*case) for case in cases()]
     expected = [case() for case in cases]
 
     def worker(seed):
@@ -45,8 +44,7 @@ def test_concurrent_calls_match_single_threaded(cases):
         results = [item for run in pool.map(worker, range(THREADS)) for item in run]
     assert len(results) == THREADS * CALLS_PER_THREAD
     for index, got in results:
-        for a, b in zip(got, expected[index]):
-            assert (a is None and b is None) or torch.equal(a, b), f"case {index}"
+        assert_equal(got, expected[index], f"case {index}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -62,6 +60,6 @@ def test_bitwise_deterministic_across_thread_counts(op, args, dtype):
     runs = []
     for threads in (1, 2, 1, 3, 4):
         torch.set_num_threads(threads)
-        runs.append([g for reduction in ("sum", "mean") for g in loss_and_grads(op, args, reduction)])
+        runs.append([g for red in ("sum", "mean") for g in loss_and_grads(op, args, red)])
     for run in runs[1:]:
         assert_equal(run, runs[0])

@@ -254,9 +254,8 @@ def _write_if_changed(path, text):
 
 
 def build_dir():
-    """Where the emulation is built: $MF_EXT_EMU_BUILD_DIR if set (rebuilt in place, ninja keeps
-    what it can), else the cache: one folder per build key (cache_key) under
-    ${XDG_CACHE_HOME:-~/.cache}/mf_ext/cuda_emulation, shared by every clone on the machine."""
+    """$MF_EXT_EMU_BUILD_DIR (built in place, incremental), else the cache: one folder per
+    cache_key under ${XDG_CACHE_HOME:-~/.cache}/mf_ext/cuda_emulation, shared by all clones."""
     override = os.environ.get("MF_EXT_EMU_BUILD_DIR")
     if override:
         return Path(override)
@@ -315,10 +314,8 @@ def cache_key(sources, flags):
 
 
 def load(verbose=False):
-    """Translates, then loads the library (ops torch.ops.mf_ext_emu.*) from the cache, building
-    it first on a miss. Concurrent callers (xdist workers, several pytest runs) take a file lock
-    per key: one builds, in a private folder renamed into place when done, the others wait for it
-    and load the result."""
+    """Translates, then loads the library (ops torch.ops.mf_ext_emu.*) from the cache (built on
+    a miss, under a lock per key, in a private folder renamed into place: see the README)."""
     import torch
     from torch.utils.cpp_extension import load as cpp_load
 
