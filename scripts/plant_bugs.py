@@ -48,23 +48,23 @@ def build(env):
 
 
 def run_mutant(mutant, env):
-    """'caught', 'MISSED' or 'error: ...'; the copy is restored afterwards."""
+    """'caught', 'MISSED' or 'error' and a line on it; the copy is restored afterwards."""
     path = SCRATCH / mutant["path"]
     original = path.read_text()
     if original.count(mutant["old"]) != 1:
-        return f"error: `old` occurs {original.count(mutant['old'])} times in {mutant['path']}"
+        return f"error\n  `old` occurs {original.count(mutant['old'])} times in {mutant['path']}"
     rebuild = mutant["path"].startswith("csrc/") or mutant["path"] == "setup.py"
     try:
         path.write_text(original.replace(mutant["old"], mutant["new"]))
         if rebuild and not build(env):
-            return "error: the mutant does not build"
+            return "error\n  the mutant does not build"
         tests = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p",
                                 "no:cacheprovider", *mutant["tests"]],
                                cwd=SCRATCH, env=env, capture_output=True, text=True)
     finally:
         path.write_text(original)
     outcome = {0: "MISSED", 1: "caught"}.get(tests.returncode)
-    return outcome or f"error: pytest exit {tests.returncode}\n{tests.stdout[-2000:]}"
+    return outcome or f"error\n  pytest exit {tests.returncode}\n{tests.stdout[-2000:]}"
 
 
 def main(names):
@@ -81,12 +81,12 @@ def main(names):
         sys.exit("plant_bugs: the unmutated copy does not build")
     print(f"plant_bugs: {len(mutants)} mutants, scratch copy {SCRATCH}", flush=True)
     results = {}
-    for mutant in mutants:
-        if names and mutant["name"] not in names:
-            continue
-        results[mutant["name"]] = run_mutant(mutant, env)
-        print(f"{results[mutant['name']]:8s} {mutant['name']}: {mutant['why']}", flush=True)
-    if any(mutant["path"].startswith("csrc/") for mutant in mutants):
+    for mutant in [m for m in mutants if not names or m["name"] in names]:
+        outcome, _, details = run_mutant(mutant, env).partition("\n")
+        results[mutant["name"]] = outcome
+        print(f"{outcome:8s} {mutant['name']}: {mutant['why']}", details, sep="\n"[:bool(details)],
+              flush=True)
+    if any(m["path"].startswith("csrc/") for m in mutants if m["name"] in results):
         build(env)  # leave the copy's build matching the working tree
     return 0 if all(r == "caught" for r in results.values()) else 1
 
