@@ -91,10 +91,8 @@ def emu():
 
 @pytest.fixture(params=["cpu", "cuda", "emulated"])
 def backend(request):
-    if request.param == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("no CUDA device")
-        return Backend("cuda", "cuda", torch.ops.mf_ext)
-    if request.param == "emulated":
-        return Backend("emulated", "cpu", request.getfixturevalue("emu"))
-    return Backend("cpu", "cpu", torch.ops.mf_ext)
+    """Where the kernels run (helpers.Backend); cuda skips without a GPU."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ops = request.getfixturevalue("emu") if request.param == "emulated" else torch.ops.mf_ext
+    return Backend(request.param, "cuda" if request.param == "cuda" else "cpu", ops)
