@@ -24,6 +24,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "cases(predicate): the parametrized cases (parameters as keywords, backend "
                    "included) a test runs; the others are deselected")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (so do the cuda backend's cases)")
 
 
 def _runs(item):
@@ -39,6 +40,11 @@ def _runs(item):
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # -m gpu selects every CUDA test (scripts/gpu_check.sh)
+        if hasattr(item, "callspec") and item.callspec.params.get("backend") == "cuda":
+            item.add_marker("gpu")
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="no CUDA device"))
     dropped = [item for item in items if not _runs(item)]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
@@ -55,8 +61,8 @@ def _restore_threads():
 
 @pytest.fixture
 def deterministic():
-    """torch.use_deterministic_algorithms(True) for one test, restored afterwards (also makes
-    torch fill new tensors with NaN, so an output entry a kernel leaves unwritten shows)."""
+    """torch.use_deterministic_algorithms(True) for one test (new tensors are then filled with
+    NaN: an output entry a kernel leaves unwritten shows)."""
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     yield
@@ -91,8 +97,6 @@ def emu():
 
 @pytest.fixture(params=["cpu", "cuda", "emulated"])
 def backend(request):
-    """Where the kernels run (helpers.Backend); cuda skips without a GPU."""
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    """Where the kernels run (helpers.Backend)."""
     ops = request.getfixturevalue("emu") if request.param == "emulated" else torch.ops.mf_ext
     return Backend(request.param, "cuda" if request.param == "cuda" else "cpu", ops)

@@ -278,11 +278,6 @@ def assert_agrees_with_cpu_kernel(backend, got, args, reduction):
         torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=atol, equal_nan=True)
 
 
-def same_layout(a, b):
-    """Equal strides, ignoring dimensions of size 1 (where a stride means nothing)."""
-    return all(x == y for x, y, size in zip(a.stride(), b.stride(), a.shape) if size > 1)
-
-
 def assert_equal(a_list, b_list, what=""):
     """Bitwise equal results (None where both are None)."""
     for i, (a, b) in enumerate(zip(a_list, b_list)):

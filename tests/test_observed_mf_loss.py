@@ -20,7 +20,7 @@ from mf_ext import observed_mf_loss, observed_mf_loss_reference
 F64, F32 = torch.float64, torch.float32
 OP = torch.ops.mf_ext.observed_mf_loss_and_grads.default
 FLOATS = GRADS["observed"]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+needs_cuda = pytest.mark.gpu  # skipped without one (conftest.py)
 
 # (m, n, r, nnz): rank > min(m, n), many duplicates (nnz 40000 on 600 cells), and on CUDA the
 # lanes per triple and vectors per lane, which follow r (csrc/cuda/observed_mf_loss.cu,
