@@ -70,7 +70,7 @@ def observed_problems(draw):
     side = st.integers(0, 3) | st.integers(1, 60)
     m, n = draw(side), draw(side)
     nnz = 0 if m * n == 0 else draw(st.integers(0, 8) | st.integers(0, 400)
-                                    | st.integers(8192, 20000))  # 20000: several chunks
+                                    | st.integers(8192, 20000))
     r = draw(ranks)
     dtype = draw(st.sampled_from(DTYPES))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
