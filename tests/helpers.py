@@ -1,72 +1,284 @@
-"""Shared test helpers: random problems and the numeric comparison rule."""
+"""Shared test helpers: the backends, random problems for both ops and their memory layouts,
+and the one numeric rule. A problem is a dict of an op's keyword arguments: masked (R, P, Q,
+mask), observed (rows, cols, values, P, Q, row_bias, col_bias, weights). Results are lists: the
+loss, then the gradient of each floating-point argument (GRADS order; None if not asked for)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import pytest
 import torch
 
-from mf_ext.reference import masked_mf_loss_reference
+import mf_ext
+from mf_ext.reference import masked_mf_loss_reference, observed_mf_loss_reference
+
+HALF = (torch.float16, torch.bfloat16)
+DTYPES = (torch.float64, torch.float32, *HALF)  # the CPU backend runs the first two (conftest)
+GRADS = {"masked": ("R", "P", "Q"),
+         "observed": ("values", "P", "Q", "row_bias", "col_bias", "weights")}
+OBSERVED_ORDER = ("rows", "cols", "values", "P", "Q", "row_bias", "col_bias", "weights")
 
 
-def random_problem(m, n, r, dtype=torch.float64, observed=0.5, seed=0, mask=False):
-    """R (m, n) with about `observed` of its entries non-zero, P (r, m), Q (r, n), optional
-    explicit mask (which also marks some zeros as observed)."""
+def op_of(args):
+    return "masked" if "R" in args else "observed"
+
+
+# ------------------------------------------------------------------------------------ backends
+
+@dataclass(frozen=True)
+class Backend:
+    """Where the kernels run: "cpu" (csrc/cpu), "cuda" (csrc/cuda on a GPU) or "emulated"
+    (csrc/cuda on the CPU, tests/cuda_emulation). `ops` holds the raw *_and_grads ops; the
+    loss functions take the public API's arguments and give autograd the fused gradients."""
+    name: str
+    device: str
+    ops: object
+
+    @property
+    def emulated(self):
+        return self.name == "emulated"
+
+    def masked_mf_loss(self, R, P, Q, mask=None, reduction="sum"):
+        if not self.emulated:
+            return mf_ext.masked_mf_loss(R, P, Q, mask, reduction)
+        flags = (torch.is_grad_enabled() and t.requires_grad for t in (R, P, Q))
+        return self.ops.masked_mf_loss_and_grads(R, P, Q, mask, reduction, *flags)[0]
+
+    def observed_mf_loss(self, rows, cols, values, P, Q, row_bias=None, col_bias=None,
+                         weights=None, reduction="sum"):
+        args = (rows, cols, values, P, Q, row_bias, col_bias, weights)
+        if not self.emulated:
+            return mf_ext.observed_mf_loss(*args, reduction)
+        flags = (torch.is_grad_enabled() and t is not None and t.requires_grad for t in args[2:])
+        return self.ops.observed_mf_loss_and_grads(*args, reduction, *flags)[0]
+
+    def loss(self, args):
+        """The loss function of args' op."""
+        return self.masked_mf_loss if op_of(args) == "masked" else self.observed_mf_loss
+
+    def raw(self, args, reduction, flags):
+        """The raw op on args with explicit grad flags: (loss, *grads), empty where not asked."""
+        if op_of(args) == "masked":
+            return self.ops.masked_mf_loss_and_grads(args["R"], args["P"], args["Q"],
+                                                     args["mask"], reduction, *flags)
+        return self.ops.observed_mf_loss_and_grads(*(args[k] for k in OBSERVED_ORDER),
+                                                   reduction, *flags)
+
+    def to(self, args):
+        return to_device(args, self.device)
+
+
+def cases(predicate):
+    """Marks a test to run only the parametrized cases (parameters as keywords, the backend's
+    name included) for which predicate is true; conftest.py deselects the others."""
+    return pytest.mark.cases.with_args(predicate)
+
+
+def register_emulated_autograd(ns):
+    """The real ops' autograd (ops.py) for the emulated ones: the loss's gradient times the
+    gradients the forward pass computed."""
+    for op, inputs, floats in (("masked_mf_loss_and_grads", 8, (0, 1, 2)),
+                               ("observed_mf_loss_and_grads", 15, (2, 3, 4, 5, 6, 7))):
+        def backward(ctx, grad, *_, inputs=inputs, floats=floats):
+            out = [None] * inputs
+            for index, g in zip(floats, ctx.saved_tensors):
+                out[index] = grad * g if ctx.needs_input_grad[index] else None
+            return tuple(out)
+
+        torch.library.register_autograd(
+            f"{ns}::{op}", backward,
+            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*output[1:]))
+
+
+# ------------------------------------------------------------------------------------ problems
+
+def to_device(args, device):
+    return {k: None if v is None else v.to(device) for k, v in args.items()}
+
+
+def random_problem(m, n, r, dtype=torch.float64, observed=0.5, seed=0, mask=False,
+                   device="cpu"):
+    """Masked: R (m, n) with about `observed` of its entries in [1, 5), the rest 0; P (r, m),
+    Q (r, n) uniform [0, 1) as in the notebook; an optional mask (which also marks some zeros
+    as observed). Made on the CPU, so a seed gives the same problem on every backend."""
     g = torch.Generator().manual_seed(seed)
     R = (torch.rand(m, n, generator=g, dtype=torch.float64) * 4 + 1)
     R = R * (torch.rand(m, n, generator=g) < observed)
     P = torch.rand(r, m, generator=g, dtype=torch.float64)
     Q = torch.rand(r, n, generator=g, dtype=torch.float64)
     M = (torch.rand(m, n, generator=g) < 0.6) if mask else None
-    return R.to(dtype), P.to(dtype), Q.to(dtype), M
+    return to_device(dict(R=R.to(dtype), P=P.to(dtype), Q=Q.to(dtype), mask=M), device)
 
 
-def loss_and_grads(fn, R, P, Q, mask=None, reduction="sum", grad_R=True):
-    """fn's loss and its gradients w.r.t. (R, P, Q) through autograd (None where not asked)."""
+KINDS = ["none", "random", "all_masked", "all_zero", "empty_rows_cols", "default_empty_rows_cols"]
+
+
+def with_mask_kind(args, kind, seed=0):
+    """args with Ω of the given kind: R ≠ 0, a random mask, nothing observed (by the mask or an
+    all-zero R), rows and columns with nothing observed (by the mask, or zeros of R)."""
+    R = args["R"].clone()
+    m, n = R.shape
+    g = torch.Generator().manual_seed(seed)
+    M = None
+    if kind == "random":
+        M = torch.rand(m, n, generator=g) < 0.6
+    elif kind == "all_masked":
+        M = torch.zeros(m, n, dtype=torch.bool)
+    elif kind == "all_zero":
+        R.zero_()
+    elif kind == "empty_rows_cols":  # R ≠ 0 there, the mask says unobserved
+        M = torch.rand(m, n, generator=g) < 0.7
+        M[::3] = False
+        M[:, 1::4] = False
+    elif kind == "default_empty_rows_cols":
+        R[1::3] = 0
+        R[:, ::5] = 0
+    return dict(args, R=R, mask=None if M is None else M.to(R.device))
+
+
+def random_triples(m, n, r, nnz, dtype=torch.float64, seed=0, biases=False, weights=False,
+                   index_dtype=torch.int64, device="cpu"):
+    """Observed: nnz uniformly random (row, col) pairs (so with duplicates when nnz is large,
+    in no particular order), values in [1, 5), P (r, m), Q (r, n), optional biases and
+    positive weights."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, max(m, 1), (nnz,), generator=g).to(index_dtype)
+    cols = torch.randint(0, max(n, 1), (nnz,), generator=g).to(index_dtype)
+    values = torch.rand(nnz, generator=g, dtype=torch.float64) * 4 + 1
+    P = torch.rand(r, m, generator=g, dtype=torch.float64)
+    Q = torch.rand(r, n, generator=g, dtype=torch.float64)
+    row_bias = torch.randn(m, generator=g, dtype=torch.float64) if biases else None
+    col_bias = torch.randn(n, generator=g, dtype=torch.float64) if biases else None
+    w = torch.rand(nnz, generator=g, dtype=torch.float64) + 0.5 if weights else None
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return to_device(dict(rows=rows, cols=cols, values=cast(values), P=cast(P), Q=cast(Q),
+                          row_bias=cast(row_bias), col_bias=cast(col_bias), weights=cast(w)),
+                     device)
+
+
+def transposed(t):
+    """t's values in transposed storage (column-major for a matrix)."""
+    return None if t is None else t.t().contiguous().t()
+
+
+def sliced(t):
+    """t's values as the left half of a matrix twice as wide (rows a stride apart)."""
+    return None if t is None else torch.cat([t, t], 1)[:, :t.shape[1]]
+
+
+def flat_offset(t):
+    """t's values, contiguous, one element into their storage (unaligned for vector loads)."""
+    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+
+
+def stepped(t, rows=1, cols=2, offset=0, fill=0):
+    """t's values as a view that steps over gaps (holding `fill`), after an offset."""
+    if t is None:
+        return None
+    steps = (slice(offset, None, cols),) if t.dim() == 1 else \
+        (slice(offset, None, rows), slice(offset, None, cols))
+    shape = [offset + step.step * size for step, size in zip(steps, t.shape)]
+    wide = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+    wide[steps] = t
+    return wide[steps]
+
+
+# ----------------------------------------------------------------------------- the numeric rule
+
+def loss_and_grads(fn, args, reduction="sum", wanted=None):
+    """fn(**args, reduction)'s loss and its gradients, through autograd, w.r.t. the floating-point
+    arguments named in `wanted` (default: all present); None for the others."""
+    keys = GRADS[op_of(args)]
+    wanted = [k for k in (keys if wanted is None else wanted) if args.get(k) is not None]
     # detach() keeps the layout (clone() would make sliced views contiguous)
-    R = R.detach().requires_grad_(grad_R)
-    P = P.detach().requires_grad_(True)
-    Q = Q.detach().requires_grad_(True)
-    loss = fn(R, P, Q, mask, reduction)
-    inputs = (R, P, Q) if grad_R else (P, Q)
-    grads = torch.autograd.grad(loss, inputs)
-    if not grad_R:
-        grads = (None, *grads)
-    return (loss.detach(), *grads)
+    args = {k: v.detach().requires_grad_(k in wanted) if k in keys and v is not None else v
+            for k, v in args.items()}
+    loss = fn(**args, reduction=reduction)
+    grads = dict(zip(wanted, torch.autograd.grad(loss, [args[k] for k in wanted])
+                     if wanted else ()))
+    return [loss.detach(), *(grads.get(k) for k in keys)]
 
 
-def magnitudes(R, P, Q):
-    """float64 (R, P, Q) under which every term of every sum in the loss and its gradients enters
-    with its magnitude (R negated, P and Q absolute; zeros, hence the default mask, unchanged):
-    the reference then returns, per output, the sum of |terms|, the scale of rounding errors."""
-    return -R.double().abs(), P.double().abs(), Q.double().abs()
+def magnitudes(args):
+    """float64 arguments under which every term of every sum in the loss and its gradients
+    enters with its magnitude (R / values negated, the other floats absolute; zeros, hence the
+    default mask, unchanged): the reference then returns, per output, the sum of |terms|, the
+    scale of rounding errors."""
+    keys = GRADS[op_of(args)]
+    return {k: (-v.abs() if k in ("R", "values") else v.abs()) if k in keys and v is not None
+            else v for k, v in args.items()}
 
 
-def assert_close_to_reference(got, R, P, Q, mask, reduction, grad_R=True):
-    """float64: tight. Lower precision: the error against the float64 reference must be within
-    2x of the eager reference's own error in that dtype (flash-attention's rule), plus a floor
-    for outputs where the eager error happens to be ~0: 8 ulps of the output's scale and one eps
-    of the scale of its terms (magnitudes(): a sum that cancels keeps an error of that size
-    from the rounding of each term, however it is summed)."""
-    dtype = R.dtype
-    exact = loss_and_grads(masked_mf_loss_reference, R.double(), P.double(), Q.double(),
-                           mask, reduction, grad_R)
-    if dtype == torch.float64:
-        for name, a, b in zip(("loss", "dR", "dP", "dQ"), got, exact):
-            if b is None:
-                continue
-            scale = b.abs().max().item() if b.numel() else 0.0
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * (1 + scale),
-                                       msg=lambda s, name=name: f"{name}: {s}")
-        return
-    eager = loss_and_grads(masked_mf_loss_reference, R, P, Q, mask, reduction, grad_R)
-    scale = loss_and_grads(masked_mf_loss_reference, *magnitudes(R, P, Q), mask, reduction,
-                           grad_R)
+def _max_err(x, ref):
+    """Largest |x - ref|; inf where x overflowed or is NaN (then only an eager result that
+    overflowed in the same dtype can excuse it)."""
+    if not ref.numel():
+        return 0.0
+    return (x.detach().cpu().double() - ref).abs().nan_to_num(nan=float("inf")).max().item()
+
+
+def assert_close_to_reference(got, args, reduction="sum", wanted=None):
+    """got (loss_and_grads's list) against mf_ext/reference.py. float64: to 1e-12. Lower
+    precision: the error against the float64 reference (on the CPU, from the same rounded
+    inputs) must be within 2x of the eager reference's own error in that dtype on the same
+    device (flash-attention's rule), plus a floor for outputs where the eager error happens to
+    be ~0: 8 ulps of the output's scale and one eps of the scale of its terms (magnitudes(): a
+    sum that cancels keeps an error of that size from the rounding of each term)."""
+    reference = masked_mf_loss_reference if op_of(args) == "masked" else \
+        observed_mf_loss_reference
+    dtype = args["R" if op_of(args) == "masked" else "values"].dtype
+    cpu64 = {k: None if v is None else v.detach().cpu().double() if v.is_floating_point()
+             else v.cpu() for k, v in args.items()}
+    exact = loss_and_grads(reference, cpu64, reduction, wanted)
+    eager = loss_and_grads(reference, args, reduction, wanted) if dtype != torch.float64 \
+        else exact
+    scale = loss_and_grads(reference, magnitudes(cpu64), reduction, wanted) \
+        if dtype != torch.float64 else exact
     eps = torch.finfo(dtype).eps
-    for name, a, e, b, s in zip(("loss", "dR", "dP", "dQ"), got, eager, exact, scale):
+    names = ("loss", *("d" + k for k in GRADS[op_of(args)]))
+    for name, a, e, b, s in zip(names, got, eager, exact, scale):
+        assert (a is None) == (b is None), name
         if b is None:
             continue
-        err_kernel = (a.double() - b).abs().max().item() if b.numel() else 0.0
-        err_eager = (e.double() - b).abs().max().item() if b.numel() else 0.0
-        floor = (eps * (8 * (1 + b.abs().max().item()) + s.abs().max().item())
-                 if b.numel() else 0.0)
+        assert a.dtype == dtype and a.shape == b.shape, name
+        finite = b[b.isfinite()]
+        size = finite.abs().max().item() if finite.numel() else 0.0
+        if dtype == torch.float64:
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-12 * (1 + size),
+                                       equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
+            continue
+        floor = eps * (8 * (1 + size) + (s.abs().max().item() if b.numel() else 0.0))
+        err_kernel, err_eager = _max_err(a, b), _max_err(e, b)
         assert err_kernel <= 2 * err_eager + floor, (
-            f"{name}: kernel error {err_kernel:.3g} > 2 x eager error {err_eager:.3g} + {floor:.3g}")
+            f"{name}: kernel error {err_kernel:.3g} > 2 x eager's {err_eager:.3g} + {floor:.3g}")
+
+
+def check(backend, args, reduction="sum", wanted=None):
+    """The backend's loss and gradients on args, asserted against the reference; returned."""
+    got = loss_and_grads(backend.loss(args), args, reduction, wanted)
+    assert all(g is None or g.device.type == torch.device(backend.device).type for g in got)
+    assert_close_to_reference(got, args, reduction, wanted)
+    return got
+
+
+def assert_agrees_with_cpu_kernel(backend, got, args, reduction):
+    """The CUDA kernels (on a GPU or emulated) against the CPU kernel in float32 / float64: the
+    same numbers up to the summation order."""
+    dtype = args["R" if op_of(args) == "masked" else "values"].dtype
+    if backend.name == "cpu" or dtype in HALF:
+        return
+    cpu = Backend("cpu", "cpu", torch.ops.mf_ext)
+    want = cpu.raw(cpu.to(args), reduction, [args.get(k) is not None for k in GRADS[op_of(args)]])
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5 if op_of(args) == "masked" else 1e-4
+    for a, b in zip(got, want):
+        if a is None:
+            continue
+        atol = rtol * (b.abs().max().item() if b.numel() else 0.0) + 1e-12
+        torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def assert_equal(a_list, b_list, what=""):
+    """Bitwise equal results (None where both are None)."""
+    for i, (a, b) in enumerate(zip(a_list, b_list)):
+        assert (a is None and b is None) or torch.equal(a, b), f"{what} output {i}"

@@ -1,9 +1,9 @@
 """Sizes past 2^31, where 32-bit index arithmetic would overflow. Opt-in (MF_EXT_SLOW=1).
 
-observed_mf_loss with nnz·r past 2^31 (17M triples, rank 128): about 4 GB peak, minutes on 2
-cores. masked_mf_loss with m·n past 2^31 (a 46,341² R): 8.6 GB, ~15 s.
-For the observed op: The loss is checked against a float64 sum in blocks, and the gradients of
-a few rows of P and columns of Q against float64 sums over the triples touching them."""
+observed_mf_loss with nnz·r past 2^31 (17M triples, rank 128; about 4 GB peak, minutes on 2
+cores): the loss against a float64 sum in blocks, the gradients of a few rows of P and columns
+of Q against float64 sums over their triples. masked_mf_loss with m·n past 2^31 (a 46,341² R):
+8.6 GB, ~15 s."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from mf_ext import observed_mf_loss
+from mf_ext import masked_mf_loss, observed_mf_loss
 
 pytestmark = pytest.mark.skipif(os.environ.get("MF_EXT_SLOW") != "1",
                                 reason="slow and memory-hungry: set MF_EXT_SLOW=1")
@@ -64,8 +64,6 @@ def test_dense_m_times_n_beyond_2_pow_31():
     R = torch.full((m, n), 2.0)
     P = torch.ones(1, m, requires_grad=True)
     Q = torch.ones(1, n, requires_grad=True)
-    from mf_ext import masked_mf_loss
-
     loss = masked_mf_loss(R, P, Q)
     loss.backward()
     assert loss.item() == float(torch.tensor(float(m * n), dtype=torch.float32))

@@ -1,283 +1,311 @@
-"""mf_ext.masked_mf_loss on the CPU against the notebook's pure-PyTorch reference."""
+"""mf_ext.masked_mf_loss on every backend (cpu, cuda, emulated cuda: conftest.py) against the
+notebook's pure-PyTorch reference, then what only the CPU (threads, errors) or only a GPU
+(mixed devices, factorize on CUDA) shows."""
+
+from functools import partial
 
 import pytest
 import torch
 
-from mf_ext import masked_mf_loss, masked_mf_loss_reference
-from helpers import assert_close_to_reference, loss_and_grads, random_problem
+import mf_ext
+from helpers import (DTYPES, KINDS, assert_agrees_with_cpu_kernel, assert_close_to_reference,
+                     assert_equal, cases, check, flat_offset, random_problem, sliced,
+                     stepped, transposed, with_mask_kind)
+from mf_ext import masked_mf_loss
+from mf_ext.reference import adam_reference_loop
 
+F64, F32, F16 = torch.float64, torch.float32, torch.float16
 OP = torch.ops.mf_ext.masked_mf_loss_and_grads.default
+needs_cuda = pytest.mark.gpu  # skipped without one (conftest.py)
 
-SHAPES = [  # (m, n, r)
-    (1, 1, 1), (5, 4, 2), (7, 13, 1), (3, 5, 8),  # rank > min(m, n)
-    (37, 53, 3), (64, 65, 10), (2, 1000, 5), (1000, 3, 4), (130, 290, 33), (257, 300, 64),
-]
+# (m, n, r): the notebook's, single entries, rank > min(m, n), rank 0, tall and wide, odd sizes
+# across the CUDA kernel's 128-wide tiles and row / column groups, ranks beyond a staged chunk
+# (8 float, 4 double), n % 4 == 0 (its vector loads) and not.
+EMULATED_SHAPES = [(1, 1, 1), (3, 5, 2), (1, 257, 5), (257, 1, 3), (130, 3, 1), (130, 259, 5),
+                   (130, 260, 5), (257, 257, 33), (300, 129, 17), (64, 70, 0)]
+SHAPES = EMULATED_SHAPES + [
+    (5, 4, 2), (7, 13, 1), (3, 5, 8), (37, 53, 3), (64, 65, 10), (2, 1000, 5), (1000, 3, 4),
+    (130, 290, 33), (257, 300, 64), (257, 390, 40), (257, 392, 40), (30, 40, 4), (9, 70, 3),
+    (45, 140, 6), (70, 150, 4), (33, 140, 3), (140, 270, 11)]
+EMPTY = {"empty_rows_cols": (slice(None, None, 3), slice(1, None, 4)),
+         "default_empty_rows_cols": (slice(1, None, 3), slice(None, None, 5))}
 
 
-def fused(R, P, Q, mask, reduction):
-    return masked_mf_loss(R, P, Q, mask, reduction)
+def kinds(backend, m, n, r, dtype, reduction):
+    """Every kind but where it is slow: the emulator runs all but all_zero in float64, fewer in
+    lower precision (and there only on a few shapes); the CPU two on its biggest shapes."""
+    if backend.emulated:
+        if dtype == F64:
+            return KINDS[:3] + KINDS[4:]
+        return ["none", "empty_rows_cols"] if reduction == "sum" else ["random"]
+    return ["none", "random"] if backend.name == "cpu" and m * n * r > 300_000 else KINDS
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@cases(lambda backend, m, n, r, dtype, **_: backend != "emulated" or (m, n, r) in (
+    EMULATED_SHAPES if dtype == F64 else [(3, 5, 2), (130, 259, 5), (257, 257, 33),
+                                          (300, 129, 17)]))
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m,n,r", SHAPES)
-def test_parity_contiguous(m, n, r, reduction, dtype):
-    R, P, Q, _ = random_problem(m, n, r, dtype, seed=m * n + r)
-    got = loss_and_grads(fused, R, P, Q, None, reduction)
-    assert_close_to_reference(got, R, P, Q, None, reduction)
+def test_parity(backend, m, n, r, dtype, reduction, deterministic):
+    """Every kind of observed set; empty rows and columns get zero gradients."""
+    problem = random_problem(m, n, r, dtype, seed=m + n + r, device=backend.device)
+    for kind in kinds(backend, m, n, r, dtype, reduction):
+        args = with_mask_kind(problem, kind)
+        got = check(backend, args, reduction)
+        assert_agrees_with_cpu_kernel(backend, got, args, reduction)
+        if kind in ("all_masked", "all_zero"):
+            assert got[0].item() == 0 and not any(g.any() for g in got[1:]), kind
+        if kind in EMPTY and m * n > 1:
+            rows, cols = EMPTY[kind]
+            assert not got[2][:, rows].any() and not got[3][:, cols].any(), kind
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("m,n,r", [(5, 4, 2), (37, 53, 3), (130, 290, 33)])
-def test_parity_explicit_mask(m, n, r, reduction, dtype):
-    R, P, Q, M = random_problem(m, n, r, dtype, mask=True, seed=7)
-    got = loss_and_grads(fused, R, P, Q, M, reduction)
-    assert_close_to_reference(got, R, P, Q, M, reduction)
+_offset = partial(stepped, rows=1, cols=1, offset=1)  # one row and column in: unaligned
 
 
-def _layouts(R, P, Q, M):
-    """The same values in other memory layouts."""
-    yield "R transposed", R.t().contiguous().t(), P, Q, M
-    yield "P, Q transposed", R, P.t().contiguous().t(), Q.t().contiguous().t(), M
-    wide = torch.zeros(R.shape[0] * 2, R.shape[1] * 3, dtype=R.dtype)
-    wide[::2, ::3] = R
-    yield "R sliced with steps", wide[::2, ::3], P, Q, M
-    if M is not None:
-        wide_m = torch.zeros(M.shape[0], M.shape[1] * 2, dtype=torch.bool)
-        wide_m[:, ::2] = M
-        yield "mask sliced", R, P, Q, wide_m[:, ::2]
-        yield "mask transposed", R, P, Q, M.t().contiguous().t()
-    yield "all transposed", R.t().contiguous().t(), P.t().contiguous().t(), \
-        Q.t().contiguous().t(), None if M is None else M.t().contiguous().t()
+def _emu(layout_R, layout_mask):
+    return lambda R, P, Q, M: (layout_R(R), transposed(P), sliced(Q), layout_mask(M))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+LAYOUTS = {  # name: (R, P, Q, mask) -> the same values in other memory layouts
+    "R transposed": lambda R, P, Q, M: (transposed(R), P, Q, M),
+    "R and mask transposed": lambda R, P, Q, M: (transposed(R), P, Q, transposed(M)),
+    "mask transposed": lambda R, P, Q, M: (R, P, Q, transposed(M)),
+    "mask stepped": lambda R, P, Q, M: (R, P, Q, stepped(M)),
+    "P, Q transposed": lambda R, P, Q, M: (R, transposed(P), transposed(Q), M),
+    "all transposed": lambda R, P, Q, M: tuple(map(transposed, (R, P, Q, M))),
+    "R stepped rows and columns": lambda R, P, Q, M: (stepped(R, 2, 3), P, Q, M),
+    "R column-stepped": lambda R, P, Q, M: (stepped(R), P, Q, M),
+    "R offset by one": lambda R, P, Q, M: (flat_offset(R), P, Q, M),
+    "Q column-stepped": lambda R, P, Q, M: (R, P, stepped(Q), M),
+    # The emulator's set: P in transposed storage and Q sliced as well.
+    "emu: transposed": _emu(transposed, transposed),
+    "emu: column-stepped": _emu(lambda t: stepped(t, offset=1), lambda t: stepped(t, offset=1)),
+    "emu: offset": _emu(_offset, _offset),
+    "emu: R stepped, mask transposed": _emu(lambda t: stepped(t, offset=1), transposed),
+    "emu: rows and columns stepped": _emu(lambda t: stepped(t, 2, 3), lambda t: stepped(t, 2, 3)),
+}
+
+
+EMULATED_LAYOUT_SHAPES = [(5, 4, 2), (1, 257, 3), (257, 1, 3), (130, 259, 5), (257, 132, 9)]
+
+
+def layout_cases(backend, layout, m, n, r, dtype, with_mask, **_):
+    """The emulator's layouts on its shapes (on every backend), the others on the rest and the
+    smallest; mask layouts with a mask."""
+    emu_layout, emu_shape = layout.startswith("emu"), (m, n, r) in EMULATED_LAYOUT_SHAPES
+    if backend == "emulated" and (not emu_layout or dtype not in (F64, F32)):
+        return False
+    return (with_mask or "mask" not in layout) and (
+        emu_shape if emu_layout else not emu_shape or (m, n, r) == (5, 4, 2))
+
+
+@cases(layout_cases)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_mask", [False, True])
-@pytest.mark.parametrize("m,n,r", [(5, 4, 2), (67, 131, 5), (200, 90, 17)])
-def test_parity_strided_inputs(m, n, r, with_mask, dtype):
-    R0, P0, Q0, M0 = random_problem(m, n, r, dtype, mask=with_mask, seed=3)
-    for name, R, P, Q, M in _layouts(R0, P0, Q0, M0):
-        for reduction in ("sum", "mean"):
-            got = loss_and_grads(fused, R, P, Q, M, reduction)
-            assert_close_to_reference(got, R0, P0, Q0, M0, reduction)
-            assert got[1].shape == R.shape, name
+@pytest.mark.parametrize("m,n,r", [(67, 131, 5), (200, 90, 17), (132, 76, 5), (5, 4, 2),
+                                   *EMULATED_LAYOUT_SHAPES[1:]])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts(backend, layout, m, n, r, with_mask, dtype, deterministic):
+    """Any strides: the reference's answer, grad_R in R's layout, dP and dQ contiguous."""
+    args = random_problem(m, n, r, dtype, seed=7, mask=with_mask, device=backend.device)
+    R, P, Q, M = LAYOUTS[layout](args["R"], args["P"], args["Q"], args["mask"])
+    for reduction in ("sum", "mean"):
+        got = check(backend, dict(R=R, P=P, Q=Q, mask=M), reduction)
+        strides = zip(got[1].stride(), torch.empty_like(R).stride(), R.shape)
+        assert all(a == b for a, b, size in strides if size > 1)  # grad_R in R's layout
+        assert got[2].is_contiguous() and got[3].is_contiguous()
 
+
+@cases(lambda backend, m, dtype, with_mask, **_: backend != "emulated" or (
+    m != 150 and dtype == F64 and with_mask))
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("m,n,r", [(150, 90, 9), (130, 259, 5), (257, 132, 9)])
+def test_grad_flags(backend, m, n, r, with_mask, dtype, deterministic):
+    """Every combination of grad flags: the requested outputs bitwise as with all flags (which
+    match the reference), the others empty."""
+    args = random_problem(m, n, r, dtype, seed=3, mask=with_mask, device=backend.device)
+    for reduction in ("sum", "mean"):
+        full = backend.raw(args, reduction, (True, True, True))
+        assert_close_to_reference(full, args, reduction)
+        for flags in [(a, b, c) for a in (False, True) for b in (False, True) for c in (0, 1)]:
+            got = backend.raw(args, reduction, flags)
+            assert torch.equal(got[0], full[0])
+            for want, a, b in zip(flags, got[1:], full[1:]):
+                assert torch.equal(a, b) if want else a.shape == (0,), (reduction, flags)
+
+
+@pytest.mark.parametrize("m,n,r", [(0, 5, 2), (5, 0, 2), (4, 0, 2), (0, 4, 2), (3, 0, 2),
+                                   (0, 0, 3), (0, 0, 0), (4, 6, 0)])
+def test_empty_shapes(backend, m, n, r):
+    args = random_problem(m, n, r, F32, device=backend.device)
+    for reduction in ("sum", "mean"):
+        got = check(backend, args, reduction)
+        assert got[0].item() == 0 or m * n > 0
+
+
+@cases(lambda backend, m, n, r, dtype, reduction, **_: backend == "cuda" or backend == "cpu" and
+       dtype == F64 or (m, n, r) == (2200, 2100, 2) and dtype == F64 and reduction == "sum")
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("m,n,r", [(2200, 2100, 2), (2200, 2100, 3), (5000, 7, 3), (3, 6000, 2)])
+def test_large_grids(backend, m, n, r, dtype, reduction):
+    """More than 16 tile rows and columns: the CUDA kernel's blocks own several tiles (the
+    partials are written by the first tile of a range and added to by the others)."""
+    check(backend, random_problem(m, n, r, dtype, seed=1, device=backend.device), reduction)
+
+
+@cases(lambda backend, m, dtype, **_: backend != "emulated" or (m == 257 and dtype == F32))
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("m,n,r", [(300, 260, 10), (2200, 2100, 8), (257, 259, 11)])
+def test_bitwise_repeatable(backend, m, n, r, dtype):
+    args = random_problem(m, n, r, dtype, mask=True, device=backend.device)
+    first = backend.raw(args, "mean", (True, True, True))
+    for _ in range(3):
+        assert_equal(backend.raw(args, "mean", (True, True, True)), first)
+
+
+def test_nan_inf_propagate_as_the_reference(backend):
+    """The error is multiplied by the mask (not selected): NaN / Inf in R propagate even at
+    unobserved entries; an Inf in P makes the loss Inf, as in the reference."""
+    args = random_problem(130, 259, 5, seed=2, mask=True)
+    R, M = args["R"], args["mask"]
+    R[3, 7], R[100, 200], M[3, 7] = float("nan"), float("inf"), False
+    P = args["P"].clone()
+    P[0, 1] = float("inf")
+    for case in [dict(args, mask=M), dict(args, mask=None),
+                 dict(args, R=torch.ones_like(R), P=P, mask=None)]:  # R clean: only P not finite
+        got = check(backend, backend.to(case))
+        assert not got[0].isfinite()
+    assert got[0].item() == float("inf")
+
+
+@cases(lambda backend, **_: backend != "emulated")
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_gradcheck(backend, reduction, with_mask):
+    args = random_problem(6, 9, 3, mask=with_mask, seed=11, device=backend.device)
+    # Without a mask, nudging a zero of R changes Ω: R's gradient is checked with a mask only.
+    inputs = (args["R"].requires_grad_(with_mask), args["P"].requires_grad_(),
+              args["Q"].requires_grad_())
+    assert torch.autograd.gradcheck(
+        lambda R, P, Q: backend.masked_mf_loss(R, P, Q, args["mask"], reduction), inputs)
+
+
+@cases(lambda backend, **_: backend != "emulated")  # no fake kernels for the emulated ops
+@pytest.mark.parametrize("flags", [(False, False, False), (True, True, True), (False, True, False)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "R transposed"])
+def test_opcheck(backend, flags, layout):
+    args = random_problem(9, 70, 3, mask=True, device=backend.device)
+    R, P, Q, M = args["R"], args["P"], args["Q"], args["mask"]
+    if layout != "contiguous":
+        R, M = transposed(R), transposed(M)
+    if layout == "transposed":
+        P, Q = transposed(P), transposed(Q)
+    for mask in (None, M):
+        for reduction in ("sum", "mean"):
+            tensors = [t.clone().requires_grad_(f) for t, f in zip((R, P, Q), flags)]
+            torch.library.opcheck(OP, (*tensors, mask, reduction, *flags))
+
+
+@cases(lambda backend, mode, **_: backend == "cuda" or backend == "cpu" and mode is None)
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+def test_torch_compile_fullgraph(backend, dtype, mode):
+    """Inductor; on CUDA also CUDA graphs (reduce-overhead records one on a later call, then
+    replays it)."""
+    torch._dynamo.reset()
+    args = random_problem(33, 47, 5, dtype, mask=True, device=backend.device)
+
+    def step(R, P, Q, M):
+        return masked_mf_loss(R, P, Q) + 0.5 * masked_mf_loss(R, P, Q, M, "mean")
+
+    def loss_and_grads(fn):
+        P, Q = (args[k].clone().requires_grad_() for k in "PQ")
+        loss = fn(args["R"], P, Q, args["mask"])
+        loss.backward()
+        return [loss.detach(), P.grad, Q.grad]
+
+    compiled = torch.compile(step, fullgraph=True, mode=mode)
+    want = loss_and_grads(step)
+    for _ in range(3):
+        for a, b in zip(loss_and_grads(compiled), want):
+            torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------- CPU only
 
 def test_single_row_layout_does_not_change_the_result():
     """A one-row R read with a column step must run as the same row problem as a contiguous one
     (bitwise), not as an n × 1 transposed problem summed in long sequential chains: a hypothesis
     example (m=1, n=263, float32) once failed the 2x-eager rule that way."""
-    R, P, Q, _ = random_problem(1, 263, 1, torch.float32, observed=1.0, seed=11)
-    stepped = torch.full((1, 3 * 263), float("nan"))
-    stepped[:, ::3] = R
-    contiguous = loss_and_grads(fused, R, P, Q, None, "sum", grad_R=False)
-    strided = loss_and_grads(fused, stepped[:, ::3], P, Q, None, "sum", grad_R=False)
-    for a, b in zip(contiguous[::2], strided[::2]):  # loss and dP (dQ has no sum to reorder)
-        assert torch.equal(a, b)
-    assert_close_to_reference(strided, R, P, Q, None, "sum", grad_R=False)
+    args = random_problem(1, 263, 1, F32, observed=1.0, seed=11)
+    flags = (False, True, True)
+    contiguous = OP(args["R"], args["P"], args["Q"], None, "sum", *flags)
+    strided = OP(stepped(args["R"], 1, 3), args["P"], args["Q"], None, "sum", *flags)
+    assert_equal(contiguous[::2], strided[::2])  # loss and dP (dQ has no sum to reorder)
 
 
-def test_grad_R_keeps_layout_of_R():
-    R, P, Q, _ = random_problem(40, 70, 3)
-    Rt = R.t().contiguous().t().requires_grad_()
-    masked_mf_loss(Rt, P, Q).backward()
-    assert Rt.grad.stride() == Rt.stride()
-
-
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_empty_rows_and_columns(reduction):
-    R, P, Q, _ = random_problem(30, 40, 4)
-    R[3] = 0
-    R[:, 7] = 0
-    R[:, 39] = 0
-    got = loss_and_grads(fused, R, P, Q, None, reduction)
-    assert_close_to_reference(got, R, P, Q, None, reduction)
-    assert torch.all(got[2][:, 3] == 0) and torch.all(got[3][:, [7, 39]] == 0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_all_masked(reduction, dtype):
-    R, P, Q, _ = random_problem(9, 70, 3, dtype)
-    for R_, M in ((torch.zeros_like(R), None), (R, torch.zeros(R.shape, dtype=torch.bool))):
-        loss, dR, dP, dQ = loss_and_grads(fused, R_, P, Q, M, reduction)
-        assert loss.item() == 0.0
-        assert not dR.any() and not dP.any() and not dQ.any()
-
-
-@pytest.mark.parametrize("m,n,r", [(0, 5, 2), (5, 0, 2), (0, 0, 3), (4, 6, 0)])
-def test_empty_shapes(m, n, r):
-    R, P, Q, _ = random_problem(m, n, r)
-    for reduction in ("sum", "mean"):
-        got = loss_and_grads(fused, R, P, Q, None, reduction)
-        assert_close_to_reference(got, R, P, Q, None, reduction)
-
-
-def test_notebook_matrix_with_R_requiring_grad():
-    """The notebook's exact set-up: float64, R itself requires grad."""
-    R = torch.tensor([[1., 1, 0, 3], [2, 5, 0, 5], [3, 1, 2, 2], [0, 1, 3, 0], [1, 0, 3, 1]],
-                     dtype=torch.float64)
-    P = torch.rand(2, 5, dtype=torch.float64)
-    Q = torch.rand(2, 4, dtype=torch.float64)
-    got = loss_and_grads(fused, R, P, Q)
-    assert_close_to_reference(got, R, P, Q, None, "sum")
-
-
-def test_only_some_inputs_require_grad():
-    R, P, Q, _ = random_problem(20, 30, 3)
-    Pg = P.clone().requires_grad_()
-    loss = masked_mf_loss(R, Pg, Q)
-    loss.backward()
-    ref = P.clone().requires_grad_()
-    masked_mf_loss_reference(R, ref, Q).backward()
-    torch.testing.assert_close(Pg.grad, ref.grad, rtol=1e-12, atol=1e-12)
-
-
-def test_unrequested_gradients_are_not_computed():
-    R, P, Q, _ = random_problem(20, 30, 3)
-    loss, dR, dP, dQ = OP(R, P, Q, None, "sum", False, False, True)
-    assert dR.numel() == 0 and dP.numel() == 0 and dQ.shape == (3, 30)
+def test_no_grad_computes_no_gradients():
+    args = random_problem(20, 30, 3)
+    loss = OP(args["R"], args["P"], args["Q"], None, "sum", False, False, True)[0]
     with torch.no_grad():
-        nograd = masked_mf_loss(R, P.requires_grad_(), Q.requires_grad_())
+        nograd = masked_mf_loss(args["R"], args["P"].requires_grad_(), args["Q"].requires_grad_())
     assert nograd.item() == loss.item() and not nograd.requires_grad
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_gradcheck(reduction, with_mask):
-    R, P, Q, M = random_problem(6, 9, 3, mask=with_mask, seed=11)
-    # Without a mask, nudging a zero of R changes Ω: R's gradient is checked with a mask only.
-    inputs = (R.requires_grad_(with_mask), P.requires_grad_(), Q.requires_grad_())
-    assert torch.autograd.gradcheck(lambda r, p, q: masked_mf_loss(r, p, q, M, reduction), inputs)
-
-
 def test_double_backward_is_refused():
-    R, P, Q, _ = random_problem(4, 5, 2)
-    P.requires_grad_()
-    (g,) = torch.autograd.grad(masked_mf_loss(R, P, Q), (P,), create_graph=True)
+    args = random_problem(4, 5, 2)
+    P = args["P"].requires_grad_()
+    (g,) = torch.autograd.grad(masked_mf_loss(args["R"], P, args["Q"]), (P,), create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|differentiable"):
         g.sum().backward()
 
 
 def test_raw_op_with_missing_grad_flag_refuses_backward():
-    R, P, Q, _ = random_problem(4, 5, 2)
-    P.requires_grad_()
-    loss = OP(R, P, Q, None, "sum", False, False, False)[0]
+    args = random_problem(4, 5, 2)
+    loss = OP(args["R"], args["P"].requires_grad_(), args["Q"], None, "sum", False, False, False)[0]
     with pytest.raises(RuntimeError, match="P requires grad but the op was called with grad_P=False"):
         loss.backward()
 
 
-@pytest.mark.parametrize("flags", [(False, False, False), (True, True, True), (False, True, False)])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_opcheck(flags, layout):
-    R, P, Q, M = random_problem(9, 70, 3, mask=True)
-    if layout == "transposed":
-        R, P, Q, M = R.t().contiguous().t(), P.t().contiguous().t(), Q.t().contiguous().t(), \
-            M.t().contiguous().t()
-    for mask in (None, M):
-        for reduction in ("sum", "mean"):
-            R_ = R.clone().requires_grad_(flags[0])
-            P_ = P.clone().requires_grad_(flags[1])
-            Q_ = Q.clone().requires_grad_(flags[2])
-            torch.library.opcheck(OP, (R_, P_, Q_, mask, reduction, *flags))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_torch_compile_fullgraph(dtype):
-    R, P, Q, M = random_problem(33, 47, 5, dtype, mask=True)
-
-    def step(R, P, Q, M):
-        return masked_mf_loss(R, P, Q) + 0.5 * masked_mf_loss(R, P, Q, M, "mean")
-
-    compiled = torch.compile(step, fullgraph=True, backend="inductor")
-    for _ in range(2):  # the second call reuses the compiled graph
-        Pc, Qc = P.clone().requires_grad_(), Q.clone().requires_grad_()
-        loss_c = compiled(R, Pc, Qc, M)
-        loss_c.backward()
-    Pe, Qe = P.clone().requires_grad_(), Q.clone().requires_grad_()
-    loss_e = step(R, Pe, Qe, M)
-    loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e)
-    torch.testing.assert_close(Pc.grad, Pe.grad)
-    torch.testing.assert_close(Qc.grad, Qe.grad)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_bitwise_deterministic_across_thread_counts(dtype):
-    # Big enough for the maximal 4 x 4 task grid, odd so that tails are exercised.
-    R, P, Q, M = random_problem(301, 1203, 7, dtype, mask=True)
-    results = []
-    for threads in (1, 2, 3, 4):
-        torch.set_num_threads(threads)
-        for mask in (None, M):
-            results.append(OP(R, P, Q, mask, "mean", True, True, True))
-    for i in range(2):
-        for other in results[2 + i::2]:
-            for a, b in zip(results[i], other):
-                assert torch.equal(a, b)
-
-
-def test_nan_propagates_like_the_reference():
-    R, P, Q, _ = random_problem(6, 7, 2)
-    M = R != 0
-    R[0, 0] = float("nan")
-    M[0, 0] = False  # NaN at an unobserved entry: the reference multiplies it by 0 -> NaN
-    assert torch.isnan(masked_mf_loss(R, P, Q, M)).item()
-    assert torch.isnan(masked_mf_loss_reference(R, P, Q, M)).item()
-    P2 = P.clone()
-    P2[0, 1] = float("inf")
-    assert torch.isnan(masked_mf_loss(R * 0 + 1, P2, Q)) == torch.isnan(
-        masked_mf_loss_reference(R * 0 + 1, P2, Q))
-
-
-# ------------------------------------------------------------------------ bad input
-
-def _ok():
-    return random_problem(5, 4, 2)[:3]
-
-
-@pytest.mark.parametrize("make, exc, match", [
-    (lambda R, P, Q: (R[0], P, Q), ValueError, r"R must be 2-D \(m, n\), got shape \[4\]"),
-    (lambda R, P, Q: (R, P[0], Q), ValueError, r"P must be 2-D \(r, m\), got shape \[5\]"),
-    (lambda R, P, Q: (R, P, Q[None]), ValueError, r"Q must be 2-D \(r, n\), got shape \[1, 2, 4\]"),
-    (lambda R, P, Q: (R, P, Q[:1]), ValueError, r"P has rank 2 \(shape \[2, 5\]\) but Q has rank 1"),
-    (lambda R, P, Q: (R, P[:, :4], Q), ValueError, r"P has 4 columns but R has 5 rows"),
-    (lambda R, P, Q: (R, P, Q[:, :3]), ValueError, r"Q has 3 columns but R has 4 columns"),
-    (lambda R, P, Q: (R.float(), P, Q), TypeError, r"R, P and Q must have the same dtype, got R Float, P Double, Q Double"),
-    (lambda R, P, Q: (R.long(), P.long(), Q.long()), TypeError, r"R must be a floating-point tensor, got Long"),
-    (lambda R, P, Q: (R.to(torch.complex128), P, Q), TypeError, r"R must be a floating-point tensor, got ComplexDouble"),
-    (lambda R, P, Q: (R.half(), P.half(), Q.half()), TypeError, r"the CPU kernel supports float32 and float64, got Half"),
-])
-def test_bad_tensors(make, exc, match):
-    with pytest.raises(exc, match="mf_ext.masked_mf_loss: " + match):
-        masked_mf_loss(*make(*_ok()))
-
-
-@pytest.mark.parametrize("mask, exc, match", [
-    (torch.ones(5, 3, dtype=torch.bool), ValueError, r"mask has shape \[5, 3\] but R has shape \[5, 4\]"),
-    (torch.ones(5, 4), TypeError, r"mask must be a bool tensor, got Float"),
-])
-def test_bad_mask(mask, exc, match):
-    with pytest.raises(exc, match="mf_ext.masked_mf_loss: " + match):
-        masked_mf_loss(*_ok(), mask=mask)
-
-
-def test_bad_reduction():
-    with pytest.raises(ValueError, match=r'reduction must be "sum" or "mean", got "avg"'):
-        masked_mf_loss(*_ok(), reduction="avg")
-    with pytest.raises(TypeError, match="reduction must be a str"):
-        masked_mf_loss(*_ok(), reduction=None)
-
-
-def test_mixed_devices():
-    R, P, Q = _ok()
-    with pytest.raises(ValueError, match=r"R, P and Q must be on the same device, got R on cpu, P on meta"):
-        masked_mf_loss(R, P.to("meta"), Q)
-
-
 def test_bad_input_under_compile_names_the_argument():
-    R, P, Q = _ok()
+    """(The eager errors: tests/bad_input_cases.py.)"""
+    R, P, Q, _ = random_problem(5, 4, 2).values()
     compiled = torch.compile(masked_mf_loss, fullgraph=True)
     with pytest.raises(Exception, match=r"P has 4 columns but R has 5 rows"):
         compiled(R, P[:, :4], Q)
+
+
+# ---------------------------------------------------------------------------------- CUDA only
+
+@needs_cuda
+def test_factorize_on_cuda_matches_cpu():
+    R = random_problem(23, 31, 3, observed=0.6)["R"]
+    cpu = mf_ext.factorize(R, rank=3, steps=60, seed=4)
+    gpu = mf_ext.factorize(R, rank=3, steps=60, seed=4, device="cuda")
+    assert gpu.P.device.type == "cuda"
+    torch.testing.assert_close(torch.tensor(gpu.losses), torch.tensor(cpu.losses), rtol=1e-9,
+                               atol=1e-9)
+    torch.testing.assert_close(gpu.P.cpu(), cpu.P, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(gpu.Q.cpu(), cpu.Q, rtol=1e-8, atol=1e-8)
+    gen = torch.Generator().manual_seed(4)
+    P0 = torch.rand(3, 23, generator=gen, dtype=torch.float64)
+    Q0 = torch.rand(3, 31, generator=gen, dtype=torch.float64)
+    _, _, losses = adam_reference_loop(R, P0, Q0, steps=60)
+    torch.testing.assert_close(torch.tensor(gpu.losses), torch.tensor(losses), rtol=1e-8,
+                               atol=1e-8)
+
+
+@needs_cuda
+@pytest.mark.parametrize("which", ["R", "P", "Q", "mask"])
+def test_mixed_devices_error(which):
+    args = random_problem(6, 7, 2, torch.float32, mask=True, device="cuda")
+    args[which] = args[which].cpu()
+    match = "mask is on" if which == "mask" else "must be on the same device"
+    with pytest.raises(ValueError, match=f"mf_ext.masked_mf_loss: .*{match}"):
+        torch.ops.mf_ext.masked_mf_loss_and_grads(*args.values(), "sum", True, True, True)
+    with pytest.raises(ValueError, match="mf_ext.masked_mf_loss:"):
+        mf_ext.masked_mf_loss(args["R"], args["P"].requires_grad_(True), args["Q"], args["mask"])

@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 
-from helpers import random_problem
+from helpers import random_problem, random_triples
 from mf_ext import masked_mf_loss, observed_mf_loss
-from test_observed_mf_loss import random_triples
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads VmRSS from /proc/self/status")
@@ -29,22 +28,17 @@ def resident_mib() -> float:
     raise AssertionError("no VmRSS line in /proc/self/status")
 
 
-def masked_step():
-    R, P, Q, M = random_problem(9, 7, 3, torch.float32, mask=True)
-    R.requires_grad_(), P.requires_grad_(), Q.requires_grad_()
-    return lambda: masked_mf_loss(R, P, Q, M, "mean").backward()
+@pytest.mark.parametrize("op,args", [
+    (masked_mf_loss, random_problem(9, 7, 3, torch.float32, mask=True)),
+    (observed_mf_loss, random_triples(9, 7, 3, 20, torch.float32, biases=True, weights=True))],
+    ids=["masked", "observed"])
+def test_resident_memory_stays_flat(op, args):
+    args = {k: v.requires_grad_() if v is not None and v.is_floating_point() else v
+            for k, v in args.items()}
 
+    def step():
+        op(**args, reduction="mean").backward()
 
-def observed_step():
-    args = random_triples(9, 7, 3, 20, torch.float32, biases=True, weights=True)
-    for k in ("values", "P", "Q", "row_bias", "col_bias", "weights"):
-        args[k].requires_grad_()
-    return lambda: observed_mf_loss(**args, reduction="mean").backward()
-
-
-@pytest.mark.parametrize("make_step", [masked_step, observed_step], ids=["masked", "observed"])
-def test_resident_memory_stays_flat(make_step):
-    step = make_step()
     for _ in range(WARM_UP):
         step()
     gc.collect()

@@ -16,10 +16,8 @@ pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from helpers import assert_close_to_reference as assert_masked_close
+from helpers import GRADS, assert_close_to_reference, loss_and_grads, stepped, transposed
 from mf_ext import masked_mf_loss, observed_mf_loss
-from test_observed_mf_loss import FLOAT_ARGS, NAMES
-from test_observed_mf_loss import assert_close_to_reference as assert_observed_close
 
 LAYOUTS_2D = ("contiguous", "transposed", "stepped", "transposed_stepped")
 LAYOUTS_1D = ("contiguous", "stepped")
@@ -27,33 +25,13 @@ DTYPES = (torch.float32, torch.float64)
 
 
 def laid_out(x: torch.Tensor, layout: str, fill) -> torch.Tensor:
-    """x's values as a view in `layout`; the rest of the underlying storage holds `fill`."""
-    if layout == "contiguous":
-        return x.clone()
-    if layout == "transposed":  # 2-D only
-        return x.t().contiguous().t()
-    if x.dim() == 1:  # "stepped": every third element, after an offset of 1
-        wide = torch.full((3 * x.shape[0] + 1,), fill, dtype=x.dtype)
-        wide[1::3] = x
-        return wide[1::3]
-    source = x.t() if layout == "transposed_stepped" else x
-    wide = torch.full((2 * source.shape[0] + 1, 3 * source.shape[1] + 1), fill, dtype=x.dtype)
-    wide[1::2, 1::3] = source
-    view = wide[1::2, 1::3]
-    return view.t() if layout == "transposed_stepped" else view
-
-
-def grads_of_views(fn, views: dict, wanted) -> list:
-    """fn(**views)'s loss and its gradients w.r.t. the views named in `wanted` (None for the
-    others): the kernels see the views' own strides."""
-    leaves = {k: v.detach().requires_grad_(k in wanted) for k, v in views.items()
-              if isinstance(v, torch.Tensor)}
-    inputs = {k: leaves.get(k, v) for k, v in views.items()}
-    inputs = {k: (v[...] if k in wanted else v) for k, v in inputs.items()}  # non-leaf views
-    loss = fn(**inputs)
-    targets = [inputs[k] for k in wanted]
-    grads = dict(zip(wanted, torch.autograd.grad(loss, targets))) if targets else {}
-    return [loss.detach(), grads]
+    """x's values as a view in `layout` (stepped: every second row and third column, or every
+    third element, after an offset of 1); the rest of the underlying storage holds `fill`."""
+    if layout in ("contiguous", "transposed"):
+        return x.clone() if layout == "contiguous" else transposed(x)
+    if layout == "transposed_stepped":  # 2-D only
+        return stepped(x.t(), 2, 3, offset=1, fill=fill).t()
+    return stepped(x, 2, 3, offset=1, fill=fill)
 
 
 def random_matrix(g, shape, dtype, density=1.0, low=-2.0, high=2.0):
@@ -82,11 +60,9 @@ def test_masked_mf_loss_matches_reference(m, n, r, dtype, reduction, density, wi
     R, P, Q = (laid_out(x, lay, float("nan")) for x, lay in zip((R0, P0, Q0), layouts))
     M = None if M0 is None else laid_out(M0, layouts[3], True)
     wanted = ("R", "P", "Q") if grad_R else ("P", "Q")
-    loss, grads = grads_of_views(
-        lambda R, P, Q, mask: masked_mf_loss(R, P, Q, mask, reduction),
-        dict(R=R, P=P, Q=Q, mask=M), wanted)
-    got = (loss, grads.get("R"), grads["P"], grads["Q"])
-    assert_masked_close(got, R0, P0, Q0, M0, reduction, grad_R)
+    # detach() in loss_and_grads keeps the views' strides: the kernels see these layouts
+    got = loss_and_grads(masked_mf_loss, dict(R=R, P=P, Q=Q, mask=M), reduction, wanted)
+    assert_close_to_reference(got, dict(R=R0, P=P0, Q=Q0, mask=M0), reduction, wanted)
 
 
 @st.composite
@@ -94,7 +70,7 @@ def observed_problems(draw):
     side = st.integers(0, 3) | st.integers(1, 60)
     m, n = draw(side), draw(side)
     nnz = 0 if m * n == 0 else draw(st.integers(0, 8) | st.integers(0, 400)
-                                    | st.integers(8192, 20000))  # 20000: several chunks
+                                    | st.integers(8192, 20000))
     r = draw(ranks)
     dtype = draw(st.sampled_from(DTYPES))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
@@ -124,7 +100,7 @@ def observed_problems(draw):
         # Gaps of index tensors hold an index out of range: reading one raises IndexError.
         fill = float("nan") if v.dtype.is_floating_point else 2**31 - 1
         views[k] = laid_out(v, layout, fill)
-    present = [k for k in FLOAT_ARGS if args[k] is not None]
+    present = [k for k in GRADS["observed"] if args[k] is not None]
     wanted = tuple(k for k in present if draw(st.booleans()))
     return args, views, wanted, draw(st.sampled_from(("sum", "mean")))
 
@@ -132,8 +108,5 @@ def observed_problems(draw):
 @given(problem=observed_problems())
 def test_observed_mf_loss_matches_reference(problem):
     args, views, wanted, reduction = problem
-    loss, grads = grads_of_views(
-        lambda **a: observed_mf_loss(**a, reduction=reduction), views, wanted)
-    got = [loss] + [grads.get(k) for k in FLOAT_ARGS]
-    assert len(got) == len(NAMES)
-    assert_observed_close(got, args, reduction, grad=wanted)
+    got = loss_and_grads(observed_mf_loss, views, reduction, wanted)
+    assert_close_to_reference(got, args, reduction, wanted)

@@ -1,6 +1,5 @@
-"""Both ops called from several Python threads at once give, bitwise, the single-threaded
-answers (loss and gradients). Thread-count determinism (torch.set_num_threads) is tested next
-to each op, in test_masked_mf_loss.py and test_observed_mf_loss.py."""
+"""The CPU kernels and threads: both ops give bitwise the same answers (loss and gradients)
+whatever torch.set_num_threads says, and when called from several Python threads at once."""
 
 from __future__ import annotations
 
@@ -9,11 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import loss_and_grads as masked_loss_and_grads
-from helpers import random_problem
+from helpers import assert_equal, loss_and_grads, random_problem, random_triples
 from mf_ext import masked_mf_loss, observed_mf_loss
-from test_observed_mf_loss import loss_and_grads as observed_loss_and_grads
-from test_observed_mf_loss import random_triples
 
 THREADS = 4
 CALLS_PER_THREAD = 30
@@ -23,23 +19,21 @@ def _masked_cases():
     for i, (m, n, r, mask) in enumerate([(5, 4, 2, False), (67, 131, 5, True),
                                          (301, 900, 7, True)]):  # the last: a 4 x 4 task grid
         for dtype in (torch.float64, torch.float32):
-            R, P, Q, M = random_problem(m, n, r, dtype, mask=mask, seed=i)
-            yield lambda R=R, P=P, Q=Q, M=M: masked_loss_and_grads(
-                lambda *a: masked_mf_loss(*a), R, P, Q, M, "mean")
+            yield masked_mf_loss, random_problem(m, n, r, dtype, mask=mask, seed=i), "mean"
 
 
 def _observed_cases():
     for i, (m, n, r, nnz) in enumerate([(5, 4, 2, 12), (67, 131, 5, 1000),
-                                        (301, 97, 13, 70001)]):  # the last: 8 chunks
+                                        (301, 97, 13, 70001)]):
         for dtype in (torch.float64, torch.float32):
-            args = random_triples(m, n, r, nnz, dtype, seed=i, biases=True, weights=True,
-                                  index_dtype=torch.int32 if i % 2 else torch.int64)
-            yield lambda args=args: observed_loss_and_grads(observed_mf_loss, args, "sum")
+            yield observed_mf_loss, random_triples(
+                m, n, r, nnz, dtype, seed=i, biases=True, weights=True,
+                index_dtype=torch.int32 if i % 2 else torch.int64), "sum"
 
 
 @pytest.mark.parametrize("cases", [_masked_cases, _observed_cases], ids=["masked", "observed"])
 def test_concurrent_calls_match_single_threaded(cases):
-    cases = list(cases())
+    cases = [lambda case=case: loss_and_grads(*case) for case in cases()]
     expected = [case() for case in cases]
 
     def worker(seed):
@@ -50,5 +44,22 @@ def test_concurrent_calls_match_single_threaded(cases):
         results = [item for run in pool.map(worker, range(THREADS)) for item in run]
     assert len(results) == THREADS * CALLS_PER_THREAD
     for index, got in results:
-        for a, b in zip(got, expected[index]):
-            assert (a is None and b is None) or torch.equal(a, b), f"case {index}"
+        assert_equal(got, expected[index], f"case {index}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("op,args", [  # the maximal 4 x 4 task grid, odd so tails are exercised
+    (masked_mf_loss, lambda dtype: random_problem(301, 1203, 7, dtype, mask=True)),
+    (masked_mf_loss, lambda dtype: random_problem(301, 1203, 7, dtype)),
+    (observed_mf_loss, lambda dtype: random_triples(30, 20, 64, 40000, dtype, biases=True,
+                                                    weights=True)),
+    (observed_mf_loss, lambda dtype: random_triples(301, 97, 13, 70001, dtype, biases=True,
+                                                    weights=True))], ids=str)
+def test_bitwise_deterministic_across_thread_counts(op, args, dtype):
+    args = args(dtype)
+    runs = []
+    for threads in (1, 2, 1, 3, 4):
+        torch.set_num_threads(threads)
+        runs.append([g for red in ("sum", "mean") for g in loss_and_grads(op, args, red)])
+    for run in runs[1:]:
+        assert_equal(run, runs[0])

@@ -25,9 +25,14 @@ Rewrites:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -293,7 +298,13 @@ def _write_if_changed(path, text):
 
 
 def build_dir():
-    return Path(os.environ.get("MF_EXT_EMU_BUILD_DIR", REPO / "build" / "cuda_emulation"))
+    """$MF_EXT_EMU_BUILD_DIR (built in place, incremental), else the cache: one folder per
+    cache_key under ${XDG_CACHE_HOME:-~/.cache}/mf_ext/cuda_emulation, shared by all clones."""
+    override = os.environ.get("MF_EXT_EMU_BUILD_DIR")
+    if override:
+        return Path(override)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mf_ext" / \
+        "cuda_emulation"
 
 
 def generate(out_dir):
@@ -343,18 +354,61 @@ def generate(out_dir):
     return paths
 
 
+def cache_key(sources, flags):
+    """A digest of everything the library depends on: the translated sources, the headers they
+    include (csrc/, cuda_emu.h), the flags, torch, Python and the compiler. The clone's own path
+    (in the sources' #include and #line directives) is left out, so clones share builds."""
+    import torch
+    from torch.utils.cpp_extension import get_cxx_compiler
+
+    h = hashlib.sha256()
+    headers = sorted(CSRC.rglob("*.h")) + sorted(CSRC.rglob("*.cuh")) + [HERE / "cuda_emu.h"]
+    for path in [*sources, *headers]:
+        text = path.read_bytes().replace(str(REPO).encode(), b"<repo>")
+        h.update(f"{path.name}\0".encode() + text + b"\0")
+    compiler = subprocess.run([get_cxx_compiler(), "--version"], capture_output=True, text=True)
+    for part in (" ".join(flags).replace(str(REPO), "<repo>"), torch.__version__, sys.version,
+                 compiler.stdout):
+        h.update(f"{part}\0".encode())
+    return h.hexdigest()[:20]
+
+
 def load(verbose=False):
-    """Translates and builds; loads the library (ops torch.ops.mf_ext_emu.*)."""
+    """Translates, then loads the library (ops torch.ops.mf_ext_emu.*) from the cache (built on
+    a miss, under a lock per key, in a private folder renamed into place: see the README)."""
+    import torch
     from torch.utils.cpp_extension import load as cpp_load
 
-    out_dir = build_dir()
-    sources = generate(out_dir)
     flags = ["-O2", "-fno-strict-aliasing", f"-I{HERE}"]
     ldflags = []
     if os.environ.get("MF_EXT_EMU_ASAN"):  # needs LD_PRELOAD of libasan and libstdc++ (README)
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
         ldflags += ["-fsanitize=address"]
-    digest = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
-    cpp_load(name=f"mf_ext_cuda_emu_{digest}", sources=[str(p) for p in sources],
-             extra_cflags=flags, extra_ldflags=ldflags, build_directory=str(out_dir),
-             is_python_module=False, verbose=verbose)
+    name = f"mf_ext_cuda_emu_{hashlib.sha1(' '.join(flags).encode()).hexdigest()[:8]}"
+
+    def build(out_dir, sources):
+        cpp_load(name=name, sources=[str(p) for p in sources], extra_cflags=flags,
+                 extra_ldflags=ldflags, build_directory=str(out_dir), is_python_module=False,
+                 verbose=verbose)
+
+    root = build_dir()
+    if os.environ.get("MF_EXT_EMU_BUILD_DIR"):
+        build(root, generate(root))
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="build-", dir=root))
+    try:
+        sources = generate(scratch)
+        final = root / cache_key(sources, flags + ldflags)
+        library = final / f"{name}.so"
+        if not library.exists():
+            with open(root / f"{final.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes or we die
+                if not library.exists():
+                    build(scratch, sources)  # also loads it
+                    shutil.rmtree(final, ignore_errors=True)  # a damaged entry
+                    os.rename(scratch, final)
+                    return
+        torch.ops.load_library(str(library))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
