@@ -17,7 +17,6 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, not an installed copy
 PY="${PYTHON:-python3}"
 export MAX_JOBS="${MAX_JOBS:-16}"  # TORCH_CUDA_ARCH_LIST: setup.py's default (9.0+PTX)
-CUDA_TESTS="tests/test_masked_mf_loss_cuda.py tests/test_observed_mf_loss_cuda.py"
 start=$SECONDS
 BUDGET="${MF_EXT_GPU_CHECK_BUDGET_S:-470}"
 
@@ -44,9 +43,13 @@ fi
 grep -h "mf_ext setup:" "$OUT/build.log" | tee -a "$OUT/summary.txt"
 "$PY" -m mf_ext info 2>&1 | tee -a "$OUT/env.txt"
 
-# No -x: every CUDA failure is worth seeing in one run.
-step "CUDA tests: pytest -q $CUDA_TESTS"
-timeout "$(limit 180)" "$PY" -m pytest -q -p no:cacheprovider $CUDA_TESTS 2>&1 | tee "$OUT/pytest.log"
+workers=""
+"$PY" -c "import xdist" 2>/dev/null && workers="-n 8"  # the suite is xdist-safe (tmp_path only)
+
+# No -x: every CUDA failure is worth seeing in one run. -m gpu: every test of the cuda backend
+# and every CUDA-only test (tests/conftest.py marks them).
+step "CUDA tests: pytest -q -m gpu tests"
+timeout "$(limit 200)" "$PY" -m pytest -q -p no:cacheprovider $workers -m gpu tests 2>&1 | tee "$OUT/pytest.log"
 cuda_rc=$?
 tail -n 1 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
 
@@ -61,11 +64,7 @@ observed_rc=$?
 
 # CI runs these on every change; here they check the GPU machine's other torch version.
 step "the rest of the suite (CPU tests) on this machine's torch"
-ignore=""
-for f in $CUDA_TESTS; do ignore="$ignore --ignore=$f"; done
-workers=""
-"$PY" -c "import xdist" 2>/dev/null && workers="-n 8"  # the suite is xdist-safe (tmp_path only)
-timeout "$(limit 600)" "$PY" -m pytest -q -p no:cacheprovider $workers $ignore tests 2>&1 \
+timeout "$(limit 600)" "$PY" -m pytest -q -p no:cacheprovider $workers -m "not gpu" tests 2>&1 \
   | tail -n 40 >> "$OUT/pytest.log"
 cpu_rc=${PIPESTATUS[0]}
 tail -n 1 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"

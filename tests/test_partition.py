@@ -139,7 +139,7 @@ DENSE_SHAPE = (330, 450, 7)
 @pytest.mark.parametrize("layout", ["row-major", "column-major"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_dense_several_row_and_column_groups(layout, dtype, reduction):
-    R, P, Q, _ = random_problem(*DENSE_SHAPE, dtype=dtype, seed=3)
+    R, P, Q, _ = random_problem(*DENSE_SHAPE, dtype=dtype, seed=3).values()
     if layout == "column-major":
         R = R.t().contiguous().t()
     part = _dense_partition(R, P, Q)
@@ -156,13 +156,13 @@ def test_dense_several_row_and_column_groups(layout, dtype, reduction):
     for threads in (1, 2):
         torch.set_num_threads(threads)
         runs.append(DENSE(R, P, Q, None, reduction, True, True, True))
-    assert_dense_close_to_reference(runs[0], R, P, Q, None, reduction)
+    assert_dense_close_to_reference(runs[0], dict(R=R, P=P, Q=Q, mask=None), reduction)
     for a, b, name in zip(*runs, ("loss", "dR", "dP", "dQ")):
         assert torch.equal(a, b), f"{name}: 1 and 2 threads differ"
 
 
 def test_dense_partition_ignores_threads():
-    R, P, Q, _ = random_problem(*DENSE_SHAPE, dtype=torch.float32)
+    R, P, Q, _ = random_problem(*DENSE_SHAPE, dtype=torch.float32).values()
     parts = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
