@@ -415,11 +415,12 @@ def _dense_partition(R: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> dict:
     and MF_EXT_DENSE_PATH) into units: {"transposed" (the kernel reads R column-major), "path"
     ("rowwise" or "tiled": the unit kernel that runs), "row_groups", "col_groups" (of R's rows
     and columns), "tasks" (cells per unit, in unit order), "task_ranges" (each unit's
-    (row_begin, row_end, col_begin, col_end) in R), "concurrent" (units that run at once: they
-    run in rounds that share no row or column group)}, computed by the kernel's own code."""
+    (row_begin, row_end, col_begin, col_end) in R), "concurrent" (how many units can run at once:
+    units that share a row group, or a column group and its gradient accumulator, run one after
+    the other in a fixed order)}, computed by the kernel's own code."""
     flat = torch.ops.mf_ext._dense_partition(R, P, Q)
-    transposed, path, row_groups, col_groups, tasks = flat[:5]
-    cells = [tuple(flat[5 + 4 * t:9 + 4 * t]) for t in range(tasks)]
+    transposed, path, row_groups, col_groups, tasks, concurrent = flat[:6]
+    cells = [tuple(flat[6 + 4 * t:10 + 4 * t]) for t in range(tasks)]
     return {
         "transposed": bool(transposed),
         "path": ("rowwise", "tiled")[path],
@@ -427,5 +428,5 @@ def _dense_partition(R: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> dict:
         "col_groups": col_groups,
         "tasks": [(i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in cells],
         "task_ranges": cells,
-        "concurrent": min(row_groups, col_groups),
+        "concurrent": concurrent,
     }

@@ -1,13 +1,16 @@
 // CPU kernel of mf_ext::masked_mf_loss_and_grads: one fused pass over R computes the loss and
 // the gradients of R, P and Q that are asked for.
 //
-// Units and ownership. Rows and columns of R are each cut into G groups (G ≤ 64, from the shape
-// alone); unit (a, b) owns the cells of row group a × column group b, G² units in all. They run
-// in G rounds: round s runs the G units (a, (a + s) mod G), in parallel. Within a round no two
-// units share a row group or a column group, so each adds its dP and dQ contributions straight
-// into the gradients with no per-unit partials, and every entry of dP (dQ) receives its
-// contributions in the fixed order of the rounds: results are bitwise the same whatever the
-// thread count. Up to G threads work at once (64 on a 4096² matrix: 4096 units).
+// Units and ownership. Columns of R are cut into G groups, rows into K·G groups ("lanes" of G
+// row groups each; K ≤ 4 and G ≤ 64 from the shape, rank and dtype alone); unit (a, b) owns
+// the cells of row group a × column group b, K·G² units in all. They run in G rounds: round s
+// runs, in every lane, the units (a, (a + s) mod G), in parallel. Within a round no two units
+// share a row group, nor a column group within a lane, so each adds its dP contribution
+// straight into grad_P and its dQ contribution into its lane's accumulator (tiled: K = 1,
+// straight into grad_Q), with no per-unit partials, and every entry receives its contributions
+// in the fixed order of the rounds (lanes are summed in order at the end): results are bitwise
+// the same whatever the thread count. Up to K·G units run at once (64 on a 4096² matrix); the
+// rounds overlap, with no barrier between them (run_units).
 //
 // Two unit kernels, chosen by rank and shape (plan_dense; MF_EXT_DENSE_PATH=rowwise|tiled
 // forces one, for tests and benchmarks):
@@ -19,18 +22,22 @@
 // - tiled, for larger ranks, where it is bound by arithmetic: each tile of at most 128 × 256
 //   cells goes through three single-threaded BLAS GEMMs and one elementwise pass in cache
 //   (csrc/cpu/masked_mf_loss_tiled.h).
-// Extra memory besides the outputs: rowwise, a zero-padded copy of Q and a dQ accumulator,
-// 2·r·n_pad values (n_pad: n rounded up to 64 float32 / 32 float64 columns), plus 4·(r + 256)
-// values per thread; tiled, contiguous copies of P and Q only when they are not contiguous
-// (r·(m + n) values) plus one 128 × 256 tile buffer per thread. Both: G² ≤ 4096 loss partials.
+// Extra memory besides the outputs: rowwise, a zero-padded copy of Q and K dQ accumulators,
+// (1 + K)·r·n_pad ≤ 5·r·n_pad values (n_pad: n rounded up to 64 float32 / 32 float64 columns),
+// a copy of P if it is not contiguous, plus 4·(r + 256) values per thread; tiled, copies of P
+// and Q only when they are not contiguous (r·(m + n) values) plus one 128 × 256 tile buffer
+// per thread (128 KiB float32). Both: K·G² ≤ 4096 loss partials and as many flags.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "../masked_mf_loss_common.h"
@@ -43,9 +50,11 @@ namespace {
 using simd::Vec;
 
 constexpr int64_t kTileCols = 256;
-constexpr int64_t kMaxGroups = 64;      // G: enough units for 64 threads
-constexpr int64_t kRowwiseMinRows = 32;  // rows of a rowwise unit, at least (where m allows)
-constexpr int64_t kTiledMinSide = 64;    // rows and columns of a tiled unit, at least
+constexpr int64_t kMaxGroups = 64;         // G (tiled): enough units for 64 threads
+constexpr int64_t kMaxRowwiseGroups = 16;  // G (rowwise), times
+constexpr int64_t kMaxLanes = 4;           // K lanes: 64 row groups
+constexpr int64_t kRowwiseMinRows = 32;    // rows of a rowwise unit, at least (where m allows)
+constexpr int64_t kTiledMinSide = 128;     // rows and columns of a tiled unit, at least
 // The rowwise path below these ranks, tiled from them on (measured: benchmarks/results/dense_cpu.md).
 constexpr int64_t kTiledMinRankFloat = 32;
 constexpr int64_t kTiledMinRankDouble = 16;
@@ -66,8 +75,8 @@ struct DenseProblem {
   const T* P;  // (r, m)
   const T* Q;  // (r, n_pad)
   T* dP;       // (r, m) or nullptr
-  T* dQ;       // (r, n_pad) or nullptr
-  int64_t groups;
+  T* dQ;       // (lanes, r, n_pad) or nullptr
+  int64_t groups, lanes;
 };
 
 struct TaskResult {
@@ -75,11 +84,13 @@ struct TaskResult {
   int64_t count = 0;
 };
 
-// The path, and G, from the shape, rank and dtype alone (and MF_EXT_DENSE_PATH). Rowwise units
+// The path, G and K from the shape, rank and dtype alone (and MF_EXT_DENSE_PATH). Rowwise units
 // cut the padded columns into groups of whole 4-vector blocks.
 struct DensePlan {
   DensePath path;
-  int64_t n_pad, groups;
+  int64_t n_pad;
+  int64_t groups;  // G: column groups; rows are cut into lanes · G groups
+  int64_t lanes;   // K: each lane of G row groups has its own dQ accumulator (tiled: K = 1)
 };
 
 inline const char* forced_dense_path() {
@@ -101,11 +112,14 @@ DensePlan plan_dense(int64_t m, int64_t n, int64_t r) {
                                   blas::has_gemm<T>(std::max({m, n, r}));
   if (tiled) {
     return {DensePath::Tiled, n,
-            std::clamp<int64_t>(std::min(m, n) / kTiledMinSide, 1, kMaxGroups)};
+            std::clamp<int64_t>(std::min(m, n) / kTiledMinSide, 1, kMaxGroups), 1};
   }
+  // Rowwise: column groups of at least kTileCols (narrower ones spend more on the per-row
+  // sums of dP than on the cells), then as many lanes as give every row group kRowwiseMinRows.
   const int64_t n_pad = (n + kBlock - 1) / kBlock * kBlock;
-  const int64_t groups = std::min((m + kRowwiseMinRows - 1) / kRowwiseMinRows, n_pad / kBlock);
-  return {DensePath::Rowwise, n_pad, std::clamp<int64_t>(groups, 1, kMaxGroups)};
+  const int64_t groups = std::clamp<int64_t>(n_pad / kTileCols, 1, kMaxRowwiseGroups);
+  const int64_t lanes = std::clamp<int64_t>(m / (kRowwiseMinRows * groups), 1, kMaxLanes);
+  return {DensePath::Rowwise, n_pad, groups, lanes};
 }
 
 // Unit (a, b)'s rows [i0, i1) and columns [j0, j1) (rowwise: padded columns).
@@ -115,7 +129,7 @@ struct TaskCells {
 
 template <typename T>
 MF_EXT_INLINE TaskCells task_cells(int64_t m, const DensePlan& plan, int64_t a, int64_t b) {
-  const Range rows = split(m, plan.groups, a);
+  const Range rows = split(m, plan.lanes * plan.groups, a);
   if (plan.path == DensePath::Tiled) {
     const Range cols = split(plan.n_pad, plan.groups, b);
     return {rows.begin, rows.end, cols.begin, cols.end};
@@ -125,16 +139,47 @@ MF_EXT_INLINE TaskCells task_cells(int64_t m, const DensePlan& plan, int64_t a, 
   return {rows.begin, rows.end, blocks.begin * kBlock, blocks.end * kBlock};
 }
 
-// Runs unit(a, b) for every unit, round by round (see the top of the file); `unit` is called
-// from at::parallel_for, with a per-thread scratch from make_scratch().
+// Runs unit(a, b) for every unit, row group a in [0, K·G), column group b in [0, G), in one
+// parallel region, with a per-thread scratch from make_scratch(). Threads claim units in round
+// order (round s: units (a, (a mod G + s) mod G) for every a) from a shared counter, and a unit
+// starts once the units of round s − 1 that touched its row group and its (lane, column group)
+// are done: the same order of additions as running the rounds one after the other, without a
+// barrier between rounds. It cannot deadlock: a unit waits only for units claimed before it,
+// each run by a thread that is not waiting on it.
 template <typename MakeScratch, typename Unit>
-void run_rounds(int64_t groups, MakeScratch make_scratch, Unit unit) {
-  for (int64_t s = 0; s < groups; ++s) {
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+void run_units(int64_t groups, int64_t lanes, MakeScratch make_scratch, Unit unit) {
+  const int64_t per_round = lanes * groups, total = per_round * groups;
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::unique_ptr<std::atomic<bool>[]> done(new std::atomic<bool>[total]);
+  for (int64_t u = 0; u < total; ++u) done[u].store(false, std::memory_order_relaxed);
+  auto wait_for = [&](int64_t u) {
+    for (int spins = 0; !done[u].load(std::memory_order_acquire);) {
+      if (failed.load(std::memory_order_relaxed)) throw std::runtime_error("unit failed");
+      if (++spins > 64) std::this_thread::yield();
+    }
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), per_round);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    try {
       auto scratch = make_scratch();
-      for (int64_t a = begin; a < end; ++a) unit(a, (a + s) % groups, scratch);
-    });
-  }
+      for (;;) {
+        const int64_t u = next.fetch_add(1, std::memory_order_relaxed);
+        if (u >= total) break;
+        const int64_t s = u / per_round, a = u % per_round;
+        const int64_t lane = a / groups, local = a % groups;
+        if (s > 0) {
+          wait_for(u - per_round);  // this row group, round s − 1
+          wait_for((s - 1) * per_round + lane * groups + (local + 1) % groups);  // this column
+        }
+        unit(a, (local + s) % groups, scratch);
+        done[u].store(true, std::memory_order_release);
+      }
+    } catch (...) {
+      failed.store(true);
+      throw;
+    }
+  });
 }
 
 // W entries of a row starting at `p` with stride `stride`, of which only `lanes` exist (the
@@ -262,8 +307,9 @@ template <typename T, bool kGradP, bool kGradQ>
 MF_EXT_INLINE void run_task(const DenseProblem<T>& pb, int64_t a, int64_t b,
                             RowwiseScratch<T>& scratch, TaskResult& result) {
   constexpr int kRows = RowwiseScratch<T>::kRows;
-  const DensePlan plan{DensePath::Rowwise, pb.n_pad, pb.groups};
+  const DensePlan plan{DensePath::Rowwise, pb.n_pad, pb.groups, pb.lanes};
   const auto [i0, i1, j0, j1] = task_cells<T>(pb.m, plan, a, b);
+  T* dQ = kGradQ ? pb.dQ + (a / pb.groups) * pb.r * pb.n_pad : nullptr;  // this lane's
   T* p = scratch.p.data();
   T* e_buf = scratch.e_buf.data();
   double loss = 0;
@@ -272,11 +318,10 @@ MF_EXT_INLINE void run_task(const DenseProblem<T>& pb, int64_t a, int64_t b,
     const int64_t width = std::min(kTileCols, j1 - jt);  // a multiple of kBlock
     int64_t i = i0;
     for (; i + kRows <= i1; i += kRows) {
-      process_rows<T, kRows, kGradP, kGradQ>(pb, i, jt, width, pb.dP, pb.dQ, p, e_buf, loss,
-                                             count);
+      process_rows<T, kRows, kGradP, kGradQ>(pb, i, jt, width, pb.dP, dQ, p, e_buf, loss, count);
     }
     for (; i < i1; ++i) {
-      process_rows<T, 1, kGradP, kGradQ>(pb, i, jt, width, pb.dP, pb.dQ, p, e_buf, loss, count);
+      process_rows<T, 1, kGradP, kGradQ>(pb, i, jt, width, pb.dP, dQ, p, e_buf, loss, count);
     }
   }
   result.loss = loss;
@@ -385,17 +430,18 @@ double rowwise_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& 
   pb.P = P_c.const_data_ptr<T>();
   pb.Q = Q_pad.const_data_ptr<T>();
   pb.groups = plan.groups;
-  at::Tensor dQ_pad;
+  pb.lanes = plan.lanes;
+  at::Tensor dQ_lanes;
   if (grad_P.defined() && r > 0) pb.dP = grad_P.mutable_data_ptr<T>();  // zeroed, contiguous
   if (grad_Q.defined() && r > 0) {
-    dQ_pad = at::zeros({r, n_pad}, Q.options());
-    pb.dQ = dQ_pad.mutable_data_ptr<T>();
+    dQ_lanes = at::zeros({plan.lanes, r, n_pad}, Q.options());
+    pb.dQ = dQ_lanes.mutable_data_ptr<T>();
   }
 
   const int64_t G = plan.groups;
-  std::vector<TaskResult> results(G * G);
-  run_rounds(
-      G, [&] { return RowwiseScratch<T>(r); },
+  std::vector<TaskResult> results(plan.lanes * G * G);
+  run_units(
+      G, plan.lanes, [&] { return RowwiseScratch<T>(r); },
       [&](int64_t a, int64_t b, RowwiseScratch<T>& scratch) {
         run_unit_any(pb, a, b, scratch, results[a * G + b]);
       });
@@ -403,7 +449,12 @@ double rowwise_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& 
   const LossAndScale ls = total(results, reduction);
   const T grad_scale = static_cast<T>(-2 * ls.scale);
   if (pb.dP) grad_P.mul_(grad_scale);
-  if (pb.dQ) grad_Q.copy_(dQ_pad.narrow(1, 0, n)).mul_(grad_scale);
+  if (pb.dQ) {
+    // The lanes in order: dQ = −2·scale·(lane 0 + lane 1 + ...).
+    at::Tensor sum = dQ_lanes[0].narrow(1, 0, n);
+    for (int64_t lane = 1; lane < plan.lanes; ++lane) sum = sum + dQ_lanes[lane].narrow(1, 0, n);
+    grad_Q.copy_(sum).mul_(grad_scale);
+  }
   if (grad_R.defined() && ls.scale != 1.0) grad_R.mul_(ls.scale);
   return ls.loss;
 }
@@ -443,8 +494,8 @@ double tiled_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
     std::vector<T> E = std::vector<T>(kTiledRows * kTiledCols);
     blas::OneThread one_thread;  // every GEMM of a unit on one thread, whatever the caller's count
   };
-  run_rounds(
-      G, [&] { return std::make_unique<Scratch>(); },
+  run_units(
+      G, 1, [&] { return std::make_unique<Scratch>(); },
       [&](int64_t a, int64_t b, std::unique_ptr<Scratch>& scratch) {
         run_unit_any(pb, task_cells<T>(m, plan, a, b), scratch->E.data(), results[a * G + b]);
       });
@@ -497,9 +548,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_gr
 
 // mf_ext::_dense_partition: how the kernel above cuts R (m, n) into units, computed by its own
 // planning code, for tests. In R's coordinates, flattened: [transposed (the kernel reads R
-// column-major), path (0 rowwise, 1 tiled), row groups, column groups, units, then per unit in
-// unit order (a · G + b) its rows [begin, end) and columns [begin, end)]; no units when R is
-// empty. Units run G at a time, in G rounds.
+// column-major), path (0 rowwise, 1 tiled), row groups, column groups, units, units that can
+// run at once, then per unit in unit order (row group · G + column group, in the kernel's
+// orientation) its rows [begin, end) and columns [begin, end)]; no units when R is empty.
 std::vector<int64_t> dense_partition_cpu(const at::Tensor& R, const at::Tensor& P,
                                          const at::Tensor& Q) {
   check_masked_mf_loss_args(R, P, Q, std::nullopt);
@@ -508,16 +559,17 @@ std::vector<int64_t> dense_partition_cpu(const at::Tensor& R, const at::Tensor& 
                    R.scalar_type());
   const bool transposed = read_transposed(R);
   const int64_t m = transposed ? R.size(1) : R.size(0), n = transposed ? R.size(0) : R.size(1);
-  std::vector<int64_t> out{transposed, 0, 0, 0, 0};
+  std::vector<int64_t> out{transposed, 0, 0, 0, 0, 0};
   if (m == 0 || n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "dense_partition_cpu", [&] {
     const DensePlan plan = plan_dense<scalar_t>(m, n, P.size(0));
-    const int64_t G = plan.groups;
+    const int64_t G = plan.groups, row_groups = plan.lanes * G;
     out[1] = static_cast<int64_t>(plan.path);
-    out[2] = G;
-    out[3] = G;
-    out[4] = G * G;
-    for (int64_t a = 0; a < G; ++a) {
+    out[2 + transposed] = row_groups;
+    out[3 - transposed] = G;
+    out[4] = row_groups * G;
+    out[5] = row_groups;  // units that can run at once: one per row group
+    for (int64_t a = 0; a < row_groups; ++a) {
       for (int64_t b = 0; b < G; ++b) {
         const TaskCells c = task_cells<scalar_t>(m, plan, a, b);
         const int64_t rows[2] = {c.i0, c.i1}, cols[2] = {c.j0, std::min(c.j1, n)};
