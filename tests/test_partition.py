@@ -132,7 +132,7 @@ def test_observed_partition_checks_indices():
 
 
 # The dense op. Its kernel picks a unit kernel ("path") by rank and shape: rowwise for small
-# ranks, tiled (BLAS GEMMs on tiles of at most 128 x 256 cells) from r = 32 (float32) / 16
+# ranks, tiled (BLAS GEMMs on tiles of at most 128 x 256 cells) from r = 16 (float32) / 32
 # (float64) when both sides are at least 256; MF_EXT_DENSE_PATH forces one. Each case below names
 # the path it must reach, and whether it gets there by itself or forced. Shapes: rowwise cuts
 # columns into groups of 256 and rows into up to 4 lanes of those; the tiled shape's units

@@ -56,8 +56,8 @@ constexpr int64_t kMaxLanes = 4;           // K lanes: 64 row groups
 constexpr int64_t kRowwiseMinRows = 32;    // rows of a rowwise unit, at least (where m allows)
 constexpr int64_t kTiledMinSide = 128;     // rows and columns of a tiled unit, at least
 // The rowwise path below these ranks, tiled from them on (measured: benchmarks/results/dense_cpu.md).
-constexpr int64_t kTiledMinRankFloat = 32;
-constexpr int64_t kTiledMinRankDouble = 16;
+constexpr int64_t kTiledMinRankFloat = 16;
+constexpr int64_t kTiledMinRankDouble = 32;
 
 enum class DensePath : int64_t { Rowwise = 0, Tiled = 1 };
 
