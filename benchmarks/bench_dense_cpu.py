@@ -100,8 +100,8 @@ def main() -> None:
         mm_ms = median_ms(lambda: torch.mm(A, B), args.min_time)
         part = _dense_partition(R, P, Q)
         results[m, r, dtype_name] = (t, 2 * r * m * m / mm_ms / 1e6, part)
-        print(f"# timed {m}² {dtype_name} r={r}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items()),
-              file=sys.stderr, flush=True)
+        timed = ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
+        print(f"# timed {m}² {dtype_name} r={r}: {timed}", file=sys.stderr, flush=True)
         if args.no_memory:
             emit(lines, m, r, dtype_name, results[m, r, dtype_name], None)
     if not args.no_memory:

@@ -241,8 +241,9 @@ def test_dense_path_threads_beyond_the_core_count(monkeypatch, restore_threads):
                 assert torch.equal(a, b), f"{case} {name}: thread counts differ"
 
 
-@pytest.mark.parametrize("dtype,r,path", [(torch.float32, 8, "rowwise"), (torch.float32, 256, "tiled"),
-                                          (torch.float64, 8, "rowwise"), (torch.float64, 128, "tiled")])
+@pytest.mark.parametrize("dtype,r,path", [
+    (torch.float32, 8, "rowwise"), (torch.float32, 256, "tiled"),
+    (torch.float64, 8, "rowwise"), (torch.float64, 128, "tiled")])
 def test_dense_partition_has_work_for_many_threads(dtype, r, path, monkeypatch):
     """A 4096 x 4096 problem: at least 256 balanced units whichever path runs, and enough of
     them able to run at once for 64 threads (rowwise) or 32 (tiled, whose units are at least
@@ -259,7 +260,8 @@ def test_dense_partition_has_work_for_many_threads(dtype, r, path, monkeypatch):
 def test_dense_path_variable_is_checked(monkeypatch):
     R, P, Q, _ = random_problem(40, 30, 3)
     monkeypatch.setenv("MF_EXT_DENSE_PATH", "fastest")
-    with pytest.raises(ValueError, match="MF_EXT_DENSE_PATH must be rowwise, tiled or auto, got 'fastest'"):
+    with pytest.raises(ValueError,
+                       match="MF_EXT_DENSE_PATH must be rowwise, tiled or auto, got 'fastest'"):
         DENSE(R, P, Q, None, "sum", False, True, True)
 
 
