@@ -1,15 +1,19 @@
 """Forward+backward of mf_ext.masked_mf_loss against the eager reference and the
-torch.compile'd reference, measured in the same run, float32, about half the entries observed.
+torch.compile'd reference, measured in the same run, about half the entries observed.
 
-    ./dev bench                      # the table of the core issue
-    ./dev bench --sizes 1000:2 --out results.md
-Prints a Markdown table: time per forward+backward (P and Q require grad), the speed-up of
-the fused op over each reference, and each method's peak extra resident memory.
+    ./dev bench                                          # the whole sweep (long)
+    ./dev bench --sizes 2048 --dtypes float32            # one size, one dtype
+    ./dev bench --sizes 4096 --ranks 32,256 --out t.md   # chosen rows, table also to a file
+Prints a Markdown table: time per forward+backward (P and Q require grad), the speed-up of the
+fused op over each reference, GFLOP/s of each at 6·r·m·n flops, the same run's torch.mm rate
+(2·r·m·n flops of the (m × r)(r × m) product), the fused op's path and units (from
+mf_ext.ops._dense_partition), and each method's peak extra resident memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import torch
@@ -19,18 +23,20 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import fix_mmap_threshold, machine_line, peak_rss_delta  # noqa: E402
 
 import mf_ext  # noqa: E402
+from mf_ext.ops import _dense_partition  # noqa: E402
 from mf_ext.reference import masked_mf_loss_reference  # noqa: E402
 
-DEFAULT_SIZES = "1000:2,4096:2,4096:32,2048:128,4096:256"
+RANKS = {2048: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], 4096: [1, 2, 4, 8, 16, 32, 64, 128, 256]}
+MAX_RANK = {"float32": 512, "float64": 128}
 
 
-def make_problem(m: int, r: int, seed: int = 0):
+def make_problem(m: int, r: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     R = torch.rand(m, m, generator=g) * 4 + 1
     R *= torch.rand(m, m, generator=g) < 0.5
-    P = torch.rand(r, m, generator=g).requires_grad_()
-    Q = torch.rand(r, m, generator=g).requires_grad_()
-    return R, P, Q
+    P = torch.rand(r, m, generator=g).to(dtype).requires_grad_()
+    Q = torch.rand(r, m, generator=g).to(dtype).requires_grad_()
+    return R.to(dtype), P, Q
 
 
 def forward_backward(loss_fn, R, P, Q):
@@ -40,54 +46,92 @@ def forward_backward(loss_fn, R, P, Q):
     Q.grad = None
 
 
+def median_ms(stmt_fn, min_time: float) -> float:
+    stmt_fn()  # warm-up (and compilation)
+    # num_threads: Timer runs on 1 thread unless told otherwise (it resets torch's count).
+    timer = Timer("fn()", globals={"fn": stmt_fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_time).median * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="m:r pairs (m x m matrices)")
+    parser.add_argument("--sizes", default="2048,4096", help="m values (m x m matrices)")
+    parser.add_argument("--ranks", help="ranks to run (default: 1..512 at 2048, 1..256 at 4096)")
+    parser.add_argument("--dtypes", default="float32,float64",
+                        help="float32 and/or float64 (float64 up to r = 128)")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
 
-    methods = {
-        "fused": mf_ext.masked_mf_loss,
-        "eager": masked_mf_loss_reference,
-        "compiled": torch.compile(masked_mf_loss_reference),
-    }
+    compiled = torch.compile(masked_mf_loss_reference)
+    methods = {"fused": mf_ext.masked_mf_loss, "eager": masked_mf_loss_reference,
+               "compiled": compiled}
+    rows = []
+    for m in (int(x) for x in args.sizes.split(",")):
+        ranks = ([int(x) for x in args.ranks.split(",")] if args.ranks
+                 else RANKS.get(m, RANKS[4096]))
+        for dtype_name in args.dtypes.split(","):
+            rows += [(m, r, dtype_name) for r in ranks if r <= MAX_RANK[dtype_name]]
+
+    threads = torch.get_num_threads()
     lines = [
         f"Machine: {machine_line()}",
+        f"Command: {' '.join(shlex.quote(a) for a in sys.argv)}",
         "",
-        "float32, m = n, ~50% observed, forward+backward (P, Q require grad); times are medians of "
-        "torch.utils.benchmark blocked_autorange; memory = peak extra RSS of one call.",
+        f"{threads} threads; m = n, ~50% observed, forward+backward (P, Q require grad); times are "
+        "medians of torch.utils.benchmark blocked_autorange; GF/s at 6·r·m·n flops (mm: the same "
+        "run's torch.mm, (m × r)(r × m)); units: the fused op's units / how many can run at "
+        "once; memory = peak extra RSS of one call (MiB).",
         "",
-        "| size | r | fused ms | eager ms | compiled ms | vs eager | vs compiled "
-        "| fused MiB | eager MiB | compiled MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| size | dtype | r | path | units | fused ms | eager ms | compiled ms | vs eager "
+        "| vs compiled | fused GF/s | compiled GF/s | mm GF/s | fused / mm | fused MiB "
+        "| eager MiB | compiled MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
-    sizes = [tuple(int(x) for x in item.split(":")) for item in args.sizes.split(",")]
-    times = {}
-    for m, r in sizes:
-        R, P, Q = make_problem(m, r)
-        for name, fn in methods.items():
-            forward_backward(fn, R, P, Q)  # warm-up (and compilation)
-            # num_threads: Timer runs on 1 thread unless told otherwise (it resets torch's count).
-            timer = Timer("forward_backward(fn, R, P, Q)",
-                          globals={"forward_backward": forward_backward, "fn": fn, "R": R, "P": P,
-                                   "Q": Q}, num_threads=torch.get_num_threads())
-            times[m, r, name] = timer.blocked_autorange(min_run_time=args.min_time).median * 1e3
-    fix_mmap_threshold()  # after the timings, which must see torch's normal allocation costs
-    for m, r in sizes:
-        R, P, Q = make_problem(m, r)
-        t = {name: times[m, r, name] for name in methods}
-        mem = {name: peak_rss_delta(lambda fn=fn: forward_backward(fn, R, P, Q))
-               for name, fn in methods.items()}
-        row = (f"| {m}x{m} | {r} | {t['fused']:.2f} | {t['eager']:.2f} | {t['compiled']:.2f} | "
-               f"{t['eager'] / t['fused']:.1f}x | {t['compiled'] / t['fused']:.1f}x | "
-               f"{mem['fused']:.0f} | {mem['eager']:.0f} | {mem['compiled']:.0f} |")
-        lines.append(row)
-        print(row, flush=True)
+    results = {}
+    for m, r, dtype_name in rows:
+        dtype = getattr(torch, dtype_name)
+        R, P, Q = make_problem(m, r, dtype)
+        t = {name: median_ms(lambda fn=fn: forward_backward(fn, R, P, Q), args.min_time)
+             for name, fn in methods.items()}
+        A, B = torch.rand(m, r, dtype=dtype), torch.rand(r, m, dtype=dtype)
+        mm_ms = median_ms(lambda: torch.mm(A, B), args.min_time)
+        part = _dense_partition(R, P, Q)
+        results[m, r, dtype_name] = (t, 2 * r * m * m / mm_ms / 1e6, part)
+        timed = ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
+        print(f"# timed {m}² {dtype_name} r={r}: {timed}", file=sys.stderr, flush=True)
+        if args.no_memory:
+            emit(lines, m, r, dtype_name, results[m, r, dtype_name], None)
+    if not args.no_memory:
+        fix_mmap_threshold()  # after the timings, which must see torch's normal allocation costs
+        for m, r, dtype_name in rows:
+            R, P, Q = make_problem(m, r, getattr(torch, dtype_name))
+            mem = {name: peak_rss_delta(lambda fn=fn: forward_backward(fn, R, P, Q))
+                   for name, fn in methods.items()}
+            emit(lines, m, r, dtype_name, results[m, r, dtype_name], mem)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def emit(lines, m, r, dtype_name, result, mem) -> None:
+    t, mm_gflops, part = result
+    flops = 6 * r * m * m
+
+    def rate(ms):
+        return flops / ms / 1e6
+
+    mem_cells = (f"{mem['fused']:.0f} | {mem['eager']:.0f} | {mem['compiled']:.0f}" if mem
+                 else "– | – | –")
+    row = (f"| {m}² | {dtype_name} | {r} | {part['path']} | {len(part['tasks'])}/"
+           f"{part['concurrent']} | {t['fused']:.2f} | {t['eager']:.2f} | {t['compiled']:.2f} | "
+           f"{t['eager'] / t['fused']:.2f}× | {t['compiled'] / t['fused']:.2f}× | "
+           f"{rate(t['fused']):.0f} | {rate(t['compiled']):.0f} | {mm_gflops:.0f} | "
+           f"{rate(t['fused']) / mm_gflops:.0%} | {mem_cells} |")
+    lines.append(row)
+    print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -411,17 +411,22 @@ def _observed_partition(rows: torch.Tensor, cols: torch.Tensor, P: torch.Tensor,
 
 
 def _dense_partition(R: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> dict:
-    """How the CPU kernel of masked_mf_loss cuts R (m, n) (its shape, strides and dtype) into
-    tasks: {"transposed" (the kernel reads R column-major), "row_groups", "col_groups" (of R's
-    rows and columns), "tasks" (cells per task, in task order), "task_ranges" (each task's
-    (row_begin, row_end, col_begin, col_end) in R)}, computed by the kernel's own code."""
+    """How the CPU kernel of masked_mf_loss cuts R (m, n) (its shape, strides and dtype, P's rank,
+    and MF_EXT_DENSE_PATH) into units: {"transposed" (the kernel reads R column-major), "path"
+    ("rowwise" or "tiled": the unit kernel that runs), "row_groups", "col_groups" (of R's rows
+    and columns), "tasks" (cells per unit, in unit order), "task_ranges" (each unit's
+    (row_begin, row_end, col_begin, col_end) in R), "concurrent" (how many units can run at once:
+    units that share a row group, or a column group and its gradient accumulator, run one after
+    the other in a fixed order)}, computed by the kernel's own code."""
     flat = torch.ops.mf_ext._dense_partition(R, P, Q)
-    transposed, row_groups, col_groups, tasks = flat[:4]
-    cells = [tuple(flat[4 + 4 * t:8 + 4 * t]) for t in range(tasks)]
+    transposed, path, row_groups, col_groups, tasks, concurrent = flat[:6]
+    cells = [tuple(flat[6 + 4 * t:10 + 4 * t]) for t in range(tasks)]
     return {
         "transposed": bool(transposed),
+        "path": ("rowwise", "tiled")[path],
         "row_groups": row_groups,
         "col_groups": col_groups,
         "tasks": [(i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in cells],
         "task_ranges": cells,
+        "concurrent": concurrent,
     }

@@ -1,5 +1,6 @@
 """The CPU kernels on problems they cut into several units of work: several chunks, bucketing
-segments, outer and inner blocks (observed op), several row and column groups (dense op). The
+segments, outer and inner blocks (observed op); several row and column groups, on each of the
+dense op's paths (rowwise and tiled, chosen by the kernel and forced). The
 cuts are read from the kernels' own partition functions (mf_ext.ops._observed_partition,
 _dense_partition) and asserted, so a shape that stops reaching these paths fails here instead of
 passing silently. Loss and every gradient are checked against mf_ext/reference.py, and 1 and 2
@@ -10,15 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_close_to_reference as assert_dense_close_to_reference
-from helpers import random_problem
+from helpers import (GRADS, OBSERVED_ORDER, assert_close_to_reference, loss_and_grads,
+                     random_problem, random_triples)
 from mf_ext.ops import _dense_partition, _observed_partition
-from mf_ext.reference import observed_mf_loss_reference
+from mf_ext.reference import masked_mf_loss_reference
 
 OBSERVED = torch.ops.mf_ext.observed_mf_loss_and_grads
 DENSE = torch.ops.mf_ext.masked_mf_loss_and_grads
-FLOATS = ("values", "P", "Q", "row_bias", "col_bias", "weights")
-NAMES = ("loss", *(f"d_{name}" for name in FLOATS))
+NAMES = ("loss", *(f"d_{name}" for name in GRADS["observed"]))
 
 # (m, n, r, nnz): 140,000 triples make 2 bucketing segments (a segment holds at least 65,536);
 # the larger side spans 3 blocks of 2,048 indices, the smaller 2. Asserted below.
@@ -27,57 +27,13 @@ COLS_OUTER = (2300, 4500, 5, 140_000)
 
 
 def observed_problem(m, n, r, nnz, dtype, seed=0):
-    """The op's arguments: nnz random (row, col) pairs (repeats included, in no order), values
-    in [1, 5), P (r, m), Q (r, n), biases and positive weights."""
-    g = torch.Generator().manual_seed(seed)
-    args = dict(rows=torch.randint(0, m, (nnz,), generator=g),
-                cols=torch.randint(0, n, (nnz,), generator=g),
-                values=torch.rand(nnz, generator=g, dtype=torch.float64) * 4 + 1,
-                P=torch.rand(r, m, generator=g, dtype=torch.float64),
-                Q=torch.rand(r, n, generator=g, dtype=torch.float64),
-                row_bias=torch.randn(m, generator=g, dtype=torch.float64),
-                col_bias=torch.randn(n, generator=g, dtype=torch.float64),
-                weights=torch.rand(nnz, generator=g, dtype=torch.float64) + 0.5)
-    return {k: v.to(dtype) if k in FLOATS else v for k, v in args.items()}
+    """nnz random triples with values, biases and weights (helpers.random_triples)."""
+    return random_triples(m, n, r, nnz, dtype=dtype, seed=seed, biases=True, weights=True)
 
 
 def run_observed(args, reduction, threads):
     torch.set_num_threads(threads)
-    return OBSERVED(*args.values(), reduction, *([True] * 6))
-
-
-def reference_outputs(args, reduction):
-    """The reference's loss and gradients (autograd) in the arguments' dtype."""
-    leaves = {k: v.detach().requires_grad_(k in FLOATS) for k, v in args.items()}
-    loss = observed_mf_loss_reference(**leaves, reduction=reduction)
-    return [loss.detach(), *torch.autograd.grad(loss, [leaves[k] for k in FLOATS])]
-
-
-def assert_observed_close_to_reference(got, args, reduction):
-    """float64: within 1e-12. float32: the kernel's error against the float64 reference within
-    2x the float32 reference's own error, plus a floor of 8 ulps of the output's scale and one
-    eps of the scale of its terms (the rule of the other parity tests)."""
-    dtype = args["values"].dtype
-    double = {k: v.double() if k in FLOATS else v for k, v in args.items()}
-    exact = reference_outputs(double, reduction)
-    if dtype == torch.float64:
-        for name, a, b in zip(NAMES, got, exact):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * (1 + b.abs().max().item()),
-                                       msg=lambda s, name=name: f"{name}: {s}")
-        return
-    eager = reference_outputs(args, reduction)
-    # Every term with its magnitude: the reference then returns each output's scale of terms.
-    absolute = {k: v.abs() if k in FLOATS else v for k, v in double.items()}
-    absolute["values"] = -absolute["values"]
-    scale = reference_outputs(absolute, reduction)
-    eps = torch.finfo(dtype).eps
-    for name, a, e, b, s in zip(NAMES, got, eager, exact, scale):
-        assert a.dtype == dtype and a.shape == b.shape, name
-        err_kernel = (a.double() - b).abs().max().item()
-        err_eager = (e.double() - b).abs().max().item()
-        floor = eps * (8 * (1 + b.abs().max().item()) + s.abs().max().item())
-        assert err_kernel <= 2 * err_eager + floor, (
-            f"{name}: kernel error {err_kernel:.3g} > 2 x eager error {err_eager:.3g} + {floor:.3g}")
+    return OBSERVED(*(args[k] for k in OBSERVED_ORDER), reduction, *([True] * 6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -94,7 +50,7 @@ def test_observed_several_chunks_segments_and_blocks(shape, outer, dtype):
     assert min(part["chunks"]) > 0
 
     got = run_observed(args, "sum", threads=1)
-    assert_observed_close_to_reference(got, args, "sum")
+    assert_close_to_reference(got, args, "sum")
     for a, b, name in zip(got, run_observed(args, "sum", threads=2), NAMES):
         assert torch.equal(a, b), f"{name}: 1 and 2 threads differ"
 
@@ -103,7 +59,7 @@ def test_observed_several_chunks_segments_and_blocks(shape, outer, dtype):
 def test_observed_several_units_mean(shape):
     args = observed_problem(*shape, torch.float64, seed=1)
     assert len(_observed_partition(args["rows"], args["cols"], args["P"], args["Q"])["chunks"]) >= 2
-    assert_observed_close_to_reference(run_observed(args, "mean", threads=2), args, "mean")
+    assert_close_to_reference(run_observed(args, "mean", threads=2), args, "mean")
 
 
 def test_observed_partition_ignores_threads():
@@ -130,42 +86,142 @@ def test_observed_partition_checks_indices():
     assert empty["segments"] == [] and empty["chunks"] == []
 
 
-# (m, n, r): several groups of rows and of columns (groups of 64 rows, of whole blocks of 32
-# float64 or 64 float32 columns) whichever way the kernel reads R; asserted below.
-DENSE_SHAPE = (330, 450, 7)
+# The dense op. Its kernel picks a unit kernel ("path") by rank and shape: rowwise for small
+# ranks, tiled (BLAS GEMMs on tiles of at most 128 x 256 cells) from r = 16 (float32) / 32
+# (float64) when both sides are at least 256; MF_EXT_DENSE_PATH forces one. Each case below names
+# the path it must reach, and whether it gets there by itself or forced. Shapes: rowwise cuts
+# columns into groups of 256 and rows into up to 4 lanes of those; the tiled shape's units
+# (150 x 550, either way round) end tiles of 128 rows and 256 columns part-way.
+DENSE_CASES = {  # id: (m, n, r, path, forced)
+    "rowwise": (520, 600, 7, "rowwise", False),
+    "rowwise-forced": (520, 600, 40, "rowwise", True),
+    "tiled": (300, 1100, 40, "tiled", False),
+    "tiled-forced": (300, 1100, 7, "tiled", True),
+}
+# (reduction, explicit mask, grad_R)
+DENSE_VARIANTS = {"sum": ("sum", False, True), "mean-mask": ("mean", True, True),
+                  "sum-mask-no-dR": ("sum", True, False)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("layout", ["row-major", "column-major"])
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_dense_several_row_and_column_groups(layout, dtype, reduction):
-    R, P, Q, _ = random_problem(*DENSE_SHAPE, dtype=dtype, seed=3).values()
-    if layout == "column-major":
+def dense_case(case, dtype, layout, mask, monkeypatch, seed=3):
+    """The problem of DENSE_CASES[case] with R (and the mask) laid out as asked, the path forced
+    if the case says so; asserts through _dense_partition that the kernel reaches that path with
+    several row and column groups, several units able to run at once, the units covering R once
+    and balanced."""
+    m, n, r, path, forced = DENSE_CASES[case]
+    R, P, Q, M = random_problem(m, n if layout != "strided" else 2 * n, r, dtype=dtype, seed=seed,
+                                mask=mask).values()
+    if layout == "strided":  # every other column of a wider matrix: no unit stride anywhere
+        R, Q = R[:, ::2], Q[:, : n]
+        M = M[:, ::2] if mask else None
+    elif layout == "column-major":
         R = R.t().contiguous().t()
+        M = M.t().contiguous().t() if mask else None
+    monkeypatch.delenv("MF_EXT_DENSE_PATH", raising=False)
+    assert (_dense_partition(R, P, Q)["path"] == path) != forced, "the automatic choice changed"
+    if forced:
+        monkeypatch.setenv("MF_EXT_DENSE_PATH", path)
     part = _dense_partition(R, P, Q)
+    assert part["path"] == path
     assert part["transposed"] == (layout == "column-major")
     assert part["row_groups"] >= 2 and part["col_groups"] >= 2, part
+    assert part["concurrent"] >= 2, part
     assert len(part["tasks"]) == part["row_groups"] * part["col_groups"]
-    assert sum(part["tasks"]) == R.numel() and min(part["tasks"]) > 0
+    assert sum(part["tasks"]) == R.numel() and max(part["tasks"]) <= 1.5 * min(part["tasks"])
     covered = torch.zeros(R.shape, dtype=torch.int64)
     for i0, i1, j0, j1 in part["task_ranges"]:
         covered[i0:i1, j0:j1] += 1
-    assert bool((covered == 1).all()), "the tasks must cover R exactly once"
+    assert bool((covered == 1).all()), "the units must cover R exactly once"
+    return R, P, Q, M
 
-    runs = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        runs.append(DENSE(R, P, Q, None, reduction, True, True, True))
-    assert_dense_close_to_reference(runs[0], dict(R=R, P=P, Q=Q, mask=None), reduction)
+
+def run_dense(R, P, Q, M, reduction, grad_R, threads):
+    torch.set_num_threads(threads)
+    out = DENSE(R, P, Q, M, reduction, grad_R, True, True)
+    return (out[0], out[1] if grad_R else None, out[2], out[3])
+
+
+@pytest.mark.parametrize("variant", DENSE_VARIANTS)
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", DENSE_CASES)
+def test_dense_paths(case, dtype, layout, variant, monkeypatch):
+    """Every path, automatic and forced, against the reference (float64 1e-12, float32 within 2x
+    eager's own error), 1 and 2 threads bitwise."""
+    reduction, mask, grad_R = DENSE_VARIANTS[variant]
+    R, P, Q, M = dense_case(case, dtype, layout, mask, monkeypatch)
+    runs = [run_dense(R, P, Q, M, reduction, grad_R, threads) for threads in (1, 2)]
+    assert_close_to_reference(runs[0], dict(R=R, P=P, Q=Q, mask=M), reduction,
+                              wanted=None if grad_R else ("P", "Q"))
     for a, b, name in zip(*runs, ("loss", "dR", "dP", "dQ")):
-        assert torch.equal(a, b), f"{name}: 1 and 2 threads differ"
+        assert (a is None and b is None) or torch.equal(a, b), f"{name}: 1 and 2 threads differ"
 
 
-def test_dense_partition_ignores_threads():
-    R, P, Q, _ = random_problem(*DENSE_SHAPE, dtype=torch.float32).values()
-    parts = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        parts.append(_dense_partition(R, P, Q))
-    assert parts[0] == parts[1]
+@pytest.mark.parametrize("case", DENSE_CASES)
+def test_dense_paths_propagate_nan_and_inf(case, monkeypatch):
+    """A NaN of R where the mask is False and an Inf in P reach the loss and the gradients
+    exactly where they reach the reference's (the mask is multiplied in, not selected)."""
+    R, P, Q, M = dense_case(case, torch.float64, "row-major", True, monkeypatch, seed=5)
+    M[7, 11] = False
+    R[7, 11] = float("nan")
+    P[2, 40] = float("inf")
+    got = run_dense(R, P, Q, M, "sum", True, threads=2)
+    expected = loss_and_grads(masked_mf_loss_reference, dict(R=R, P=P, Q=Q, mask=M), "sum")
+    assert torch.isnan(got[0])
+    for name, a, b in zip(("loss", "dR", "dP", "dQ"), got, expected):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{name}: NaNs differ"
+        assert torch.equal(torch.isposinf(a), torch.isposinf(b)), f"{name}: +Infs differ"
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b)), f"{name}: -Infs differ"
+        finite = torch.isfinite(b)
+        if finite.any():
+            scale = b[finite].abs().max().item()
+            torch.testing.assert_close(a[finite], b[finite], rtol=1e-12, atol=1e-12 * (1 + scale),
+                                       msg=lambda s, name=name: f"{name}: {s}")
+    assert torch.isfinite(got[2]).any(), "dP: the rows away from the NaN and the Inf stay finite"
+
+
+def test_dense_path_threads_beyond_the_core_count(monkeypatch):
+    """More threads than units of a round, and than cores: the same bits."""
+    for case in ("rowwise", "tiled"):
+        R, P, Q, M = dense_case(case, torch.float32, "row-major", True, monkeypatch)
+        runs = [run_dense(R, P, Q, M, "mean", True, threads) for threads in (1, 3, 8)]
+        for run in runs[1:]:
+            for a, b, name in zip(runs[0], run, ("loss", "dR", "dP", "dQ")):
+                assert torch.equal(a, b), f"{case} {name}: thread counts differ"
+
+
+@pytest.mark.parametrize("dtype,r,path", [
+    (torch.float32, 8, "rowwise"), (torch.float32, 256, "tiled"),
+    (torch.float64, 8, "rowwise"), (torch.float64, 128, "tiled")])
+def test_dense_partition_has_work_for_many_threads(dtype, r, path, monkeypatch):
+    """A 4096 x 4096 problem: at least 256 balanced units whichever path runs, and enough of
+    them able to run at once for 64 threads (rowwise) or 32 (tiled, whose units are at least
+    128 x 128 so that each GEMM stays efficient)."""
+    monkeypatch.delenv("MF_EXT_DENSE_PATH", raising=False)
+    R = torch.empty(4096, 4096, dtype=dtype)
+    P, Q = torch.empty(r, 4096, dtype=dtype), torch.empty(r, 4096, dtype=dtype)
+    part = _dense_partition(R, P, Q)
+    assert part["path"] == path
+    assert len(part["tasks"]) >= 256 and max(part["tasks"]) <= 1.05 * min(part["tasks"]), part
+    assert part["concurrent"] >= (64 if path == "rowwise" else 32), part
+
+
+def test_dense_path_variable_is_checked(monkeypatch):
+    R, P, Q, _ = random_problem(40, 30, 3).values()
+    monkeypatch.setenv("MF_EXT_DENSE_PATH", "fastest")
+    with pytest.raises(ValueError,
+                       match="MF_EXT_DENSE_PATH must be rowwise, tiled or auto, got 'fastest'"):
+        DENSE(R, P, Q, None, "sum", False, True, True)
+
+
+def test_dense_partition_ignores_threads(monkeypatch):
+    monkeypatch.delenv("MF_EXT_DENSE_PATH", raising=False)
+    for case in ("rowwise", "tiled"):
+        m, n, r, _, _ = DENSE_CASES[case]
+        R, P, Q, _ = random_problem(m, n, r, dtype=torch.float32).values()
+        parts = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            parts.append(_dense_partition(R, P, Q))
+        assert parts[0] == parts[1]
     assert _dense_partition(R[:0], P[:, :0], Q)["tasks"] == []

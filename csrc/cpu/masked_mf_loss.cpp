@@ -1,24 +1,47 @@
 // CPU kernel of mf_ext::masked_mf_loss_and_grads: one fused pass over R computes the loss and
 // the gradients of R, P and Q that are asked for.
 //
-// The matrix is cut into at most 4 × 4 blocks ("tasks"), a number fixed by the shape alone.
-// Task (a, b) owns rows of group a and columns of group b; it writes its own slice of a dP
-// partial (one per column group) and of a dQ partial (one per row group), and the partials are
-// summed in a fixed order at the end. Results are therefore bitwise the same whatever the
-// thread count, and the extra memory is at most 4·r·(m + n) values, never m·n.
+// Units and ownership. Columns of R are cut into G groups, rows into K·G groups ("lanes" of G
+// row groups each; K ≤ 4 and G ≤ 64 from the shape, rank and dtype alone); unit (a, b) owns
+// the cells of row group a × column group b, K·G² units in all. They run in G rounds: round s
+// runs, in every lane, the units (a, (a + s) mod G), in parallel. Within a round no two units
+// share a row group, nor a column group within a lane, so each adds its dP contribution
+// straight into grad_P and its dQ contribution into its lane's accumulator (tiled: K = 1,
+// straight into grad_Q), with no per-unit partials, and every entry receives its contributions
+// in the fixed order of the rounds (lanes are summed in order at the end): results are bitwise
+// the same whatever the thread count. Up to K·G units run at once (64 on a 4096² matrix); the
+// rounds overlap, with no barrier between them (run_units).
 //
-// Inside a task, columns are swept in tiles of kTileCols so that a tile's Q and dQ slices
-// (r × kTileCols) stay in cache while every row of the group passes over them. Per row and tile:
-//   pass 1: pred = p_iᵀ Q[:, tile], e = (R − pred)·observed, the loss and grad_R;
-//   pass 2: dP[:, i] += Q[:, tile]·e and dQ[:, tile] += p_i eᵀ (both scaled by −2 at the end).
+// Two unit kernels, chosen by rank and shape (plan_dense; MF_EXT_DENSE_PATH=rowwise|tiled
+// forces one, for tests and benchmarks):
+// - rowwise, for small ranks, where the op is bound by reading R: the columns of a unit are
+//   swept in tiles of kTileCols so that a tile's Q and dQ slices (r × kTileCols) stay in cache
+//   while the unit's rows pass over them, four rows at a time. Per rows and tile:
+//     pass 1: pred = p_iᵀ Q[:, tile], e = (R − pred)·observed, the loss and grad_R;
+//     pass 2: dP[:, i] += Q[:, tile]·e and dQ[:, tile] += p_i eᵀ (scaled by −2 at the end).
+// - tiled, for larger ranks, where it is bound by arithmetic: each tile of at most 128 × 256
+//   cells goes through three single-threaded BLAS GEMMs and one elementwise pass in cache
+//   (csrc/cpu/masked_mf_loss_tiled.h).
+// Extra memory besides the outputs: rowwise, a zero-padded copy of Q and K dQ accumulators,
+// (1 + K)·r·n_pad ≤ 5·r·n_pad values (n_pad: n rounded up to 64 float32 / 32 float64 columns),
+// a copy of P if it is not contiguous, plus 4·(r + 256) values per thread; tiled, copies of P
+// and Q only when they are not contiguous (r·(m + n) values) plus one 128 × 256 tile buffer
+// per thread (128 KiB float32). Both: K·G² ≤ 4096 loss partials and as many flags.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "../masked_mf_loss_common.h"
+#include "masked_mf_loss_tiled.h"
 #include "simd.h"
 
 namespace mf_ext {
@@ -27,10 +50,19 @@ namespace {
 using simd::Vec;
 
 constexpr int64_t kTileCols = 256;
-constexpr int64_t kMaxGroups = 4;
+constexpr int64_t kMaxGroups = 64;         // G (tiled): enough units for 64 threads
+constexpr int64_t kMaxRowwiseGroups = 16;  // G (rowwise), times
+constexpr int64_t kMaxLanes = 4;           // K lanes: 64 row groups
+constexpr int64_t kRowwiseMinRows = 32;    // rows of a rowwise unit, at least (where m allows)
+constexpr int64_t kTiledMinSide = 128;     // rows and columns of a tiled unit, at least
+// The rowwise path below these ranks, tiled from them on (measured: benchmarks/results/dense_cpu.md).
+constexpr int64_t kTiledMinRankFloat = 16;
+constexpr int64_t kTiledMinRankDouble = 32;
 
-// Everything a task reads and writes, as raw pointers taken once. P, Q are contiguous; Q is
-// zero-padded to n_pad columns so every tile is a whole number of 4-vector blocks.
+enum class DensePath : int64_t { Rowwise = 0, Tiled = 1 };
+
+// Everything a rowwise unit reads and writes, as raw pointers taken once. P, Q are contiguous;
+// Q is zero-padded to n_pad columns so every tile is a whole number of 4-vector blocks.
 template <typename T>
 struct DenseProblem {
   int64_t m, n, n_pad, r;
@@ -40,11 +72,11 @@ struct DenseProblem {
   int64_t M_s0, M_s1;
   T* grad_R;  // nullptr: not wanted
   int64_t G_s0, G_s1;
-  const T* P;       // (r, m)
-  const T* Q;       // (r, n_pad)
-  T* dP_parts;      // (col_groups, r, m) or nullptr
-  T* dQ_parts;      // (row_groups, r, n_pad) or nullptr
-  int64_t row_groups, col_groups;
+  const T* P;  // (r, m)
+  const T* Q;  // (r, n_pad)
+  T* dP;       // (r, m) or nullptr
+  T* dQ;       // (lanes, r, n_pad) or nullptr
+  int64_t groups, lanes;
 };
 
 struct TaskResult {
@@ -52,31 +84,102 @@ struct TaskResult {
   int64_t count = 0;
 };
 
-// The tasks: row_groups × col_groups, from the shape and dtype alone. Columns are padded to
-// n_pad, a whole number of 4-vector blocks, and cut into groups of whole blocks.
-struct DenseGroups {
-  int64_t n_pad, row_groups, col_groups;
+// The path, G and K from the shape, rank and dtype alone (and MF_EXT_DENSE_PATH). Rowwise units
+// cut the padded columns into groups of whole 4-vector blocks.
+struct DensePlan {
+  DensePath path;
+  int64_t n_pad;
+  int64_t groups;  // G: column groups; rows are cut into lanes · G groups
+  int64_t lanes;   // K: each lane of G row groups has its own dQ accumulator (tiled: K = 1)
 };
 
-template <typename T>
-DenseGroups plan_dense_groups(int64_t m, int64_t n) {
-  constexpr int64_t kBlock = 4 * Vec<T>::width;
-  const int64_t n_pad = (n + kBlock - 1) / kBlock * kBlock;
-  return {n_pad, std::clamp<int64_t>((m + 63) / 64, 1, kMaxGroups),
-          std::clamp<int64_t>((n_pad / kBlock + 3) / 4, 1, kMaxGroups)};
+inline const char* forced_dense_path() {
+  const char* env = std::getenv("MF_EXT_DENSE_PATH");
+  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) return nullptr;
+  TORCH_CHECK_VALUE(std::strcmp(env, "rowwise") == 0 || std::strcmp(env, "tiled") == 0,
+                    "mf_ext.masked_mf_loss: MF_EXT_DENSE_PATH must be rowwise, tiled or auto, "
+                    "got '", env, "'");
+  return env;
 }
 
-// Task t's rows [i0, i1) and padded columns [j0, j1).
+template <typename T>
+DensePlan plan_dense(int64_t m, int64_t n, int64_t r) {
+  constexpr int64_t kBlock = 4 * Vec<T>::width;
+  const int64_t min_rank = std::is_same_v<T, float> ? kTiledMinRankFloat : kTiledMinRankDouble;
+  const char* forced = forced_dense_path();
+  const bool tiled = forced ? forced[0] == 't'
+                            : r >= min_rank && std::min(m, n) >= 2 * kTiledMinSide &&
+                                  blas::has_gemm<T>(std::max({m, n, r}));
+  if (tiled) {
+    return {DensePath::Tiled, n,
+            std::clamp<int64_t>(std::min(m, n) / kTiledMinSide, 1, kMaxGroups), 1};
+  }
+  // Rowwise: column groups of at least kTileCols (narrower ones spend more on the per-row
+  // sums of dP than on the cells), then as many lanes as give every row group kRowwiseMinRows.
+  const int64_t n_pad = (n + kBlock - 1) / kBlock * kBlock;
+  const int64_t groups = std::clamp<int64_t>(n_pad / kTileCols, 1, kMaxRowwiseGroups);
+  const int64_t lanes = std::clamp<int64_t>(m / (kRowwiseMinRows * groups), 1, kMaxLanes);
+  return {DensePath::Rowwise, n_pad, groups, lanes};
+}
+
+// Unit (a, b)'s rows [i0, i1) and columns [j0, j1) (rowwise: padded columns).
 struct TaskCells {
   int64_t i0, i1, j0, j1;
 };
 
 template <typename T>
-MF_EXT_INLINE TaskCells task_cells(int64_t m, const DenseGroups& g, int64_t task) {
+MF_EXT_INLINE TaskCells task_cells(int64_t m, const DensePlan& plan, int64_t a, int64_t b) {
+  const Range rows = split(m, plan.lanes * plan.groups, a);
+  if (plan.path == DensePath::Tiled) {
+    const Range cols = split(plan.n_pad, plan.groups, b);
+    return {rows.begin, rows.end, cols.begin, cols.end};
+  }
   constexpr int64_t kBlock = 4 * Vec<T>::width;
-  const Range rows = split(m, g.row_groups, task / g.col_groups);
-  const Range blocks = split(g.n_pad / kBlock, g.col_groups, task % g.col_groups);
+  const Range blocks = split(plan.n_pad / kBlock, plan.groups, b);
   return {rows.begin, rows.end, blocks.begin * kBlock, blocks.end * kBlock};
+}
+
+// Runs unit(a, b) for every unit, row group a in [0, K·G), column group b in [0, G), in one
+// parallel region, with a per-thread scratch from make_scratch(). Threads claim units in round
+// order (round s: units (a, (a mod G + s) mod G) for every a) from a shared counter, and a unit
+// starts once the units of round s − 1 that touched its row group and its (lane, column group)
+// are done: the same order of additions as running the rounds one after the other, without a
+// barrier between rounds. It cannot deadlock: a unit waits only for units claimed before it,
+// each run by a thread that is not waiting on it.
+template <typename MakeScratch, typename Unit>
+void run_units(int64_t groups, int64_t lanes, MakeScratch make_scratch, Unit unit) {
+  const int64_t per_round = lanes * groups, total = per_round * groups;
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::unique_ptr<std::atomic<bool>[]> done(new std::atomic<bool>[total]);
+  for (int64_t u = 0; u < total; ++u) done[u].store(false, std::memory_order_relaxed);
+  auto wait_for = [&](int64_t u) {
+    for (int spins = 0; !done[u].load(std::memory_order_acquire);) {
+      if (failed.load(std::memory_order_relaxed)) throw std::runtime_error("unit failed");
+      if (++spins > 64) std::this_thread::yield();
+    }
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), per_round);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    try {
+      auto scratch = make_scratch();
+      for (;;) {
+        const int64_t u = next.fetch_add(1, std::memory_order_relaxed);
+        if (u >= total) break;
+        const int64_t s = u / per_round, a = u % per_round;
+        const int64_t lane = a / groups, local = a % groups;
+        if (s > 0) {
+          wait_for(u - per_round);  // this row group, round s − 1
+          wait_for((s - 1) * per_round + lane * groups + (local + 1) % groups);  // this column
+        }
+        unit(a, (local + s) % groups, scratch);
+        done[u].store(true, std::memory_order_release);
+      }
+    } catch (...) {
+      failed.store(true);
+      throw;
+    }
+  });
 }
 
 // W entries of a row starting at `p` with stride `stride`, of which only `lanes` exist (the
@@ -192,29 +295,33 @@ MF_EXT_INLINE void process_rows(const DenseProblem<T>& pb, int64_t i, int64_t jt
   }
 }
 
-template <typename T, bool kGradP, bool kGradQ>
-MF_EXT_INLINE void run_task(const DenseProblem<T>& pb, int64_t task, TaskResult& result) {
-  constexpr int kRows = 4;
-  const int64_t r = pb.r, m = pb.m, n_pad = pb.n_pad;
-  const auto [i0, i1, j0, j1] =
-      task_cells<T>(m, DenseGroups{n_pad, pb.row_groups, pb.col_groups}, task);
-  T* dP = kGradP ? pb.dP_parts + (task % pb.col_groups) * r * m : nullptr;
-  T* dQ = kGradQ ? pb.dQ_parts + (task / pb.col_groups) * r * n_pad : nullptr;
+// Per-thread buffers of a rowwise unit.
+template <typename T>
+struct RowwiseScratch {
+  static constexpr int kRows = 4;
+  std::vector<T> p, e_buf;
+  explicit RowwiseScratch(int64_t r) : p(kRows * r), e_buf(kRows * kTileCols) {}
+};
 
-  std::vector<T> p(kRows * r);
-  std::vector<T> e_buf(kRows * kTileCols);
+template <typename T, bool kGradP, bool kGradQ>
+MF_EXT_INLINE void run_task(const DenseProblem<T>& pb, int64_t a, int64_t b,
+                            RowwiseScratch<T>& scratch, TaskResult& result) {
+  constexpr int kRows = RowwiseScratch<T>::kRows;
+  const DensePlan plan{DensePath::Rowwise, pb.n_pad, pb.groups, pb.lanes};
+  const auto [i0, i1, j0, j1] = task_cells<T>(pb.m, plan, a, b);
+  T* dQ = kGradQ ? pb.dQ + (a / pb.groups) * pb.r * pb.n_pad : nullptr;  // this lane's
+  T* p = scratch.p.data();
+  T* e_buf = scratch.e_buf.data();
   double loss = 0;
   int64_t count = 0;
   for (int64_t jt = j0; jt < j1; jt += kTileCols) {
     const int64_t width = std::min(kTileCols, j1 - jt);  // a multiple of kBlock
     int64_t i = i0;
     for (; i + kRows <= i1; i += kRows) {
-      process_rows<T, kRows, kGradP, kGradQ>(pb, i, jt, width, dP, dQ, p.data(), e_buf.data(),
-                                             loss, count);
+      process_rows<T, kRows, kGradP, kGradQ>(pb, i, jt, width, pb.dP, dQ, p, e_buf, loss, count);
     }
     for (; i < i1; ++i) {
-      process_rows<T, 1, kGradP, kGradQ>(pb, i, jt, width, dP, dQ, p.data(), e_buf.data(), loss,
-                                         count);
+      process_rows<T, 1, kGradP, kGradQ>(pb, i, jt, width, pb.dP, dQ, p, e_buf, loss, count);
     }
   }
   result.loss = loss;
@@ -222,61 +329,82 @@ MF_EXT_INLINE void run_task(const DenseProblem<T>& pb, int64_t task, TaskResult&
 }
 
 template <typename T>
-MF_EXT_INLINE void run_tasks(const DenseProblem<T>& pb, int64_t begin, int64_t end,
-                             TaskResult* results) {
-  const bool gP = pb.dP_parts != nullptr, gQ = pb.dQ_parts != nullptr;
-  for (int64_t t = begin; t < end; ++t) {
-    if (gP && gQ) run_task<T, true, true>(pb, t, results[t]);
-    else if (gP) run_task<T, true, false>(pb, t, results[t]);
-    else if (gQ) run_task<T, false, true>(pb, t, results[t]);
-    else run_task<T, false, false>(pb, t, results[t]);
-  }
+MF_EXT_INLINE void run_rowwise_unit(const DenseProblem<T>& pb, int64_t a, int64_t b,
+                                    RowwiseScratch<T>& scratch, TaskResult& result) {
+  const bool gP = pb.dP != nullptr, gQ = pb.dQ != nullptr;
+  if (gP && gQ) run_task<T, true, true>(pb, a, b, scratch, result);
+  else if (gP) run_task<T, true, false>(pb, a, b, scratch, result);
+  else if (gQ) run_task<T, false, true>(pb, a, b, scratch, result);
+  else run_task<T, false, false>(pb, a, b, scratch, result);
+}
+
+template <typename T>
+MF_EXT_INLINE void run_tiled(const TiledProblem<T>& pb, const TaskCells& c, T* E,
+                             TaskResult& result) {
+  double loss = 0;
+  int64_t count = 0;
+  run_tiled_unit(pb, c.i0, c.i1, c.j0, c.j1, E, loss, count);
+  result.loss = loss;
+  result.count = count;
 }
 
 // Non-template entry points, so that each can be cloned per instruction set.
-MF_EXT_TARGET_CLONES void run_tasks_float(const DenseProblem<float>& pb, int64_t begin,
-                                          int64_t end, TaskResult* results) {
-  run_tasks(pb, begin, end, results);
+MF_EXT_TARGET_CLONES void run_unit_float(const DenseProblem<float>& pb, int64_t a, int64_t b,
+                                         RowwiseScratch<float>& s, TaskResult& result) {
+  run_rowwise_unit(pb, a, b, s, result);
 }
-MF_EXT_TARGET_CLONES void run_tasks_double(const DenseProblem<double>& pb, int64_t begin,
-                                           int64_t end, TaskResult* results) {
-  run_tasks(pb, begin, end, results);
+MF_EXT_TARGET_CLONES void run_unit_double(const DenseProblem<double>& pb, int64_t a, int64_t b,
+                                          RowwiseScratch<double>& s, TaskResult& result) {
+  run_rowwise_unit(pb, a, b, s, result);
 }
-inline void run_tasks_any(const DenseProblem<float>& pb, int64_t b, int64_t e, TaskResult* r) {
-  run_tasks_float(pb, b, e, r);
+MF_EXT_TARGET_CLONES void run_unit_float(const TiledProblem<float>& pb, const TaskCells& c,
+                                         float* E, TaskResult& result) {
+  run_tiled(pb, c, E, result);
 }
-inline void run_tasks_any(const DenseProblem<double>& pb, int64_t b, int64_t e, TaskResult* r) {
-  run_tasks_double(pb, b, e, r);
+MF_EXT_TARGET_CLONES void run_unit_double(const TiledProblem<double>& pb, const TaskCells& c,
+                                          double* E, TaskResult& result) {
+  run_tiled(pb, c, E, result);
+}
+template <typename... Args>
+inline void run_unit_any(const DenseProblem<float>& pb, Args&&... args) {
+  run_unit_float(pb, std::forward<Args>(args)...);
+}
+template <typename... Args>
+inline void run_unit_any(const DenseProblem<double>& pb, Args&&... args) {
+  run_unit_double(pb, std::forward<Args>(args)...);
+}
+template <typename... Args>
+inline void run_unit_any(const TiledProblem<float>& pb, Args&&... args) {
+  run_unit_float(pb, std::forward<Args>(args)...);
+}
+template <typename... Args>
+inline void run_unit_any(const TiledProblem<double>& pb, Args&&... args) {
+  run_unit_double(pb, std::forward<Args>(args)...);
 }
 
-// out[k, j] = scale · Σ_g parts[g, k, j] (g in order), for j < cols of a (r, stride) layout.
-template <typename T>
-void reduce_parts(const T* parts, int64_t groups, int64_t r, int64_t cols, int64_t stride,
-                  T scale, T* out) {
-  at::parallel_for(0, r * cols, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t k = idx / cols, j = idx % cols;
-      T s = 0;
-      for (int64_t g = 0; g < groups; ++g) s += parts[(g * r + k) * stride + j];
-      out[idx] = s * scale;
-    }
-  });
+// The loss (scaled for the mean) and the scale of the gradients, from the units' results in
+// unit order.
+struct LossAndScale {
+  double loss, scale;
+};
+inline LossAndScale total(const std::vector<TaskResult>& results, Reduction reduction) {
+  double loss = 0;
+  int64_t count = 0;
+  for (const TaskResult& t : results) {
+    loss += t.loss;
+    count += t.count;
+  }
+  const double scale = reduction == Reduction::Mean ? 1.0 / std::max<int64_t>(count, 1) : 1.0;
+  return {loss * scale, scale};
 }
 
-// Runs the fused pass on R (m, n), P (r, m), Q (r, n); writes grad_R (if defined), and
-// grad_P / grad_Q (contiguous, if defined). Returns the loss.
 template <typename T>
-double masked_mf_loss_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
-                           const std::optional<at::Tensor>& mask, Reduction reduction,
-                           const at::Tensor& grad_R, const at::Tensor& grad_P,
-                           const at::Tensor& grad_Q) {
+double rowwise_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
+                    const std::optional<at::Tensor>& mask, Reduction reduction,
+                    const at::Tensor& grad_R, const at::Tensor& grad_P, const at::Tensor& grad_Q,
+                    const DensePlan& plan) {
   const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
-  if (grad_P.defined()) grad_P.zero_();
-  if (grad_Q.defined()) grad_Q.zero_();
-  if (m == 0 || n == 0) return 0.0;
-
-  const DenseGroups groups = plan_dense_groups<T>(m, n);
-  const int64_t n_pad = groups.n_pad;
+  const int64_t n_pad = plan.n_pad;
   at::Tensor P_c = P.contiguous();
   at::Tensor Q_pad = at::zeros({r, n_pad}, Q.options());
   Q_pad.narrow(1, 0, n).copy_(Q);
@@ -301,41 +429,102 @@ double masked_mf_loss_impl(const at::Tensor& R, const at::Tensor& P, const at::T
   }
   pb.P = P_c.const_data_ptr<T>();
   pb.Q = Q_pad.const_data_ptr<T>();
-  pb.row_groups = groups.row_groups;
-  pb.col_groups = groups.col_groups;
-  at::Tensor dP_parts, dQ_parts;
-  if (grad_P.defined() && r > 0) {
-    dP_parts = at::zeros({pb.col_groups, r, m}, P.options());
-    pb.dP_parts = dP_parts.mutable_data_ptr<T>();
-  }
+  pb.groups = plan.groups;
+  pb.lanes = plan.lanes;
+  at::Tensor dQ_lanes;
+  if (grad_P.defined() && r > 0) pb.dP = grad_P.mutable_data_ptr<T>();  // zeroed, contiguous
   if (grad_Q.defined() && r > 0) {
-    dQ_parts = at::zeros({pb.row_groups, r, n_pad}, Q.options());
-    pb.dQ_parts = dQ_parts.mutable_data_ptr<T>();
+    dQ_lanes = at::zeros({plan.lanes, r, n_pad}, Q.options());
+    pb.dQ = dQ_lanes.mutable_data_ptr<T>();
   }
 
-  const int64_t tasks = pb.row_groups * pb.col_groups;
-  std::vector<TaskResult> results(tasks);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    run_tasks_any(pb, begin, end, results.data());
-  });
+  const int64_t G = plan.groups;
+  std::vector<TaskResult> results(plan.lanes * G * G);
+  run_units(
+      G, plan.lanes, [&] { return RowwiseScratch<T>(r); },
+      [&](int64_t a, int64_t b, RowwiseScratch<T>& scratch) {
+        run_unit_any(pb, a, b, scratch, results[a * G + b]);
+      });
 
-  double loss = 0;
-  int64_t count = 0;
-  for (const TaskResult& t : results) {
-    loss += t.loss;
-    count += t.count;
+  const LossAndScale ls = total(results, reduction);
+  const T grad_scale = static_cast<T>(-2 * ls.scale);
+  if (pb.dP) grad_P.mul_(grad_scale);
+  if (pb.dQ) {
+    // The lanes in order: dQ = −2·scale·(lane 0 + lane 1 + ...).
+    at::Tensor sum = dQ_lanes[0].narrow(1, 0, n);
+    for (int64_t lane = 1; lane < plan.lanes; ++lane) sum = sum + dQ_lanes[lane].narrow(1, 0, n);
+    grad_Q.copy_(sum).mul_(grad_scale);
   }
-  const double scale = reduction == Reduction::Mean ? 1.0 / std::max<int64_t>(count, 1) : 1.0;
-  if (pb.dP_parts) {
-    reduce_parts<T>(pb.dP_parts, pb.col_groups, r, m, m, static_cast<T>(-2 * scale),
-                    grad_P.mutable_data_ptr<T>());
+  if (grad_R.defined() && ls.scale != 1.0) grad_R.mul_(ls.scale);
+  return ls.loss;
+}
+
+template <typename T>
+double tiled_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
+                  const std::optional<at::Tensor>& mask, Reduction reduction,
+                  const at::Tensor& grad_R, const at::Tensor& grad_P, const at::Tensor& grad_Q,
+                  const DensePlan& plan) {
+  const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
+  at::Tensor P_c = P.contiguous(), Q_c = Q.contiguous();
+  TiledProblem<T> pb{};
+  pb.m = m;
+  pb.n = n;
+  pb.r = r;
+  pb.R = R.const_data_ptr<T>();
+  pb.R_s0 = R.stride(0);
+  pb.R_s1 = R.stride(1);
+  if (mask.has_value()) {
+    pb.mask = mask->const_data_ptr<bool>();
+    pb.M_s0 = mask->stride(0);
+    pb.M_s1 = mask->stride(1);
   }
-  if (pb.dQ_parts) {
-    reduce_parts<T>(pb.dQ_parts, pb.row_groups, r, n, n_pad, static_cast<T>(-2 * scale),
-                    grad_Q.mutable_data_ptr<T>());
+  if (grad_R.defined()) {
+    pb.grad_R = grad_R.mutable_data_ptr<T>();
+    pb.G_s0 = grad_R.stride(0);
+    pb.G_s1 = grad_R.stride(1);
   }
-  if (grad_R.defined() && scale != 1.0) grad_R.mul_(scale);
-  return loss * scale;
+  pb.P = P_c.const_data_ptr<T>();
+  pb.Q = Q_c.const_data_ptr<T>();
+  if (grad_P.defined() && r > 0) pb.dP = grad_P.mutable_data_ptr<T>();  // zeroed, contiguous
+  if (grad_Q.defined() && r > 0) pb.dQ = grad_Q.mutable_data_ptr<T>();
+
+  const int64_t G = plan.groups;
+  std::vector<TaskResult> results(G * G);
+  struct Scratch {
+    std::vector<T> E = std::vector<T>(kTiledRows * kTiledCols);
+    blas::OneThread one_thread;  // every GEMM of a unit on one thread, whatever the caller's count
+  };
+  run_units(
+      G, 1, [&] { return std::make_unique<Scratch>(); },
+      [&](int64_t a, int64_t b, std::unique_ptr<Scratch>& scratch) {
+        run_unit_any(pb, task_cells<T>(m, plan, a, b), scratch->E.data(), results[a * G + b]);
+      });
+
+  const LossAndScale ls = total(results, reduction);
+  if (ls.scale != 1.0) {  // the units added −2·(Q Eᵀ) and −2·(P E)
+    if (pb.dP) grad_P.mul_(ls.scale);
+    if (pb.dQ) grad_Q.mul_(ls.scale);
+    if (grad_R.defined()) grad_R.mul_(ls.scale);
+  }
+  return ls.loss;
+}
+
+// Runs the fused pass on R (m, n), P (r, m), Q (r, n); writes grad_R (if defined), and
+// grad_P / grad_Q (contiguous, if defined). Returns the loss.
+template <typename T>
+double masked_mf_loss_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
+                           const std::optional<at::Tensor>& mask, Reduction reduction,
+                           const at::Tensor& grad_R, const at::Tensor& grad_P,
+                           const at::Tensor& grad_Q) {
+  const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
+  if (grad_P.defined()) grad_P.zero_();
+  if (grad_Q.defined()) grad_Q.zero_();
+  if (m == 0 || n == 0) return 0.0;
+  const DensePlan plan = plan_dense<T>(m, n, r);
+  if (plan.path == DensePath::Tiled) {
+    return tiled_impl<T>(R, P, Q, mask, reduction, grad_R, grad_P, grad_Q, plan);
+  }
+  return rowwise_impl<T>(R, P, Q, mask, reduction, grad_R, grad_P, grad_Q, plan);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_grads_cpu(
@@ -357,10 +546,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_gr
   return {out.loss, out.grad_R, out.grad_P, out.grad_Q};
 }
 
-// mf_ext::_dense_partition: how the kernel above cuts R (m, n) into tasks, computed by its own
+// mf_ext::_dense_partition: how the kernel above cuts R (m, n) into units, computed by its own
 // planning code, for tests. In R's coordinates, flattened: [transposed (the kernel reads R
-// column-major), row groups, column groups, tasks, then per task in task order its rows
-// [begin, end) and columns [begin, end)]; no tasks when R is empty.
+// column-major), path (0 rowwise, 1 tiled), row groups, column groups, units, units that can
+// run at once, then per unit in unit order (row group · G + column group, in the kernel's
+// orientation) its rows [begin, end) and columns [begin, end)]; no units when R is empty.
 std::vector<int64_t> dense_partition_cpu(const at::Tensor& R, const at::Tensor& P,
                                          const at::Tensor& Q) {
   check_masked_mf_loss_args(R, P, Q, std::nullopt);
@@ -369,19 +559,24 @@ std::vector<int64_t> dense_partition_cpu(const at::Tensor& R, const at::Tensor& 
                    R.scalar_type());
   const bool transposed = read_transposed(R);
   const int64_t m = transposed ? R.size(1) : R.size(0), n = transposed ? R.size(0) : R.size(1);
-  std::vector<int64_t> out{transposed, 0, 0, 0};
+  std::vector<int64_t> out{transposed, 0, 0, 0, 0, 0};
   if (m == 0 || n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "dense_partition_cpu", [&] {
-    const DenseGroups g = plan_dense_groups<scalar_t>(m, n);
-    out[1 + transposed] = g.row_groups;
-    out[2 - transposed] = g.col_groups;
-    out[3] = g.row_groups * g.col_groups;
-    for (int64_t task = 0; task < out[3]; ++task) {
-      const TaskCells c = task_cells<scalar_t>(m, g, task);
-      const int64_t rows[2] = {c.i0, c.i1}, cols[2] = {c.j0, std::min(c.j1, n)};
-      const int64_t* first = transposed ? cols : rows;
-      const int64_t* second = transposed ? rows : cols;
-      out.insert(out.end(), {first[0], first[1], second[0], second[1]});
+    const DensePlan plan = plan_dense<scalar_t>(m, n, P.size(0));
+    const int64_t G = plan.groups, row_groups = plan.lanes * G;
+    out[1] = static_cast<int64_t>(plan.path);
+    out[2 + transposed] = row_groups;
+    out[3 - transposed] = G;
+    out[4] = row_groups * G;
+    out[5] = row_groups;  // units that can run at once: one per row group
+    for (int64_t a = 0; a < row_groups; ++a) {
+      for (int64_t b = 0; b < G; ++b) {
+        const TaskCells c = task_cells<scalar_t>(m, plan, a, b);
+        const int64_t rows[2] = {c.i0, c.i1}, cols[2] = {c.j0, std::min(c.j1, n)};
+        const int64_t* first = transposed ? cols : rows;
+        const int64_t* second = transposed ? rows : cols;
+        out.insert(out.end(), {first[0], first[1], second[0], second[1]});
+      }
     }
   });
   return out;

@@ -1,0 +1,105 @@
+// The tiled unit of the dense CPU kernel (csrc/cpu/masked_mf_loss.cpp), for ranks where the op
+// is bound by arithmetic: each tile of R (at most kTiledRows × kTiledCols cells) goes through
+// three single-threaded GEMMs and one elementwise pass, all in cache:
+//   S   = P_Iᵀ Q_J                    (the prediction tile, written into the tile buffer)
+//   E   = (R_IJ − S) · observed_IJ     (in place; the loss, the count and grad_R = 2E from it)
+//   dP_I += −2 Q_J E_IJᵀ,  dQ_J += −2 P_I E_IJ   (straight into grad_P and grad_Q)
+// Every operand is a view of P, Q (contiguous), the caller's tile buffer or the gradients, so a
+// unit needs no memory besides its tile buffer.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "blas.h"
+#include "simd.h"
+
+namespace mf_ext {
+
+constexpr int64_t kTiledRows = 128;  // a tile buffer: 128 × 256 values (128 KiB float32)
+constexpr int64_t kTiledCols = 256;
+
+// R (m, n) with any strides, P (r, m) and Q (r, n) contiguous, gradients contiguous (nullptr:
+// not wanted), each unit (rows [i0, i1), columns [j0, j1)) adds its part of −2·dP, −2·dQ.
+template <typename T>
+struct TiledProblem {
+  int64_t m, n, r;
+  const T* R;
+  int64_t R_s0, R_s1;
+  const bool* mask;  // nullptr: observed where R != 0
+  int64_t M_s0, M_s1;
+  T* grad_R;  // nullptr: not wanted
+  int64_t G_s0, G_s1;
+  const T* P;
+  const T* Q;
+  T* dP;  // (r, m) or nullptr
+  T* dQ;  // (r, n) or nullptr
+};
+
+// E (rows × cols, row-major) holds S on entry and the masked error on exit; returns through
+// loss / count. Masks are multiplied in (not selected), as the reference does: NaN/Inf
+// propagate alike.
+template <typename T>
+MF_EXT_INLINE void error_tile(const TiledProblem<T>& pb, int64_t ti, int64_t tj, int64_t rows,
+                              int64_t cols, T* E, double& loss, int64_t& count) {
+  using V = typename simd::Vec<T>::type;
+  constexpr int W = simd::Vec<T>::width;
+  const V zero = simd::broadcast<T>(0), one = simd::broadcast<T>(1), two = simd::broadcast<T>(2);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* R_row = pb.R + (ti + i) * pb.R_s0 + tj * pb.R_s1;
+    const bool* M_row = pb.mask ? pb.mask + (ti + i) * pb.M_s0 + tj * pb.M_s1 : nullptr;
+    T* G_row = pb.grad_R ? pb.grad_R + (ti + i) * pb.G_s0 + tj * pb.G_s1 : nullptr;
+    T* e_row = E + i * cols;
+    V loss_v = zero, count_v = zero;
+    int64_t j = 0;
+    if (pb.R_s1 == 1 && (!M_row || pb.M_s1 == 1)) {
+      for (; j + W <= cols; j += W) {
+        const V rv = simd::load(R_row + j);
+        const V observed = M_row ? simd::load_mask<T>(M_row + j) : (rv != zero ? one : zero);
+        const V e = (rv - simd::load(e_row + j)) * observed;
+        simd::store(e_row + j, e);
+        loss_v += e * e;
+        count_v += observed;
+        if (G_row) {
+          if (pb.G_s1 == 1) {
+            simd::store(G_row + j, two * e);
+          } else {
+            for (int l = 0; l < W; ++l) G_row[(j + l) * pb.G_s1] = 2 * e[l];
+          }
+        }
+      }
+    }
+    T loss_s = 0, count_s = 0;
+    for (; j < cols; ++j) {  // strided rows and the tail
+      const T rv = R_row[j * pb.R_s1];
+      const T observed = M_row ? static_cast<T>(M_row[j * pb.M_s1]) : static_cast<T>(rv != 0);
+      const T e = (rv - e_row[j]) * observed;
+      e_row[j] = e;
+      loss_s += e * e;
+      count_s += observed;
+      if (G_row) G_row[j * pb.G_s1] = 2 * e;
+    }
+    loss += static_cast<double>(simd::sum_lanes<T>(loss_v)) + static_cast<double>(loss_s);
+    count += static_cast<int64_t>(simd::sum_lanes<T>(count_v)) + static_cast<int64_t>(count_s);
+  }
+}
+
+// One unit: rows [i0, i1) × columns [j0, j1), tile by tile. E: a kTiledRows × kTiledCols buffer.
+template <typename T>
+MF_EXT_INLINE void run_tiled_unit(const TiledProblem<T>& pb, int64_t i0, int64_t i1, int64_t j0,
+                                  int64_t j1, T* E, double& loss, int64_t& count) {
+  const int64_t m = pb.m, n = pb.n, r = pb.r;
+  for (int64_t ti = i0; ti < i1; ti += kTiledRows) {
+    const int64_t rows = std::min(kTiledRows, i1 - ti);
+    for (int64_t tj = j0; tj < j1; tj += kTiledCols) {
+      const int64_t cols = std::min(kTiledCols, j1 - tj);
+      // Column-major views: E is (cols × rows, ld cols), P (m × r, ld m), Q (n × r, ld n).
+      blas::gemm<T>('N', 'T', cols, rows, r, 1, pb.Q + tj, n, pb.P + ti, m, 0, E, cols);
+      error_tile(pb, ti, tj, rows, cols, E, loss, count);
+      if (pb.dP) blas::gemm<T>('T', 'N', rows, r, cols, -2, E, cols, pb.Q + tj, n, 1, pb.dP + ti, m);
+      if (pb.dQ) blas::gemm<T>('N', 'N', cols, r, rows, -2, E, cols, pb.P + ti, m, 1, pb.dQ + tj, n);
+    }
+  }
+}
+
+}  // namespace mf_ext
