@@ -48,13 +48,14 @@ def test_concurrent_calls_match_single_threaded(cases):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("op,args", [  # the maximal 4 x 4 task grid, odd so tails are exercised
+@pytest.mark.parametrize("op,args", [  # odd shapes, so that tails are exercised
     (masked_mf_loss, lambda dtype: random_problem(301, 1203, 7, dtype, mask=True)),
     (masked_mf_loss, lambda dtype: random_problem(301, 1203, 7, dtype)),
     (observed_mf_loss, lambda dtype: random_triples(30, 20, 64, 40000, dtype, biases=True,
                                                     weights=True)),
     (observed_mf_loss, lambda dtype: random_triples(301, 97, 13, 70001, dtype, biases=True,
-                                                    weights=True))], ids=str)
+                                                    weights=True))],
+    ids=["masked-mask", "masked-nonzero", "observed-hot-rows", "observed-odd"])
 def test_bitwise_deterministic_across_thread_counts(op, args, dtype):
     args = args(dtype)
     runs = []
