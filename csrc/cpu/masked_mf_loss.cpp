@@ -398,6 +398,26 @@ inline LossAndScale total(const std::vector<TaskResult>& results, Reduction redu
   return {loss * scale, scale};
 }
 
+// R, the mask and grad_R as raw pointers and strides, for either path's problem struct (both
+// name these fields alike).
+template <typename T, typename Problem>
+void set_matrix_pointers(Problem& pb, const at::Tensor& R, const std::optional<at::Tensor>& mask,
+                         const at::Tensor& grad_R) {
+  pb.R = R.const_data_ptr<T>();
+  pb.R_s0 = R.stride(0);
+  pb.R_s1 = R.stride(1);
+  if (mask.has_value()) {
+    pb.mask = mask->const_data_ptr<bool>();
+    pb.M_s0 = mask->stride(0);
+    pb.M_s1 = mask->stride(1);
+  }
+  if (grad_R.defined()) {
+    pb.grad_R = grad_R.mutable_data_ptr<T>();
+    pb.G_s0 = grad_R.stride(0);
+    pb.G_s1 = grad_R.stride(1);
+  }
+}
+
 template <typename T>
 double rowwise_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
                     const std::optional<at::Tensor>& mask, Reduction reduction,
@@ -414,19 +434,7 @@ double rowwise_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& 
   pb.n = n;
   pb.n_pad = n_pad;
   pb.r = r;
-  pb.R = R.const_data_ptr<T>();
-  pb.R_s0 = R.stride(0);
-  pb.R_s1 = R.stride(1);
-  if (mask.has_value()) {
-    pb.mask = mask->const_data_ptr<bool>();
-    pb.M_s0 = mask->stride(0);
-    pb.M_s1 = mask->stride(1);
-  }
-  if (grad_R.defined()) {
-    pb.grad_R = grad_R.mutable_data_ptr<T>();
-    pb.G_s0 = grad_R.stride(0);
-    pb.G_s1 = grad_R.stride(1);
-  }
+  set_matrix_pointers<T>(pb, R, mask, grad_R);
   pb.P = P_c.const_data_ptr<T>();
   pb.Q = Q_pad.const_data_ptr<T>();
   pb.groups = plan.groups;
@@ -470,19 +478,7 @@ double tiled_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
   pb.m = m;
   pb.n = n;
   pb.r = r;
-  pb.R = R.const_data_ptr<T>();
-  pb.R_s0 = R.stride(0);
-  pb.R_s1 = R.stride(1);
-  if (mask.has_value()) {
-    pb.mask = mask->const_data_ptr<bool>();
-    pb.M_s0 = mask->stride(0);
-    pb.M_s1 = mask->stride(1);
-  }
-  if (grad_R.defined()) {
-    pb.grad_R = grad_R.mutable_data_ptr<T>();
-    pb.G_s0 = grad_R.stride(0);
-    pb.G_s1 = grad_R.stride(1);
-  }
+  set_matrix_pointers<T>(pb, R, mask, grad_R);
   pb.P = P_c.const_data_ptr<T>();
   pb.Q = Q_c.const_data_ptr<T>();
   if (grad_P.defined() && r > 0) pb.dP = grad_P.mutable_data_ptr<T>();  // zeroed, contiguous
