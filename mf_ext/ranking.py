@@ -73,7 +73,7 @@ class TopN:
         if short.any():
             row = int(np.flatnonzero(short)[0])
             left = int((items[row] >= 0).sum())
-            raise ValueError(f"{who}: user {np.asarray(users)[row]!r} has only {left} unseen "
+            raise ValueError(f"{who}: user {_plain(np.asarray(users)[row])!r} has only {left} unseen "
                              f"items, fewer than k = {k}; ask for fewer")
         return self.item_map.raw(items), scores
 
@@ -105,7 +105,7 @@ class TopN:
         if not known.all():
             unknown = raw[~known]
             warnings.warn(f"{who}: ignoring {len(unknown)} item(s) the model does not know, "
-                          f"e.g. {unknown[0]!r}", UserWarning, stacklevel=2)
+                          f"e.g. {_plain(unknown[0])!r}", UserWarning, stacklevel=2)
         index = index[known]
         vector, offset = self._fold_in(index, None if values is None else values[known])
         _, item_vectors, _, item_offset = self._score_parts()
@@ -135,7 +135,7 @@ class TopN:
         if (index < 0).any():
             bad = np.flatnonzero(index < 0)
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise KeyError(f"{who}: unknown user {raw[bad[0]]!r}{more}")
+            raise KeyError(f"{who}: unknown user {_plain(raw[bad[0]])!r}{more}")
         return index
 
     def _chunk_rows(self) -> int:
@@ -161,7 +161,7 @@ class TopN:
                 if torch.isnan(scores).any():
                     row = int(torch.isnan(scores).any(1).nonzero()[0, 0])
                     raise ValueError(f"{self._who}: the model's scores for user "
-                                     f"{self.user_map.raw(chunk[row])!r} are NaN")
+                                     f"{_plain(self.user_map.raw(chunk[row]))!r} are NaN")
                 if exclude_seen:
                     seen_rows, seen_items = self._seen_pairs(chunk)
                     scores[torch.as_tensor(seen_rows, device=device),
@@ -218,6 +218,11 @@ def top_k(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     values = scores.gather(1, index)
     order = values.sort(dim=1, descending=True, stable=True).indices
     return values.gather(1, order), index.gather(1, order)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value (for messages: 'u1', not np.str_('u1'))."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _float_array(who: str, name: str, values: Any) -> np.ndarray:
