@@ -33,6 +33,7 @@ import torch
 
 from mf_ext.checks import SEED, Number, check_int
 from mf_ext.data import Ratings, as_ratings
+from mf_ext.ranking import _plain
 
 METRICS = ("recall", "ndcg", "precision", "map", "auc")
 _OPEN_FRACTION = Number("a number in (0, 1)", lambda x: 0 < x < 1)
@@ -228,7 +229,7 @@ def _relevance(who: str, model: Any, test: Any) -> Tuple[np.ndarray, np.ndarray,
     if unknown_users.any():
         warnings.warn(f"{who}: skipping {len(np.unique(test_users[unknown_users]))} test "
                       f"user(s) the model does not know, e.g. "
-                      f"{test_users[unknown_users][0]!r}", UserWarning, stacklevel=3)
+                      f"{_plain(test_users[unknown_users][0])!r}", UserWarning, stacklevel=3)
     known = (user_index >= 0) & (item_index >= 0)
     keys = np.unique(user_index[known] * n + item_index[known])
     counts = np.diff(model._rated_indptr)
@@ -280,7 +281,7 @@ def _model_auc(model: Any, users: np.ndarray, relevant_keys: np.ndarray) -> np.n
         excluded = torch.isneginf(scores).sum(1, keepdim=True)  # training items, first
         left = torch.searchsorted(ordered, padded, side="left")
         equal = torch.searchsorted(ordered, padded, side="right") - left  # itself included
-        midrank = torch.where(padded.isinf(), 0, left - excluded + (equal + 1) / 2)
+        midrank = torch.where(padded.isinf(), 0, (left - excluded + (equal + 1) / 2).double())
         candidates = n - excluded[:, 0]
         negatives = candidates - positives
         u_statistic = midrank.sum(1) - positives * (positives + 1) / 2
