@@ -312,25 +312,28 @@ class MatrixFactorization(TopN, Estimator):
         over the user's c ratings (c = n_u, α = bias_count_exponent), i.e. the ridge system
             (Z Zᵀ + diag(reg·c, …, reg·c, bias_reg·c^α)) [p; b] = Z y,   Z = [q_i; 1] (r+1, c).
         At the fit's optimum a training user's (p_u, b_u) solves the same system. Solved in
-        float64 on the CPU (r+1 unknowns); least squares where it is singular (reg = 0)."""
+        numpy float64 on the CPU (r+1 unknowns: torch's thread pool costs more than the solve
+        here); by least squares (the minimum-norm solution) when reg or bias_reg is 0, where
+        the system may be singular."""
         if values is None:
             raise ValueError(f"{self._who}.recommend_new: values (the user's ratings) are "
                              f"needed by the explicit model")
         rank, count = self.P.shape[0], len(item_index)
         if count == 0:
             return torch.zeros(rank, dtype=self.dtype, device=self.device), 0.0
-        index = torch.as_tensor(item_index)
-        Z = torch.ones(rank + 1, count, dtype=torch.float64)
-        Z[:rank] = self.Q.detach()[:, index.to(self.device)].cpu().double()
-        y = (torch.as_tensor(values, dtype=torch.float64) - self.global_mean
-             - self.item_bias.detach()[index.to(self.device)].cpu().double())
-        ridge = torch.full((rank + 1,), self.reg * count, dtype=torch.float64)
-        ridge[rank] = self.bias_reg * count ** self.bias_count_exponent
-        A = Z @ Z.T + torch.diag(ridge)
-        solution, info = torch.linalg.solve_ex(A, Z @ y)
-        if info != 0 or not torch.isfinite(solution).all():
-            solution = torch.linalg.lstsq(A, (Z @ y)[:, None], driver="gelsd").solution[:, 0]
-        return solution[:rank].to(self.device, self.dtype), float(solution[rank])
+        index = torch.as_tensor(item_index, device=self.device)
+        Z = np.ones((rank + 1, count))
+        Z[:rank] = self.Q.detach()[:, index].cpu().double().numpy()
+        y = values - self.global_mean - self.item_bias.detach()[index].cpu().double().numpy()
+        A, rhs = Z @ Z.T, Z @ y
+        A[np.arange(rank), np.arange(rank)] += self.reg * count
+        A[rank, rank] += self.bias_reg * count ** self.bias_count_exponent
+        if self.reg > 0 and self.bias_reg > 0:  # positive definite
+            solution = np.linalg.solve(A, rhs)
+        else:
+            solution = np.linalg.lstsq(A, rhs, rcond=None)[0]
+        return (torch.as_tensor(solution[:rank], dtype=self.dtype, device=self.device),
+                float(solution[rank]))
 
     # ------------------------------------------------------------------ persistence
 

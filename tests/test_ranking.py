@@ -209,6 +209,21 @@ def test_recommend_new_is_the_ridge_fold_in(model):
     np.testing.assert_allclose(scores, np.clip(dense[want], *model.rating_range), rtol=1e-12)
 
 
+def test_fold_in_without_penalty_is_the_minimum_norm_solution(model):
+    # reg = bias_reg = 0 and 2 ratings for r + 1 = 4 unknowns: a singular system, whose
+    # minimum-norm least-squares solution is pinv(Zᵀ) y
+    index, values = np.array([3, 8]), np.array([4.0, 2.0])
+    Z = np.vstack([model.Q.numpy()[:, index], np.ones(2)])
+    want = np.linalg.pinv(Z.T) @ (values - model.global_mean - model.item_bias.numpy()[index])
+    reg, bias_reg = model.reg, model.bias_reg
+    try:
+        model.reg = model.bias_reg = 0.0
+        p, b = model._fold_in(index, values)
+    finally:
+        model.reg, model.bias_reg = reg, bias_reg
+    np.testing.assert_allclose(np.r_[p.numpy(), b], want, rtol=1e-9, atol=1e-12)
+
+
 def test_fold_in_recovers_a_training_users_own_vector(model, data):
     # At the fit's optimum each user's (p_u, b_u) minimizes the same ridge problem that the
     # fold-in solves, given that user's ratings and the fitted item side.
