@@ -33,7 +33,7 @@ import torch
 
 from mf_ext.checks import SEED, Number, check_int
 from mf_ext.data import Ratings, as_ratings
-from mf_ext.ranking import _plain
+from mf_ext.ranking import TopN, _plain
 
 METRICS = ("recall", "ndcg", "precision", "map", "auc")
 _OPEN_FRACTION = Number("a number in (0, 1)", lambda x: 0 < x < 1)
@@ -186,6 +186,9 @@ def evaluate_ranking(model: Any, test: Any, k: int = 10,
     `metrics` asked (names from METRICS), plus "users" (users evaluated) and, with AUC,
     "auc_users" (those with a relevant known item and a non-relevant candidate)."""
     who = "mf_ext.metrics.evaluate_ranking"
+    if not isinstance(model, TopN):
+        raise TypeError(f"{who}: model must be an mf_ext model with top-N recommendation "
+                        f"(mf_ext.ranking.TopN), got {type(model).__name__}")
     model._check_fitted()
     n_items = len(model.item_map)
     k = check_int(who, "k", k, 1, n_items)

@@ -221,6 +221,9 @@ def test_evaluate_ranking_bad_input():
         evaluate_ranking(model, (users[:3], items[:2]))
     with pytest.raises(RuntimeError, match="call fit"):
         evaluate_ranking(MatrixFactorization(), test)
+    with pytest.raises(TypeError, match=r"model must be an mf_ext model with top-N "
+                                        r"recommendation \(mf_ext.ranking.TopN\), got dict"):
+        evaluate_ranking({}, test)
     with pytest.warns(UserWarning, match="skipping 1 test user"):
         with pytest.raises(ValueError, match="no test user the model knows has a test item "
                                              "outside its training items"):
