@@ -292,3 +292,13 @@ def test_cuda_model_ranks_like_the_cpu_model(model, data):
     item_ids = model.item_map.ids[[1, 4]]
     np.testing.assert_array_equal(on_gpu.recommend_new(item_ids, [5.0, 1.0], k=5)[0],
                                   model.recommend_new(item_ids, [5.0, 1.0], k=5)[0])
+
+
+@pytest.mark.parametrize("count", [10, 600])  # einsum's loop below ~2M multiply-adds, BLAS above
+def test_fold_in_products_either_way(count):
+    from mf_ext.model import _small_products
+    rng = np.random.default_rng(count)
+    Z, y = rng.normal(size=(65, count)), rng.normal(size=count)
+    A, rhs = _small_products(Z, y)
+    np.testing.assert_allclose(A, Z @ Z.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rhs, Z @ y, rtol=1e-12, atol=1e-12)
