@@ -95,7 +95,8 @@ def main() -> None:
 
     ms = 1000.0
     lines = [
-        f"Machine: {machine_line()} (shared with other jobs: noisy)",
+        f"Machine: {machine_line()} (shared with other jobs: noisy; load average "
+        f"{os.getloadavg()[0]:.1f} at the end)",
         f"Data: {os.path.basename(args.data)}, leave_out_split 20% seed 0: {m:,} users × "
         f"{n:,} items, {len(train):,} training ratings ({ratings_per_user:.0f} per user), "
         f"{len(test):,} test; MatrixFactorization(epochs={args.epochs}) defaults otherwise "

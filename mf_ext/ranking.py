@@ -73,8 +73,8 @@ class TopN:
         if short.any():
             row = int(np.flatnonzero(short)[0])
             left = int((items[row] >= 0).sum())
-            raise ValueError(f"{who}: user {_plain(np.asarray(users)[row])!r} has only {left} unseen "
-                             f"items, fewer than k = {k}; ask for fewer")
+            raise ValueError(f"{who}: user {_plain(np.asarray(users)[row])!r} has only "
+                             f"{left} unseen items, fewer than k = {k}; ask for fewer")
         return self.item_map.raw(items), scores
 
     def recommend_new(self, items: Any, values: Any = None, k: int = 10

@@ -173,7 +173,8 @@ def test_recommend_batch_bad_input(model, data):
     broken.__dict__.update(model.__dict__)
     broken.P = model.P.clone()
     broken.P[:, 1] = math.nan
-    with pytest.raises(ValueError, match=rf"scores for user {model.user_map.ids[1].item()!r} are NaN"):
+    who = model.user_map.ids[1].item()
+    with pytest.raises(ValueError, match=rf"scores for user {who!r} are NaN"):
         broken.recommend_batch(model.user_map.ids)
 
 
