@@ -261,26 +261,23 @@ class MatrixFactorization(TopN, Estimator):
 
     def recommend(self, user: Any, k: int = 10, exclude: Any = None) -> list:
         """The k items with the highest predicted rating for `user` that it has not rated in
-        training (nor in `exclude`), as [(item id, predicted rating), …], best first."""
+        training (nor in `exclude`), as [(item id, predicted rating), …], best first (fewer
+        when fewer are left). Ranked as recommend_batch ranks: by the unclipped prediction,
+        equal ones by item id; the ratings are reported as predict() gives them."""
         self._check_fitted()
         k = check_int(self._who, "k", k, 1)
         index = int(self.user_map.index(np.asarray([user]))[0])
         if index < 0:
             raise KeyError(f"mf_ext.MatrixFactorization.recommend: unknown user {user!r}")
-        with torch.no_grad():
-            scores = (self.global_mean + self.user_bias[index] + self.item_bias
-                      + self.P[:, index] @ self.Q)
-            if self.clip:
-                scores = scores.clamp(*self.rating_range)
-            scores = scores.cpu().double()
-        scores[torch.as_tensor(self._rated_items(index))] = -math.inf
+        _, scores = next(self._score_chunks(np.array([index]), exclude_seen=True))
         if exclude is not None:
             ex = self.item_map.index(np.asarray(exclude))
-            scores[torch.as_tensor(ex[ex >= 0])] = -math.inf
+            scores[0, torch.as_tensor(ex[ex >= 0], device=scores.device)] = -math.inf
         k = min(k, int(torch.isfinite(scores).sum()))
-        top = torch.topk(scores, k)
-        return [(self.item_map.raw(int(j)).item(), float(s))
-                for s, j in zip(top.values, top.indices)]
+        if k == 0:
+            return []
+        items, ratings = self._finish(scores, k)
+        return [(self.item_map.raw(j).item(), float(s)) for j, s in zip(items[0], ratings[0])]
 
     def _set_rated(self, user_index: np.ndarray, item_index: np.ndarray, m: int) -> None:
         """What each user rated, as CSR arrays (for recommend to skip)."""
@@ -288,10 +285,6 @@ class MatrixFactorization(TopN, Estimator):
         self._rated_indptr = np.concatenate(
             [[0], np.cumsum(np.bincount(user_index, minlength=m))]).astype(np.int64)
         self._rated_indices = item_index[order].astype(np.int64)
-
-    def _rated_items(self, user_index: int) -> np.ndarray:
-        start, end = self._rated_indptr[user_index], self._rated_indptr[user_index + 1]
-        return self._rated_indices[start:end]
 
     # ------------------------------------------------------------------ top-N (mf_ext.ranking)
 

@@ -146,27 +146,31 @@ class TopN:
         """(start, scores) for consecutive chunks of `user_index`: scores (c, n) are the ranking
         scores of users user_index[start:start + c], -inf at their training items when
         `exclude_seen`. Raises ValueError for NaN scores (a diverged model)."""
-        user_vectors, item_vectors, user_offset, item_offset = self._score_parts()
-        device = item_vectors.device
+        parts = self._score_parts()
         rows = self._chunk_rows()
-        with torch.no_grad():
-            for start in range(0, len(user_index), rows):
-                chunk = user_index[start:start + rows]
-                u = torch.as_tensor(chunk, device=device)
-                scores = user_vectors[:, u].T @ item_vectors
-                if user_offset is not None:
-                    scores += user_offset[u, None]
-                if item_offset is not None:
-                    scores += item_offset
-                if torch.isnan(scores).any():
-                    row = int(torch.isnan(scores).any(1).nonzero()[0, 0])
-                    raise ValueError(f"{self._who}: the model's scores for user "
-                                     f"{_plain(self.user_map.raw(chunk[row]))!r} are NaN")
-                if exclude_seen:
-                    seen_rows, seen_items = self._seen_pairs(chunk)
-                    scores[torch.as_tensor(seen_rows, device=device),
-                           torch.as_tensor(seen_items, device=device)] = -math.inf
-                yield start, scores
+        for start in range(0, len(user_index), rows):
+            yield start, self._chunk_scores(user_index[start:start + rows], parts, exclude_seen)
+
+    @torch.no_grad()  # not around the yield above: that would leave grad off in the caller
+    def _chunk_scores(self, chunk: np.ndarray, parts: ScoreParts, exclude_seen: bool
+                      ) -> torch.Tensor:
+        user_vectors, item_vectors, user_offset, item_offset = parts
+        device = item_vectors.device
+        u = torch.as_tensor(chunk, device=device)
+        scores = user_vectors[:, u].T @ item_vectors
+        if user_offset is not None:
+            scores += user_offset[u, None]
+        if item_offset is not None:
+            scores += item_offset
+        if torch.isnan(scores).any():
+            row = int(torch.isnan(scores).any(1).nonzero()[0, 0])
+            raise ValueError(f"{self._who}: the model's scores for user "
+                             f"{_plain(self.user_map.raw(chunk[row]))!r} are NaN")
+        if exclude_seen:
+            seen_rows, seen_items = self._seen_pairs(chunk)
+            scores[torch.as_tensor(seen_rows, device=device),
+                   torch.as_tensor(seen_items, device=device)] = -math.inf
+        return scores
 
     def _seen_pairs(self, user_index: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(row in user_index, item index) of every training item of those users."""

@@ -107,6 +107,19 @@ def test_clipping_ties_are_ranked_by_the_unclipped_prediction(data):
     got_items, got_scores = model.recommend_batch([user], k=3)
     np.testing.assert_array_equal(got_items[0], model.item_map.raw([4, 13, 9]))
     np.testing.assert_array_equal(got_scores[0], [top] * 3)  # reported clipped, as predict
+    assert model.recommend(user, k=3) == [(item, top) for item in model.item_map.raw([4, 13, 9])]
+    # recommend's `exclude`, and fewer than k left
+    assert [item for item, _ in model.recommend(user, k=2, exclude=model.item_map.raw([13]))] \
+        == list(model.item_map.raw([4, 9]))
+    n = len(model.item_map)
+    assert len(model.recommend(user, k=n + 5, exclude=model.item_map.raw([1, 2]))) == n - 2
+    assert model.recommend(user, k=3, exclude=model.item_map.ids) == []
+
+
+def test_scoring_leaves_grad_mode_alone(model):
+    chunks = model._score_chunks(np.arange(3), exclude_seen=True)
+    next(chunks)  # a generator left suspended
+    assert torch.is_grad_enabled()
 
 
 def test_ties_come_in_item_order(model, data):
