@@ -67,6 +67,8 @@ class TopN:
         self._check_fitted()
         who = f"{self._who}.recommend_batch"
         k = check_int(who, "k", k, 1, len(self.item_map))
+        if not isinstance(exclude_seen, (bool, np.bool_)):
+            raise TypeError(f"{who}: exclude_seen must be True or False, got {exclude_seen!r}")
         index = self._user_indices(users, who)
         items, scores = self._top_k_indices(index, k, exclude_seen)
         short = (items < 0).any(axis=1)

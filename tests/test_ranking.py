@@ -177,6 +177,8 @@ def test_recommend_batch_bad_input(model, data):
         model.recommend_batch([user], k=n + 1)
     with pytest.raises(TypeError, match=r"k must be an integer, got 2.5"):
         model.recommend_batch([user], k=2.5)
+    with pytest.raises(TypeError, match=r"exclude_seen must be True or False, got 'no'"):
+        model.recommend_batch([user], exclude_seen="no")
     with pytest.raises(ValueError, match=r"users must be a 1-D array-like of user ids, got "
                                          r"shape \[\]"):
         model.recommend_batch(user)
