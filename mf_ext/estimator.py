@@ -71,11 +71,11 @@ class Estimator:
         else:
             object.__setattr__(self, name, value)
 
-    def _check_fitted(self) -> None:
-        """For the methods that need the whole model: fitted or loaded, and not a shard."""
+    def _check_fitted(self, whole: bool = True) -> None:
+        """Fitted or loaded; and, if `whole`, not a shard (the methods that need every row)."""
         if not self._fitted:
             raise RuntimeError(f"{self._who}: call fit() (or load()) first")
-        if self.shard is not None:
+        if whole and self.shard is not None:
             raise RuntimeError(f"{self._who}: this model holds only rank {self.shard.rank} of "
                                f"{self.shard.world_size}'s rows of the factors (shard_factors="
                                f"True); save() it on every rank and load() the file to predict "
@@ -143,8 +143,7 @@ class Estimator:
         so an interrupted save never leaves a broken file. A model fitted with
         shard_factors=True is saved by all ranks together (a collective): a file per rank and a
         manifest at `path`, which load() reads as one model (mf_ext/shard_files.py)."""
-        if not self._fitted:
-            self._check_fitted()
+        self._check_fitted(whole=False)
         state = {"format_version": self.FORMAT_VERSION, "config": self.config.saved(),
                  "dtype": str(self.dtype).replace("torch.", ""), **self._state(),
                  "history": [{k: _plain(v) for k, v in vars(h).items()} for h in self.history]}

@@ -288,11 +288,9 @@ class ShardedFactors(DataParallel):
 
     def _exchange_counts(self, counts: List[int], what: str) -> List[int]:
         """How many rows each rank will send to this one, given how many this one sends each."""
-        send = torch.as_tensor(counts, dtype=torch.int64, device=self.comm_device)
-        out = torch.empty_like(send)
-        with self._collective(f"{what} count all-to-all"):
-            dist.all_to_all_single(out, send)
-        return out.tolist()
+        ones = [1] * self.world_size
+        send = torch.as_tensor(counts, dtype=torch.int64).reshape(-1, 1)
+        return self._all_to_all(send, ones, ones, f"{what} count").reshape(-1).tolist()
 
     def _all_to_all(self, send: torch.Tensor, send_counts: List[int], receive_counts: List[int],
                     what: str) -> torch.Tensor:
