@@ -377,5 +377,5 @@ def init_from_environment(device: str, timeout_s: float = 1800.0) -> torch.devic
     return target
 
 
-__all__ = ["shard_ratings", "draw_normal", "data_parallel", "training_group", "TrainingGroup", "SingleProcess",
-           "DataParallel", "launched_by_torchrun", "init_from_environment"]
+__all__ = ["shard_ratings", "draw_normal", "data_parallel", "training_group", "TrainingGroup",
+           "SingleProcess", "DataParallel", "launched_by_torchrun", "init_from_environment"]
