@@ -46,6 +46,10 @@ def save_shards(state: Dict[str, Any], path: str, shard, layout: Dict[str, Tuple
     ShardInfo; `fit`: what must be equal on all ranks for the shards to be of one model (the
     fit's epochs and best epoch). A collective; raises on every rank when any rank failed."""
     rank, world = shard.rank, shard.world_size
+    if not (dist.is_available() and dist.is_initialized()) or (
+            dist.get_rank(), dist.get_world_size()) != (rank, world):
+        raise RuntimeError(f"{who}: this model holds rank {rank} of {world}'s rows: all {world} "
+                           f"ranks of the process group it was fitted in must save it together")
     token = _agree(secrets.token_hex(4), who, "shard-save token")[0]  # rank 0's, for all
     folder, base = os.path.split(os.path.abspath(path))
     names = [f"{base}.{token}.shard{k}-of-{world}" for k in range(world)]

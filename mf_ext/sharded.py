@@ -99,9 +99,6 @@ class _Owned:
     items: torch.Tensor
     ratings: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.ratings)
-
 
 class ShardedFactors(DataParallel):
     """The collectives of a fit with row-sharded factors (module docstring). Every method is a

@@ -230,6 +230,17 @@ def test_one_rank_equals_the_plain_fit_and_saves_a_manifest(group_of_one, tmp_pa
     os.unlink(str(tmp_path / [f for f in second if ".shard0-of-1" in f][0]))
     with pytest.raises(ValueError, match=r"is a sharded model whose shard file .* is missing"):
         MatrixFactorization.load(path)
+    # a validation set with users and items the model does not know
+    validation = Ratings(*synthetic(m=70, n=45, seed=5))
+    settings = dict(FLOAT64, epochs=8)
+    ref = MatrixFactorization(**settings).fit(data, validation=validation, distributed=False)
+    got = MatrixFactorization(shard_factors=True, **settings).fit(data, validation=validation)
+    np.testing.assert_allclose([h.val_rmse for h in got.history],
+                               [h.val_rmse for h in ref.history], rtol=1e-12)
+    dist.destroy_process_group()
+    with pytest.raises(RuntimeError, match=r"all 1 ranks of the process group it was fitted in "
+                                           r"must save it together"):
+        got.save(path)
 
 
 def test_the_cli_under_a_one_process_torchrun(group_of_one, tmp_path, monkeypatch, capsys):
