@@ -104,6 +104,49 @@ def scenarios_of_three(rank: int, world: int, out_dir: str) -> dict:
     return out
 
 
+def cli_ratings(path: str) -> None:
+    rng = np.random.default_rng(0)
+    lines = [f"{u}\t{i}\t{rng.integers(1, 6)}\t0" for u in range(1, 41)
+             for i in rng.choice(np.arange(1, 31), size=12, replace=False)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def cli_under_torchrun(rank: int, world: int, out_dir: str) -> str:
+    """`mf-ext fit --shard-factors` as torchrun would start it on each rank (the rendezvous
+    from RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT); returns what it printed."""
+    import contextlib
+    import io
+    import socket
+
+    from mf_ext.cli import main as cli
+
+    port_file = os.path.join(out_dir, "cli-port")
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with open(port_file + ".tmp", "w") as f:
+            f.write(str(port))
+        os.replace(port_file + ".tmp", port_file)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(port_file) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(port_file) as f:
+        port = f.read()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    ratings = os.path.join(out_dir, f"cli-ratings-{rank}.data")  # the same file on every rank
+    cli_ratings(ratings)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = cli(["fit", ratings, "--shard-factors", "--epochs", "4", "--rank", "4",
+                      "--no-progress", "--out", os.path.join(out_dir, "cli.pt")])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        del os.environ[name]
+    return f"exit {status}\n{printed.getvalue()}"
+
+
 def scenarios_of_two(rank: int, world: int, out_dir: str) -> dict:
     from mf_ext import Ratings
     from mf_ext.distributed import shard_ratings
@@ -140,6 +183,7 @@ def main() -> int:
         join(prefix, rank, 3)
         results[3] = scenarios_of_three(rank, 3, out_dir)
         dist.destroy_process_group()
+        results[3]["cli"] = cli_under_torchrun(rank, 3, out_dir)  # it makes its own group
         if rank < 2:
             join(prefix, rank, 2)
             results[2] = scenarios_of_two(rank, 2, out_dir)

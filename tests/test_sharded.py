@@ -168,6 +168,24 @@ def test_evaluate_save_load_predict_and_recommend(ranks):
         assert sorted(loaded._rated_items(u)) == sorted(ref._rated_items(u))
 
 
+def test_the_cli_under_torchrun_with_three_processes(ranks, tmp_path):
+    from mf_ext import load_ratings, train_test_split
+    from sharded_worker import cli_ratings
+
+    results, folder = ranks
+    printed = [g["cli"] for g in results[3]]
+    assert all(p.startswith("exit 0\n") for p in printed), printed
+    assert "test RMSE" in printed[0] and "(a manifest of 3 shard files)" in printed[0]
+    assert printed[1] == printed[2] == "exit 0\n"  # only rank 0 prints
+    cli_ratings(str(tmp_path / "u.data"))
+    train, test = train_test_split(load_ratings(str(tmp_path / "u.data")), 0.2, seed=0)
+    ref = MatrixFactorization(rank=4, epochs=4, seed=0).fit(train)
+    rmse = float(printed[0].split("test RMSE ")[1].split()[0])
+    assert rmse == pytest.approx(ref.evaluate(test)["rmse"], abs=1e-4)
+    loaded = MatrixFactorization.load(str(folder / "cli.pt"))
+    assert_rows_equal([{name: getattr(loaded, name) for name in ROWS}], ref, rtol=1e-4)
+
+
 def test_all_to_all_and_its_send_recv_fallback_agree(ranks):
     for rank, g in enumerate(ranks[0][3]):
         by_collective, by_messages = g["transport"]
