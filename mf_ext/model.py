@@ -10,11 +10,11 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from mf_ext.checks import (FRACTION, NONNEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Device, Flag,
-                           FloatDType, Integer, OneOf, check_int)
+from mf_ext.checks import (FRACTION, NONNEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Bool, Device,
+                           Flag, FloatDType, Integer, OneOf, check_int)
 from mf_ext.config import Config, setting
 from mf_ext.data import IdMap, Ratings, as_ratings
-from mf_ext.distributed import TrainingGroup, training_group
+from mf_ext.distributed import TrainingGroup, draw_normal, training_group
 from mf_ext.estimator import EpochRecord, Estimator, ids_from_file, ids_to_file
 from mf_ext.ranking import TopN
 
@@ -53,6 +53,9 @@ class MatrixFactorizationConfig(Config):
     device: Union[str, torch.device] = setting("cpu", Device(), "where to train", cli=True,
                                                saved=False)
     dtype: torch.dtype = setting(torch.float32, FloatDType(), "float32 or float64", saved=False)
+    shard_factors: bool = setting(
+        False, Bool(), "each torch.distributed rank holds a block of the factors' rows and their "
+                       "Adam state (docs/distributed.md)", cli=True, saved=False)
 
 
 @dataclass
@@ -93,6 +96,10 @@ class MatrixFactorization(TopN, Estimator):
         factors start as N(0, init_std²), the biases at 0. lr_schedule: "constant" or "cosine"
         (decay to 1% of lr over `epochs`). clip: clip predictions to the training ratings'
         range. seed: makes a run reproducible. device, dtype: where and in what precision.
+        shard_factors: train across the ranks of a torch.distributed process group with each
+        rank holding a block of the user and item rows (and their Adam state) instead of a
+        full copy; the model then holds its rank's rows only (`shard`): save() on every rank
+        writes a file per rank plus a manifest that load() reassembles (docs/distributed.md).
     Bad settings raise TypeError (wrong type) or ValueError (bad value).
 
     The defaults were tuned on MovieLens-100K (5-fold CV, benchmarks/bench_movielens.py).
@@ -100,6 +107,10 @@ class MatrixFactorization(TopN, Estimator):
 
     Config = MatrixFactorizationConfig
     FORMAT_VERSION = FORMAT_VERSION
+    # The saved tensors that a sharded model splits by rows: (which rows, how they join).
+    SHARDED_STATE = {"P": ("users", 1), "Q": ("items", 1), "user_bias": ("users", 0),
+                     "item_bias": ("items", 0), "rated_indptr": ("users", "indptr"),
+                     "rated_indices": ("users", 0)}
 
     # ------------------------------------------------------------------ fitting
 
@@ -115,9 +126,10 @@ class MatrixFactorization(TopN, Estimator):
         distributed: None (default) trains data-parallel when a torch.distributed process
         group with more than one rank is initialized, True requires one, False never. Then
         each rank passes its shard of the ratings (mf_ext.distributed.shard_ratings) and of
-        `validation`, and all ranks end with the same model (docs/distributed.md)."""
+        `validation`, and all ranks end with the same model (docs/distributed.md); with
+        shard_factors=True, each with its block of the rows."""
         data = as_ratings(users, items, ratings)
-        group = training_group(distributed, self.device)
+        group = training_group(distributed, self.config)
         _check_finite(data)
         generator, rng = self._random_sources()
         sizes = group.check_inputs(data, validation)
@@ -125,7 +137,9 @@ class MatrixFactorization(TopN, Estimator):
         if validation is None and self.validation_fraction > 0:
             train, held_out = group.hold_out(data, self.validation_fraction, rng, sizes)
         training = self._prepare(data, train, group)
-        params = self._init_parameters(generator)
+        held_out = group.to_owners(held_out, self)
+        self.shard = group.shard_info()
+        params = self._init_parameters(generator, group)
         optimizer = torch.optim.Adam(params, lr=self.lr,
                                      fused=True if self.device.type == "cuda" else None)
         # Optional cosine decay to 1% of lr over `epochs` (for mini-batches mostly: full-batch
@@ -157,18 +171,18 @@ class MatrixFactorization(TopN, Estimator):
     def _prepare(self, data: Ratings, train: Ratings, group: TrainingGroup) -> _TrainingData:
         """Id maps, rated pairs, global statistics and the training tensors."""
         self.user_map, self.item_map = group.id_maps(train)
-        m, n = len(self.user_map), len(self.item_map)
+        m = len(group.user_rows)  # the users whose rows this process holds (all unless sharded)
         seen_u, seen_i = self.user_map.index(data.users), self.item_map.index(data.items)
         keep = (seen_u >= 0) & (seen_i >= 0)
         self._set_rated(*group.rated_pairs(seen_u[keep], seen_i[keep]), m)
         dev, dt = self.device, self.dtype
-        rows = torch.as_tensor(self.user_map.index(train.users), device=dev)
-        cols = torch.as_tensor(self.item_map.index(train.items), device=dev)
-        values = torch.as_tensor(train.ratings, dtype=dt, device=dev)
-        _, self.global_mean, self.rating_range = group.rating_stats(train.ratings)
-        user_counts = torch.bincount(rows, minlength=m)
-        item_counts = torch.bincount(cols, minlength=n)
-        group.sum_counts(user_counts, item_counts)
+        rows, cols, ratings = group.localize(self.user_map.index(train.users),
+                                             self.item_map.index(train.items), train.ratings)
+        rows, cols = torch.as_tensor(rows, device=dev), torch.as_tensor(cols, device=dev)
+        values = torch.as_tensor(ratings, dtype=dt, device=dev)
+        _, self.global_mean, self.rating_range = group.rating_stats(ratings)
+        user_counts, item_counts = group.sum_counts(
+            torch.bincount(rows, minlength=m), torch.bincount(cols, minlength=len(self.item_map)))
         user_counts, item_counts = user_counts.to(dt), item_counts.to(dt)
         # The biases' penalty weights n^α, computed once (0^α is 1 for α = 0: unseen ids have
         # no gradient from the data, so their bias stays 0 either way).
@@ -177,15 +191,17 @@ class MatrixFactorization(TopN, Estimator):
         return _TrainingData(rows, cols, values - self.global_mean, user_counts, item_counts,
                              bias_weights)
 
-    def _init_parameters(self, generator: torch.Generator) -> list:
+    def _init_parameters(self, generator: torch.Generator, group: TrainingGroup) -> list:
         """P (r, m), Q (r, n) ~ N(0, init_std²) drawn on the CPU (the same start on every device
-        and rank), the biases at 0; set on the model and returned as a list."""
-        m, n, dev, dt = len(self.user_map), len(self.item_map), self.device, self.dtype
-        P = (torch.randn(self.rank, m, generator=generator, dtype=dt) * self.init_std).to(dev)
-        Q = (torch.randn(self.rank, n, generator=generator, dtype=dt) * self.init_std).to(dev)
+        and rank), the biases at 0; of each, the rows this process holds (group.user_rows,
+        item_rows: all unless sharded). Set on the model and returned as a list."""
+        dev, dt, r = self.device, self.dtype, self.rank
+        users, items = group.user_rows, group.item_rows
+        P = (draw_normal(generator, r, len(self.user_map), users, dt) * self.init_std).to(dev)
+        Q = (draw_normal(generator, r, len(self.item_map), items, dt) * self.init_std).to(dev)
         params = [P.requires_grad_(), Q.requires_grad_(),
-                  torch.zeros(m, dtype=dt, device=dev, requires_grad=True),
-                  torch.zeros(n, dtype=dt, device=dev, requires_grad=True)]
+                  torch.zeros(len(users), dtype=dt, device=dev, requires_grad=True),
+                  torch.zeros(len(items), dtype=dt, device=dev, requires_grad=True)]
         self.P, self.Q, self.user_bias, self.item_bias = params
         return params
 
@@ -199,12 +215,15 @@ class MatrixFactorization(TopN, Estimator):
         for batch, count in group.batches(data.residual.numel(), self.batch_size, rng):
             r_, c_, v_ = (data.rows, data.cols, data.residual) if batch is None else (
                 data.rows[batch], data.cols[batch], data.residual[batch])
+            c_, Q, item_bias = group.gather_items(c_, self.Q, self.item_bias)  # sharded: fetched
             loss = group.batch_loss(
-                lambda reduction: observed_mf_loss(r_, c_, v_, *params, reduction=reduction),
-                count)
+                lambda reduction: observed_mf_loss(r_, c_, v_, self.P, Q, self.user_bias,
+                                                   item_bias, reduction=reduction), count)
             optimizer.zero_grad(set_to_none=True)
-            # The penalty is global: rank 0 alone adds it, so the ranks' sum counts it once.
-            (loss + self._penalty(data) / group.n_train if group.rank == 0 else loss).backward()
+            # The penalty is a sum over rows: the ranks that add it (rank 0 when each holds all
+            # rows, every rank when sharded) count each row once between them.
+            (loss + self._penalty(data) / group.n_train if group.adds_penalty else loss
+             ).backward()
             total += group.all_reduce_gradients(params, loss, count)
             optimizer.step()
         return total / group.n_train
@@ -222,8 +241,7 @@ class MatrixFactorization(TopN, Estimator):
         """RMSE on the held-out ratings; distributed, over all ranks' shards of them."""
         if held_out is None:
             return None
-        error = self.predict(held_out.users, held_out.items) - held_out.ratings \
-            if len(held_out) else np.zeros(0)
+        error = group.prediction_errors(self, held_out)
         return group.rmse(float(np.square(error).sum()), len(error))
 
     # ------------------------------------------------------------------ using the model
@@ -239,21 +257,32 @@ class MatrixFactorization(TopN, Estimator):
                              f"{list(items.shape)}")
         u = torch.as_tensor(self.user_map.index(users), device=self.device)
         i = torch.as_tensor(self.item_map.index(items), device=self.device)
+        return self._predict_indices(u, i, self.P, self.Q, self.user_bias, self.item_bias)
+
+    def _predict_indices(self, u: torch.Tensor, i: torch.Tensor, P: torch.Tensor,
+                         Q: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor
+                         ) -> np.ndarray:
+        """predict on indices into P / user_bias and Q / item_bias (−1: unknown)."""
         known_u, known_i = u >= 0, i >= 0
         uc, ic = u.clamp_min(0), i.clamp_min(0)
         with torch.no_grad():
             pred = torch.full(u.shape, self.global_mean, dtype=self.dtype, device=self.device)
-            pred += torch.where(known_u, self.user_bias[uc], 0)
-            pred += torch.where(known_i, self.item_bias[ic], 0)
-            dots = (self.P[:, uc] * self.Q[:, ic]).sum(0)
+            pred += torch.where(known_u, user_bias[uc], 0)
+            pred += torch.where(known_i, item_bias[ic], 0)
+            dots = (P[:, uc] * Q[:, ic]).sum(0)
             pred += torch.where(known_u & known_i, dots, 0)
             if self.clip:
                 pred.clamp_(*self.rating_range)
         return pred.cpu().numpy().astype(np.float64)
 
     def evaluate(self, users: Any, items: Any = None, ratings: Any = None) -> dict:
-        """{"rmse": …, "mae": …} on held-out ratings (same inputs as fit)."""
+        """{"rmse": …, "mae": …} on held-out ratings (same inputs as fit). On a model fitted with
+        shard_factors=True, a collective: each rank passes any share of the ratings."""
         data = as_ratings(users, items, ratings)
+        if self.shard is not None:
+            from mf_ext.sharded import evaluate_sharded
+
+            return evaluate_sharded(self, data)
         if len(data) == 0:
             raise ValueError("mf_ext.MatrixFactorization.evaluate: no ratings given")
         error = self.predict(data.users, data.items) - data.ratings
