@@ -5,6 +5,7 @@ version, all timed in the same run, for a few ranks; the fused op also with P an
 embedding layout (weight.T of (m, r) tables). Prints a Markdown table.
 
     .venv/bin/python benchmarks/bench_implicit_op.py [--ranks 16 64 128] [--nnz N] [--threads T]
+    .venv/bin/python benchmarks/bench_implicit_op.py --gram-only   # the Gram part vs torch.mm
 """
 
 from __future__ import annotations
@@ -61,6 +62,29 @@ def rank_rows(m, n, nnz, r, dtype, threads, alpha):
     return results
 
 
+def gram_only(m, n, ranks, threads):
+    """The op's Gram part alone (no triples, gradients of P and Q) against torch.mm of the same
+    four products, median and minimum of 31 calls."""
+    op = torch.ops.mf_ext.implicit_mf_loss_and_grads
+    none = torch.zeros(0, dtype=torch.long)
+    print("| r | Gram part, (r, m) | Gram part, embedding layout | torch.mm, same products |")
+    print("| ---: | ---: | ---: | ---: |")
+    for r in ranks:
+        P, Q = torch.randn(r, m) * 0.1, torch.randn(r, n) * 0.1
+        P_emb, Q_emb = P.t().contiguous().t(), Q.t().contiguous().t()
+        cells = []
+        for stmt, p, q in (("op(none, none, P, Q, None, None, 1.0, 'sum', False, True, True, "
+                            "False)", P, Q),
+                           ("op(none, none, P, Q, None, None, 1.0, 'sum', False, True, True, "
+                            "False)", P_emb, Q_emb),
+                           ("(P @ P.T, Q @ Q.T, (Q @ Q.T) @ P, (P @ P.T) @ Q)", P, Q)):
+            timer = benchmark.Timer(stmt=stmt, globals=dict(op=op, none=none, P=p, Q=q),
+                                    num_threads=threads)
+            times = sorted(timer.timeit(1).raw_times[0] for _ in range(31))
+            cells.append(f"{times[15] * 1e3:.2f} / {times[0] * 1e3:.2f} ms")
+        print(f"| {r} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, default=6040)
@@ -69,8 +93,12 @@ def main():
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--alpha", type=float, default=1.0, help="unobserved_weight")
+    parser.add_argument("--gram-only", action="store_true",
+                        help="time only the Gram part (median / minimum) against torch.mm")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gram_only:
+        return gram_only(args.m, args.n, args.ranks, args.threads)
     dtype = torch.float32
     print("### implicit_mf_loss, forward + backward (P, Q), CPU\n")
     print(f"{machine_line()}, mf_ext {mf_ext.__version__}, {dtype}; m = {args.m:,}, "
