@@ -1,0 +1,220 @@
+"""Top-N quality and fit time of ImplicitMatrixFactorization (defaults) on MovieLens-100K as
+implicit data, against `implicit`'s AlternatingLeastSquares (tuned) and BPR, in the same run.
+
+Data: ratings >= 4 are the positives; users with fewer than 5 positives are dropped. A per-user
+80/20 hold-out (seed 0) gives train and test; a second per-user 80/20 hold-out of train (seed 1)
+gives the tuning split (fit on its 80, score on its 20). implicit's ALS is tuned on that split
+over factors {64, 128} x regularization {0.05, 0.1} x alpha {1, 10, 40}, 15 iterations, then
+refit on all of train and scored on test, like mf_ext's defaults and BPR.
+
+Leakage: every model sees only the training pairs of its stage (the tuning fits only the tuning
+split's 80%); test pairs are used only by `evaluate`, to score. Training items are excluded from
+each user's ranking, so a model is never credited for recommending what it was trained on.
+
+    PYTHONPATH=/work/peers/implicit nice -n 10 .venv/bin/python benchmarks/bench_implicit.py \
+        [--data ../shared/data/ml-100k/u.data] [--out benchmarks/results/implicit_ml100k.md]
+        [--tune-mf-ext]   # also the grid that chose mf_ext's defaults (on the tuning split)
+(`implicit` goes in its own folder: `.venv/bin/python -m pip install --target
+/work/peers/implicit implicit`; it is not a dependency. Without it only the mf_ext rows run.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_line  # noqa: E402
+
+import mf_ext  # noqa: E402
+from mf_ext.implicit_model import ImplicitMatrixFactorization  # noqa: E402
+from mf_ext.data import load_ratings  # noqa: E402
+
+DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ml-100k",
+                            "u.data")
+THREADS = 2
+K = 20
+
+
+def positives(path):
+    """(users, items) of the ratings >= 4, of users with at least 5 of them; dense indices."""
+    data = load_ratings(path)
+    keep = data.ratings >= 4
+    users, items = data.users[keep], data.items[keep]
+    ids, counts = np.unique(users, return_counts=True)
+    kept = np.isin(users, ids[counts >= 5])
+    return users[kept], items[kept]
+
+
+def leave_out(users, items, fraction, seed):
+    """Per user, a random `fraction` (rounded, at least 1) of its pairs held out: boolean mask."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(users), dtype=bool)
+    order = np.argsort(users, kind="stable")
+    starts = np.flatnonzero(np.r_[True, users[order][1:] != users[order][:-1]])
+    for start, end in zip(starts, np.r_[starts[1:], len(users)]):
+        mine = order[start:end]
+        take = max(1, int(round(fraction * len(mine))))
+        held[rng.permutation(mine)[:take]] = True
+    return held
+
+
+def matrix(u, i, shape):
+    return sp.csr_matrix((np.ones(len(u), dtype=np.float32), (u, i)), shape=shape)
+
+
+def evaluate(scores, train, test, k=K):
+    """Mean recall@k and NDCG@k over users with test items; training items (and items absent
+    from training) are excluded from the ranking. scores: (m, n) numpy."""
+    scores = np.array(scores, dtype=np.float64)
+    scores[train.nonzero()] = -np.inf
+    scores[:, np.asarray(train.sum(0)).ravel() == 0] = -np.inf
+    top = np.argpartition(-scores, k, axis=1)[:, :k]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), 1), 1)
+    recalls, ndcgs = [], []
+    discounts = 1 / np.log2(np.arange(2, k + 2))
+    for u in range(scores.shape[0]):
+        relevant = test.indices[test.indptr[u]:test.indptr[u + 1]]
+        if len(relevant) == 0:
+            continue
+        hits = np.isin(top[u], relevant)
+        recalls.append(hits.sum() / len(relevant))
+        ndcgs.append((hits * discounts).sum() / discounts[:min(k, len(relevant))].sum())
+    return float(np.mean(recalls)), float(np.mean(ndcgs))
+
+
+def mf_ext_scores(model, n_users, n_items):
+    """The model's (m, n) scores in the benchmark's dense indices (ids are those indices)."""
+    P = np.zeros((n_users, model.rank))
+    Q = np.zeros((n_items, model.rank))
+    P[model.user_map.ids] = model.P.T.cpu().numpy()
+    Q[model.item_map.ids] = model.Q.T.cpu().numpy()
+    return P @ Q.T
+
+
+def fit_mf_ext(train, **settings):
+    u, i = train.nonzero()
+    start = time.perf_counter()
+    model = ImplicitMatrixFactorization(**settings).fit(u, i)
+    return model, time.perf_counter() - start
+
+
+def fit_implicit_als(train, factors, regularization, alpha, seed=0):
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    model = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha,
+                                    iterations=15, random_state=seed, num_threads=THREADS)
+    start = time.perf_counter()
+    model.fit(train, show_progress=False)
+    return model, time.perf_counter() - start
+
+
+def fit_implicit_bpr(train, seed=0):
+    from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+    model = BayesianPersonalizedRanking(factors=64, iterations=100, random_state=seed,
+                                        num_threads=THREADS)
+    start = time.perf_counter()
+    model.fit(train, show_progress=False)
+    return model, time.perf_counter() - start
+
+
+def median_fit(fit, reps):
+    """The last model and the median fit seconds of `reps` fits."""
+    runs = [fit() for _ in range(reps)]
+    return runs[-1][0], statistics.median(s for _, s in runs)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--out")
+    parser.add_argument("--reps", type=int, default=3, help="fits timed per model (median)")
+    parser.add_argument("--tune-mf-ext", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    users, items = positives(args.data)
+    _, u = np.unique(users, return_inverse=True)
+    _, i = np.unique(items, return_inverse=True)
+    shape = (u.max() + 1, i.max() + 1)
+    test_mask = leave_out(u, i, 0.2, seed=0)
+    val_mask = leave_out(u[~test_mask], i[~test_mask], 0.2, seed=1)
+    train = matrix(u[~test_mask], i[~test_mask], shape)
+    test = matrix(u[test_mask], i[test_mask], shape)
+    tu, ti = u[~test_mask], i[~test_mask]
+    fit_part, val = matrix(tu[~val_mask], ti[~val_mask], shape), matrix(tu[val_mask], ti[val_mask],
+                                                                       shape)
+    lines = [f"Machine: {machine_line()} (shared with other jobs: timings are noisy)", "",
+             f"MovieLens-100K, ratings >= 4 as positives, users with >= 5: {shape[0]} users, "
+             f"{shape[1]} items, {len(u)} positives; per-user 80/20 hold-out (seed 0): "
+             f"{train.nnz} train, {test.nnz} test pairs; tuning split of train (seed 1): "
+             f"{fit_part.nnz} / {val.nnz}. recall@{K}, NDCG@{K} over users, training items "
+             f"excluded. Fit time: median of {args.reps} fits, {THREADS} threads.", ""]
+    rows = []
+    have_implicit = True
+    try:
+        import implicit  # noqa: F401
+    except ImportError:
+        have_implicit = False
+        lines.append("(`implicit` is not installed: its rows are missing.)")
+    if have_implicit:
+        tuning = ["| factors | regularization | alpha | val recall@20 | val NDCG@20 |",
+                  "|---|---|---|---|---|"]
+        best = None
+        for f, reg, alpha in itertools.product((64, 128), (0.05, 0.1), (1.0, 10.0, 40.0)):
+            model, _ = fit_implicit_als(fit_part, f, reg, alpha)
+            recall, ndcg = evaluate(model.user_factors @ model.item_factors.T, fit_part, val)
+            tuning.append(f"| {f} | {reg} | {alpha:g} | {recall:.4f} | {ndcg:.4f} |")
+            if best is None or ndcg > best[0]:
+                best = (ndcg, f, reg, alpha)
+            print(tuning[-1], flush=True)
+        _, f, reg, alpha = best
+        model, seconds = median_fit(lambda: fit_implicit_als(train, f, reg, alpha), args.reps)
+        rows.append((f"implicit ALS, tuned (factors {f}, reg {reg}, alpha {alpha:g}, 15 it.)",
+                     *evaluate(model.user_factors @ model.item_factors.T, train, test), seconds))
+        model, seconds = median_fit(lambda: fit_implicit_bpr(train), args.reps)
+        rows.append(("implicit BPR (factors 64, 100 it., defaults otherwise)",
+                     *evaluate(model.user_factors @ model.item_factors.T, train, test), seconds))
+    model, seconds = median_fit(lambda: fit_mf_ext(train), args.reps)
+    rows.append(("mf_ext ImplicitMatrixFactorization() (defaults)",
+                 *evaluate(mf_ext_scores(model, *shape), train, test), seconds))
+    model, seconds = median_fit(lambda: fit_mf_ext(train, solver="adam", epochs=200), args.reps)
+    rows.append(("mf_ext ImplicitMatrixFactorization(solver='adam', epochs=200)",
+                 *evaluate(mf_ext_scores(model, *shape), train, test), seconds))
+    lines += [f"| method | test recall@{K} | test NDCG@{K} | fit s |", "|---|---|---|---|"]
+    lines += [f"| {name} | {r:.4f} | {n:.4f} | {s:.3f} |" for name, r, n, s in rows]
+    if have_implicit:
+        lines += ["", "implicit ALS tuning (fit on the tuning split's 80%, scored on its 20%):",
+                  ""] + tuning
+    if args.tune_mf_ext:
+        lines += ["", "mf_ext tuning (same split):", ""] + tune_mf_ext(fit_part, val, shape)
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def tune_mf_ext(fit_part, val, shape):
+    table = ["| rank | alpha | reg | reg_exponent | epochs | val recall@20 | val NDCG@20 | fit s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for rank, alpha, reg, nu, epochs in itertools.product(
+            (64, 128), (5.0, 10.0, 20.0), (0.05, 0.2, 1.0), (0.0, 1.0), (15,)):
+        model, seconds = fit_mf_ext(fit_part, rank=rank, alpha=alpha, reg=reg, reg_exponent=nu,
+                                    epochs=epochs)
+        recall, ndcg = evaluate(mf_ext_scores(model, *shape), fit_part, val)
+        table.append(f"| {rank} | {alpha:g} | {reg} | {nu} | {epochs} | {recall:.4f} | "
+                     f"{ndcg:.4f} | {seconds:.3f} |")
+        print(table[-1], flush=True)
+    return table
+
+
+if __name__ == "__main__":
+    main()
