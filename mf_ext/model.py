@@ -16,6 +16,7 @@ from mf_ext.config import Config, setting
 from mf_ext.data import IdMap, Ratings, as_ratings
 from mf_ext.distributed import TrainingGroup, training_group
 from mf_ext.estimator import EpochRecord, Estimator, ids_from_file, ids_to_file
+from mf_ext.ranking import TopN
 
 FORMAT_VERSION = 1
 
@@ -66,7 +67,7 @@ class _TrainingData:
     bias_weights: Tuple[torch.Tensor, torch.Tensor]  # count^bias_count_exponent, (m,) and (n,)
 
 
-class MatrixFactorization(Estimator):
+class MatrixFactorization(TopN, Estimator):
     """r̂(u, i) = μ + b_u + b_i + p_uᵀ q_i, fitted on observed ratings.
 
     Objective (full batch, mean over the N training ratings):
@@ -291,6 +292,45 @@ class MatrixFactorization(Estimator):
     def _rated_items(self, user_index: int) -> np.ndarray:
         start, end = self._rated_indptr[user_index], self._rated_indptr[user_index + 1]
         return self._rated_indices[start:end]
+
+    # ------------------------------------------------------------------ top-N (mf_ext.ranking)
+
+    def _score_parts(self):
+        """score(u, i) = b_u + b_i + p_uᵀ q_i: the prediction less μ (TopN's contract)."""
+        return self.P.detach(), self.Q.detach(), self.user_bias.detach(), self.item_bias.detach()
+
+    def _reported_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The predicted ratings, as predict() gives them (clipped if clip; ranked unclipped)."""
+        scores = scores + self.global_mean
+        return scores.clamp(*self.rating_range) if self.clip else scores
+
+    def _fold_in(self, item_index: np.ndarray, values: Optional[np.ndarray]
+                 ) -> Tuple[torch.Tensor, float]:
+        """(p, b) of a new user who rated the items `item_index` with `values`, Q, the item
+        biases and μ fixed: the minimizer of the objective's terms that involve the user,
+            Σ_i (y_i − b − pᵀq_i)² + reg·c·|p|² + bias_reg·c^α·b²,   y_i = r_i − μ − b_i,
+        over the user's c ratings (c = n_u, α = bias_count_exponent), i.e. the ridge system
+            (Z Zᵀ + diag(reg·c, …, reg·c, bias_reg·c^α)) [p; b] = Z y,   Z = [q_i; 1] (r+1, c).
+        At the fit's optimum a training user's (p_u, b_u) solves the same system. Solved in
+        float64 on the CPU (r+1 unknowns); least squares where it is singular (reg = 0)."""
+        if values is None:
+            raise ValueError(f"{self._who}.recommend_new: values (the user's ratings) are "
+                             f"needed by the explicit model")
+        rank, count = self.P.shape[0], len(item_index)
+        if count == 0:
+            return torch.zeros(rank, dtype=self.dtype, device=self.device), 0.0
+        index = torch.as_tensor(item_index)
+        Z = torch.ones(rank + 1, count, dtype=torch.float64)
+        Z[:rank] = self.Q.detach()[:, index.to(self.device)].cpu().double()
+        y = (torch.as_tensor(values, dtype=torch.float64) - self.global_mean
+             - self.item_bias.detach()[index.to(self.device)].cpu().double())
+        ridge = torch.full((rank + 1,), self.reg * count, dtype=torch.float64)
+        ridge[rank] = self.bias_reg * count ** self.bias_count_exponent
+        A = Z @ Z.T + torch.diag(ridge)
+        solution, info = torch.linalg.solve_ex(A, Z @ y)
+        if info != 0 or not torch.isfinite(solution).all():
+            solution = torch.linalg.lstsq(A, (Z @ y)[:, None], driver="gelsd").solution[:, 0]
+        return solution[:rank].to(self.device, self.dtype), float(solution[rank])
 
     # ------------------------------------------------------------------ persistence
 
