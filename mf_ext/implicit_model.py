@@ -18,6 +18,7 @@ from mf_ext.data import IdMap
 from mf_ext.estimator import EpochRecord, Estimator, ids_from_file, ids_to_file
 from mf_ext.implicit_solvers import ImplicitProblem, als_sweep, make_problem, objective
 from mf_ext.interactions import Interactions, as_interactions
+from mf_ext.ranking import TopN
 
 FORMAT_VERSION = 1
 
@@ -50,7 +51,7 @@ class ImplicitMatrixFactorizationConfig(Config):
     dtype: torch.dtype = setting(torch.float32, FloatDType(), "float32 or float64", saved=False)
 
 
-class ImplicitMatrixFactorization(Estimator):
+class ImplicitMatrixFactorization(TopN, Estimator):
     """score(u, i) = p_uᵀ q_i, fitted on implicit feedback (views, clicks, plays, purchases).
 
     Objective (Hu, Koren & Volinsky 2008), over all m · n cells:
@@ -127,9 +128,8 @@ class ImplicitMatrixFactorization(Estimator):
         self.user_map, self.item_map = IdMap(data.users), IdMap(data.items)
         m, n = len(self.user_map), len(self.item_map)
         u, i = self.user_map.index(data.users), self.item_map.index(data.items)
-        self._set_seen(u, i, m)
-        strength = data.strengths if self.scaling == "linear" else \
-            np.log1p(data.strengths / self.epsilon)
+        self._set_rated(u, i, m)
+        strength = self._strength(data.strengths)
         dev, dt = self.device, self.dtype
         return make_problem(torch.as_tensor(u, device=dev), torch.as_tensor(i, device=dev),
                             torch.as_tensor(self.alpha * strength, dtype=dt, device=dev),
@@ -182,7 +182,7 @@ class ImplicitMatrixFactorization(Estimator):
             raise KeyError(f"{self._who}.recommend: unknown user {user!r}")
         with torch.no_grad():
             scores = (self.P[:, index] @ self.Q).cpu().double()
-        scores[torch.as_tensor(self._seen_items(index))] = -math.inf
+        scores[torch.as_tensor(self._rated_items(index))] = -math.inf
         if exclude is not None:
             ex = self.item_map.index(np.asarray(exclude))
             scores[torch.as_tensor(ex[ex >= 0])] = -math.inf
@@ -191,33 +191,73 @@ class ImplicitMatrixFactorization(Estimator):
         return [(self.item_map.raw(int(j)).item(), float(s))
                 for s, j in zip(top.values, top.indices)]
 
-    def _set_seen(self, user_index: np.ndarray, item_index: np.ndarray, m: int) -> None:
+    def _score_parts(self) -> Tuple[torch.Tensor, torch.Tensor, None, None]:
+        """For mf_ext.ranking.TopN: score(u, i) = p_uᵀ q_i, no offsets."""
+        return self.P, self.Q, None, None
+
+    def _fold_in(self, item_index: np.ndarray, values: Optional[np.ndarray]
+                 ) -> Tuple[torch.Tensor, float]:
+        """(p, 0) of a new user who has the items `item_index` with strengths `values` (None:
+        1 each; repeated items add up; 0 is no interaction), Q fixed: the exact minimizer of the
+        objective's terms that involve the user, i.e. the ALS half-step's system for one user
+            (Q Qᵀ + Σ_i (c_i − 1) q_i q_iᵀ + λ I) p = Σ_i c_i q_i,
+        λ = reg · (1 + Σ_i (c_i − 1) / n)^reg_exponent. Solved in float64 on the CPU (r
+        unknowns); least squares where it is singular (reg = 0)."""
+        who = f"{self._who}.recommend_new"
+        strengths = np.ones(len(item_index)) if values is None else values
+        if (strengths < 0).any():
+            k = int(np.flatnonzero(strengths < 0)[0])
+            raise ValueError(f"{who}: values (interaction strengths) must be >= 0, got "
+                             f"{strengths[k]} at position {k}")
+        n = len(self.item_map)
+        total = np.bincount(item_index, weights=strengths, minlength=n)
+        items = np.flatnonzero(total > 0)
+        w = torch.as_tensor(self.alpha * self._strength(total[items]), dtype=torch.float64)
+        Q = self.Q.detach().cpu().double()
+        Z = Q[:, torch.as_tensor(items)]
+        reg = self.reg * (1 + float(w.sum()) / n) ** self.reg_exponent
+        A = Q @ Q.T + (Z * w) @ Z.T + reg * torch.eye(Q.shape[0], dtype=torch.float64)
+        b = Z @ (w + 1)
+        solution, info = torch.linalg.solve_ex(A, b)
+        if info != 0 or not torch.isfinite(solution).all():
+            solution = torch.linalg.lstsq(A, b[:, None], driver="gelsd").solution[:, 0]
+        return solution.to(self.device, self.dtype), 0.0
+
+    def _strength(self, weights: np.ndarray) -> np.ndarray:
+        """Interaction weights (> 0) as strengths s, by `scaling`."""
+        return weights if self.scaling == "linear" else np.log1p(weights / self.epsilon)
+
+    def _set_rated(self, user_index: np.ndarray, item_index: np.ndarray, m: int) -> None:
         """What each user interacted with in training, as CSR arrays."""
         order = np.argsort(user_index, kind="stable")
-        self._seen_indptr = np.concatenate(
+        self._rated_indptr = np.concatenate(
             [[0], np.cumsum(np.bincount(user_index, minlength=m))]).astype(np.int64)
-        self._seen_indices = item_index[order].astype(np.int64)
+        self._rated_indices = item_index[order].astype(np.int64)
 
-    def _seen_items(self, user_index: int) -> np.ndarray:
-        start, end = self._seen_indptr[user_index], self._seen_indptr[user_index + 1]
-        return self._seen_indices[start:end]
+    def _rated_items(self, user_index: int) -> np.ndarray:
+        start, end = self._rated_indptr[user_index], self._rated_indptr[user_index + 1]
+        return self._rated_indices[start:end]
 
     # ------------------------------------------------------------------ persistence
 
     def _state(self) -> Dict[str, Any]:
         return {
+            "model": "ImplicitMatrixFactorization",  # which class reads it (mf-ext recommend)
             "user_ids": ids_to_file(self.user_map.ids),
             "item_ids": ids_to_file(self.item_map.ids),
             "P": self.P.detach().cpu(), "Q": self.Q.detach().cpu(),
             "losses": [float(x) for x in self.losses],
-            "seen_indptr": torch.from_numpy(self._seen_indptr),
-            "seen_indices": torch.from_numpy(self._seen_indices),
+            "rated_indptr": torch.from_numpy(self._rated_indptr),
+            "rated_indices": torch.from_numpy(self._rated_indices),
         }
 
     def _restore(self, state: Dict[str, Any], device: str) -> None:
+        if state.get("model") != "ImplicitMatrixFactorization":
+            raise ValueError(f"{self._who}.load: the file holds another kind of model "
+                             f"({state.get('model', 'MatrixFactorization')})")
         self.user_map = IdMap(ids_from_file(state["user_ids"]))
         self.item_map = IdMap(ids_from_file(state["item_ids"]))
         self.P, self.Q = state["P"].to(device), state["Q"].to(device)
         self.losses = list(state["losses"])
-        self._seen_indptr = state["seen_indptr"].numpy()
-        self._seen_indices = state["seen_indices"].numpy()
+        self._rated_indptr = state["rated_indptr"].numpy()
+        self._rated_indices = state["rated_indices"].numpy()

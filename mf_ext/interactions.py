@@ -32,7 +32,8 @@ def as_interactions(users: Any, items: Any = None, weights: Any = None,
     user, column index = item, stored values = strengths; stored zeros are no interaction).
 
     Strengths must be finite and >= 0; pairs of strength 0 are dropped (no interaction), and a
-    pair given several times counts once with the sum of its strengths."""
+    pair given several times counts once with the sum of its strengths. The result is
+    ordered by (user, item), so that the order of the input does not change the model."""
     if items is None and weights is None:
         if hasattr(users, "tocoo") and hasattr(users, "shape"):  # scipy.sparse
             coo = users.tocoo()
@@ -79,14 +80,15 @@ def _strengths(weights: Any, count: int, who: str) -> np.ndarray:
 
 def _merge_duplicates(users: np.ndarray, items: np.ndarray, strengths: np.ndarray
                       ) -> Interactions:
+    """One entry per distinct pair, ordered by (user id, item id): the same interactions in any
+    order give the same arrays, hence the same model."""
     user_ids, u = np.unique(users, return_inverse=True)
     item_ids, i = np.unique(items, return_inverse=True)
     pair = u.reshape(-1).astype(np.int64) * len(item_ids) + i.reshape(-1)
-    distinct, first, inverse = np.unique(pair, return_index=True, return_inverse=True)
-    if len(distinct) == len(pair):
-        return Interactions(users, items, strengths)
+    distinct, inverse = np.unique(pair, return_inverse=True)
     total = np.bincount(inverse.reshape(-1), weights=strengths, minlength=len(distinct))
-    return Interactions(users[first], items[first], total)
+    return Interactions(user_ids[distinct // len(item_ids)], item_ids[distinct % len(item_ids)],
+                        total)
 
 
 def _frame_columns(frame, who: str) -> Tuple[Any, Any, Optional[Any]]:
