@@ -36,7 +36,8 @@ from common import machine_line  # noqa: E402
 
 import mf_ext  # noqa: E402
 from mf_ext.implicit_model import ImplicitMatrixFactorization  # noqa: E402
-from mf_ext.data import load_ratings  # noqa: E402
+from mf_ext.data import Ratings, load_ratings  # noqa: E402
+from mf_ext.metrics import leave_out_split, ndcg_at_k, recall_at_k  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ml-100k",
                             "u.data")
@@ -54,54 +55,43 @@ def positives(path):
     return users[kept], items[kept]
 
 
-def leave_out(users, items, fraction, seed):
-    """Per user, a random `fraction` (rounded, at least 1) of its pairs held out: boolean mask."""
-    rng = np.random.default_rng(seed)
-    held = np.zeros(len(users), dtype=bool)
-    order = np.argsort(users, kind="stable")
-    starts = np.flatnonzero(np.r_[True, users[order][1:] != users[order][:-1]])
-    for start, end in zip(starts, np.r_[starts[1:], len(users)]):
-        mine = order[start:end]
-        take = max(1, int(round(fraction * len(mine))))
-        held[rng.permutation(mine)[:take]] = True
-    return held
+def split(users, items, seed):
+    """mf_ext.metrics.leave_out_split's per-user 80/20 hold-out, as (train, test) pair arrays."""
+    train, test = leave_out_split(Ratings(users, items, np.ones(len(users))), 0.2, seed=seed)
+    return (train.users, train.items), (test.users, test.items)
 
 
-def matrix(u, i, shape):
+def matrix(pairs, shape):
+    u, i = pairs
     return sp.csr_matrix((np.ones(len(u), dtype=np.float32), (u, i)), shape=shape)
 
 
-def evaluate(scores, train, test, k=K):
-    """Mean recall@k and NDCG@k over users with test items; training items (and items absent
-    from training) are excluded from the ranking. scores: (m, n) numpy."""
+def top_k_of_scores(scores, train, k=K):
+    """Each user's k best items (dense indices) of an (m, n) score matrix, excluding its
+    training items and the items no training pair has (the candidates mf_ext's models have)."""
     scores = np.array(scores, dtype=np.float64)
     scores[train.nonzero()] = -np.inf
     scores[:, np.asarray(train.sum(0)).ravel() == 0] = -np.inf
     top = np.argpartition(-scores, k, axis=1)[:, :k]
-    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), 1), 1)
-    recalls, ndcgs = [], []
-    discounts = 1 / np.log2(np.arange(2, k + 2))
-    for u in range(scores.shape[0]):
-        relevant = test.indices[test.indptr[u]:test.indptr[u + 1]]
-        if len(relevant) == 0:
-            continue
-        hits = np.isin(top[u], relevant)
-        recalls.append(hits.sum() / len(relevant))
-        ndcgs.append((hits * discounts).sum() / discounts[:min(k, len(relevant))].sum())
-    return float(np.mean(recalls)), float(np.mean(ndcgs))
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), 1), 1)
 
 
-def mf_ext_scores(model, n_users, n_items):
-    """The model's (m, n) scores in the benchmark's dense indices (ids are those indices)."""
-    P = np.zeros((n_users, model.rank))
-    Q = np.zeros((n_items, model.rank))
-    P[model.user_map.ids] = model.P.T.cpu().numpy()
-    Q[model.item_map.ids] = model.Q.T.cpu().numpy()
-    return P @ Q.T
+def evaluate(top, test, k=K):
+    """(recall@k, NDCG@k) by mf_ext.metrics, over the users with test items."""
+    relevant = [test.indices[test.indptr[u]:test.indptr[u + 1]] for u in range(test.shape[0])]
+    return recall_at_k(top, relevant, k), ndcg_at_k(top, relevant, k)
+
+
+def mf_ext_top_k(model, n_users, k=K):
+    """recommend_batch's lists for every user (users absent from training: none)."""
+    top = np.full((n_users, k), -1)
+    known = model.user_map.ids
+    top[known] = model.recommend_batch(known, k=k)[0]
+    return top
 
 
 def fit_mf_ext(train, **settings):
-    u, i = train.nonzero()
+    u, i = train.nonzero()  # the dense indices serve as the raw ids
     start = time.perf_counter()
     model = ImplicitMatrixFactorization(**settings).fit(u, i)
     return model, time.perf_counter() - start
@@ -145,13 +135,10 @@ def main():
     _, u = np.unique(users, return_inverse=True)
     _, i = np.unique(items, return_inverse=True)
     shape = (u.max() + 1, i.max() + 1)
-    test_mask = leave_out(u, i, 0.2, seed=0)
-    val_mask = leave_out(u[~test_mask], i[~test_mask], 0.2, seed=1)
-    train = matrix(u[~test_mask], i[~test_mask], shape)
-    test = matrix(u[test_mask], i[test_mask], shape)
-    tu, ti = u[~test_mask], i[~test_mask]
-    fit_part, val = matrix(tu[~val_mask], ti[~val_mask], shape), matrix(tu[val_mask], ti[val_mask],
-                                                                       shape)
+    train_pairs, test_pairs = split(u, i, seed=0)
+    fit_pairs, val_pairs = split(*train_pairs, seed=1)
+    train, test = matrix(train_pairs, shape), matrix(test_pairs, shape)
+    fit_part, val = matrix(fit_pairs, shape), matrix(val_pairs, shape)
     lines = [f"Machine: {machine_line()} (shared with other jobs: timings are noisy)", "",
              f"MovieLens-100K, ratings >= 4 as positives, users with >= 5: {shape[0]} users, "
              f"{shape[1]} items, {len(u)} positives; per-user 80/20 hold-out (seed 0): "
@@ -171,7 +158,8 @@ def main():
         best = None
         for f, reg, alpha in itertools.product((64, 128), (0.05, 0.1), (1.0, 10.0, 40.0)):
             model, _ = fit_implicit_als(fit_part, f, reg, alpha)
-            recall, ndcg = evaluate(model.user_factors @ model.item_factors.T, fit_part, val)
+            recall, ndcg = evaluate(top_k_of_scores(model.user_factors @ model.item_factors.T,
+                                                    fit_part), val)
             tuning.append(f"| {f} | {reg} | {alpha:g} | {recall:.4f} | {ndcg:.4f} |")
             if best is None or ndcg > best[0]:
                 best = (ndcg, f, reg, alpha)
@@ -179,16 +167,18 @@ def main():
         _, f, reg, alpha = best
         model, seconds = median_fit(lambda: fit_implicit_als(train, f, reg, alpha), args.reps)
         rows.append((f"implicit ALS, tuned (factors {f}, reg {reg}, alpha {alpha:g}, 15 it.)",
-                     *evaluate(model.user_factors @ model.item_factors.T, train, test), seconds))
+                     *evaluate(top_k_of_scores(model.user_factors @ model.item_factors.T, train),
+                               test), seconds))
         model, seconds = median_fit(lambda: fit_implicit_bpr(train), args.reps)
         rows.append(("implicit BPR (factors 64, 100 it., defaults otherwise)",
-                     *evaluate(model.user_factors @ model.item_factors.T, train, test), seconds))
+                     *evaluate(top_k_of_scores(model.user_factors @ model.item_factors.T, train),
+                               test), seconds))
     model, seconds = median_fit(lambda: fit_mf_ext(train), args.reps)
     rows.append(("mf_ext ImplicitMatrixFactorization() (defaults)",
-                 *evaluate(mf_ext_scores(model, *shape), train, test), seconds))
+                 *evaluate(mf_ext_top_k(model, shape[0]), test), seconds))
     model, seconds = median_fit(lambda: fit_mf_ext(train, solver="adam", epochs=200), args.reps)
     rows.append(("mf_ext ImplicitMatrixFactorization(solver='adam', epochs=200)",
-                 *evaluate(mf_ext_scores(model, *shape), train, test), seconds))
+                 *evaluate(mf_ext_top_k(model, shape[0]), test), seconds))
     lines += [f"| method | test recall@{K} | test NDCG@{K} | fit s |", "|---|---|---|---|"]
     lines += [f"| {name} | {r:.4f} | {n:.4f} | {s:.3f} |" for name, r, n, s in rows]
     if have_implicit:
@@ -209,7 +199,7 @@ def tune_mf_ext(fit_part, val, shape):
             (64, 128), (5.0, 10.0, 20.0), (0.05, 0.2, 1.0), (0.0, 1.0), (15,)):
         model, seconds = fit_mf_ext(fit_part, rank=rank, alpha=alpha, reg=reg, reg_exponent=nu,
                                     epochs=epochs)
-        recall, ndcg = evaluate(mf_ext_scores(model, *shape), fit_part, val)
+        recall, ndcg = evaluate(mf_ext_top_k(model, shape[0]), val)
         table.append(f"| {rank} | {alpha:g} | {reg} | {nu} | {epochs} | {recall:.4f} | "
                      f"{ndcg:.4f} | {seconds:.3f} |")
         print(table[-1], flush=True)

@@ -65,13 +65,13 @@ def test_ranks_held_out_positives_above_negatives():
     model = small().fit(users, items)
     scores = evaluate_ranking(model, (held_u, held_i), k=5)
     # 2 held-out positives among 40 candidates: a random ranking has recall@5 = 0.125, AUC 0.5
-    assert scores["recall@5"] > 0.85 and scores["auc"] > 0.95
+    assert scores["recall@5"] > 0.8 and scores["auc"] > 0.93  # measured 0.88 and 0.96
     held = model.score(held_u, held_i)
     seen = np.zeros((M, N), dtype=bool)
     seen[users, items] = seen[held_u, held_i] = True
     neg_u, neg_i = np.nonzero(~seen)
-    # measured ~0.6 (mean held-out positive vs mean negative score, planted data, seed 0)
-    assert held.mean() - model.score(neg_u, neg_i).mean() > 0.4
+    # mean held-out positive score minus mean negative score: measured 0.71
+    assert held.mean() - model.score(neg_u, neg_i).mean() > 0.5
 
 
 def test_losses_are_the_dense_objective_and_decrease():
