@@ -34,13 +34,13 @@ class ImplicitMatrixFactorizationConfig(Config):
     solver: str = setting("als", OneOf(("als", "adam")),
                           "als (conjugate-gradient half-steps) or adam (full batch)", cli=True)
     epochs: int = setting(15, Integer(0), "ALS sweeps, or Adam steps", cli=True)
-    alpha: float = setting(10.0, POSITIVE, "confidence c = 1 + alpha * strength", cli=True)
+    alpha: float = setting(5.0, POSITIVE, "confidence c = 1 + alpha * strength", cli=True)
     scaling: str = setting("linear", OneOf(("linear", "log")),
                            "strength = weight, or log(1 + weight / epsilon)", cli=True)
     epsilon: float = setting(1.0, POSITIVE, "epsilon of the log scaling", cli=True)
-    reg: float = setting(0.1, NONNEGATIVE, "L2 weight lambda", cli=True)
+    reg: float = setting(0.02, NONNEGATIVE, "L2 weight (see reg_exponent)", cli=True)
     reg_exponent: float = setting(
-        1.0, UNIT_INTERVAL, "lambda scaled by (1 + row weight / n)^this (0: plain L2)", cli=True)
+        1.0, UNIT_INTERVAL, "lambda = reg * (row weight)^this (0: plain L2)", cli=True)
     cg_steps: int = setting(3, Integer(1), "conjugate-gradient steps per ALS half-step",
                             cli=True)
     lr: float = setting(0.05, POSITIVE, "Adam's learning rate (solver adam)", cli=True)
@@ -61,8 +61,10 @@ class ImplicitMatrixFactorization(TopN, Estimator):
     pairs add up) with scaling="linear", or log(1 + weight / epsilon) with scaling="log" (Hu et
     al.'s alternative for heavy-tailed counts). `implicit`'s ALS uses c = alpha · weight.
     The regularization is frequency-scaled (Rendle et al. 2021, "Revisiting the performance of
-    iALS"): λ_u = reg · (1 + Σ_i (c_ui − 1) / n)^reg_exponent, i.e. grows with the weight of the
-    user's row; λ_i alike over m users. reg_exponent = 0 is a plain L2.
+    iALS"): λ_u = reg · (Σ_i c_ui)^reg_exponent = reg · (n + Σ_i (c_ui − 1))^reg_exponent, the
+    weight of the user's row of n cells; λ_i alike over the m users. reg_exponent = 1 is
+    Rendle's λ (|I_u| + α₀ |I|) in these units, which keeps reg's meaning across data sizes; 0 is
+    a plain L2.
 
     The objective is the fused op mf_ext.implicit_mf_loss with weights w = c − 1, values
     v = c / (c − 1) and unobserved_weight 1, minus a constant (w (v − s)² + s² = c (1 − s)² +
@@ -201,7 +203,7 @@ class ImplicitMatrixFactorization(TopN, Estimator):
         1 each; repeated items add up; 0 is no interaction), Q fixed: the exact minimizer of the
         objective's terms that involve the user, i.e. the ALS half-step's system for one user
             (Q Qᵀ + Σ_i (c_i − 1) q_i q_iᵀ + λ I) p = Σ_i c_i q_i,
-        λ = reg · (1 + Σ_i (c_i − 1) / n)^reg_exponent. Solved in float64 on the CPU (r
+        λ = reg · (n + Σ_i (c_i − 1))^reg_exponent. Solved in float64 on the CPU (r
         unknowns); least squares where it is singular (reg = 0)."""
         who = f"{self._who}.recommend_new"
         strengths = np.ones(len(item_index)) if values is None else values
@@ -215,7 +217,7 @@ class ImplicitMatrixFactorization(TopN, Estimator):
         w = torch.as_tensor(self.alpha * self._strength(total[items]), dtype=torch.float64)
         Q = self.Q.detach().cpu().double()
         Z = Q[:, torch.as_tensor(items)]
-        reg = self.reg * (1 + float(w.sum()) / n) ** self.reg_exponent
+        reg = self.reg * (n + float(w.sum())) ** self.reg_exponent
         A = Q @ Q.T + (Z * w) @ Z.T + reg * torch.eye(Q.shape[0], dtype=torch.float64)
         b = Z @ (w + 1)
         solution, info = torch.linalg.solve_ex(A, b)

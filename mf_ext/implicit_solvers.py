@@ -36,17 +36,17 @@ class ImplicitProblem:
 
 def make_problem(rows: torch.Tensor, cols: torch.Tensor, confidence_minus_one: torch.Tensor,
                  m: int, n: int, reg: float, reg_exponent: float) -> ImplicitProblem:
-    """λ_u = reg · (1 + Σ_{t: u_t = u} w_t / n)^reg_exponent (and λ_i alike with m): the total
-    weight of user u's n cells over n. Exponent 1 is Rendle et al. 2021's frequency-scaled
-    regularization (in units where an unobserved cell weighs 1); 0 is a plain L2 (implicit's)."""
+    """λ_u = reg · (n + Σ_{t: u_t = u} w_t)^reg_exponent (and λ_i alike with m): the total weight
+    of user u's n cells (each weighs 1, plus w_t where observed), to a power. Exponent 1 is
+    Rendle et al. 2021's frequency-scaled regularization λ (|I_u| + α₀ |I|) in units where an
+    unobserved cell weighs 1; 0 is a plain L2 (implicit's)."""
     w = confidence_minus_one
     user_mass = torch.zeros(m, dtype=w.dtype, device=w.device).index_add_(0, rows, w)
     item_mass = torch.zeros(n, dtype=w.dtype, device=w.device).index_add_(0, cols, w)
     values = (w + 1) / w
     return ImplicitProblem(
         rows, cols, w, values, torch.zeros_like(w), float(values.double().sum()),
-        reg * (1 + user_mass / max(n, 1)).pow(reg_exponent),
-        reg * (1 + item_mass / max(m, 1)).pow(reg_exponent))
+        reg * (n + user_mass).pow(reg_exponent), reg * (m + item_mass).pow(reg_exponent))
 
 
 def objective(P: torch.Tensor, Q: torch.Tensor, problem: ImplicitProblem) -> torch.Tensor:

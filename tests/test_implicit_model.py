@@ -40,8 +40,8 @@ def dense_objective(model, users, items, strengths):
     C, Y = torch.ones(m, n, dtype=torch.float64), torch.zeros(m, n, dtype=torch.float64)
     C[u, i] += model.alpha * torch.as_tensor(strengths, dtype=torch.float64)
     Y[u, i] = 1
-    reg_u = model.reg * (C.sum(1) / n) ** model.reg_exponent  # (Σ_i c_ui) / n = 1 + Σ w / n
-    reg_i = model.reg * (C.sum(0) / m) ** model.reg_exponent
+    reg_u = model.reg * C.sum(1) ** model.reg_exponent  # Σ_i c_ui, the row's weight
+    reg_i = model.reg * C.sum(0) ** model.reg_exponent
     return float((C * (Y - P.T @ Q) ** 2).sum() + (P * P).sum(0) @ reg_u
                  + (Q * Q).sum(0) @ reg_i)
 
@@ -77,7 +77,7 @@ def test_ranks_held_out_positives_above_negatives():
 def test_losses_are_the_dense_objective_and_decrease():
     users, items, _, _ = planted()
     strengths = np.random.default_rng(1).integers(1, 4, len(users)).astype(float)
-    model = small(dtype=torch.float64, reg=0.3).fit(users, items, strengths)
+    model = small(dtype=torch.float64, reg=0.01).fit(users, items, strengths)
     assert model.losses[-1] == pytest.approx(dense_objective(model, users, items, strengths),
                                              rel=1e-10)
     assert all(b <= a * (1 + 1e-12) for a, b in zip(model.losses, model.losses[1:]))
@@ -110,7 +110,7 @@ def test_fold_in_is_the_exact_user_solve():
     mine = items[users == 7]
     vector, offset = model._fold_in(model.item_map.index(mine), np.full(len(mine), 2.0))
     w = torch.full((len(mine),), 2.0 * model.alpha, dtype=torch.float64)
-    reg = model.reg * (1 + float(w.sum()) / len(model.item_map))  # n: the items in training
+    reg = model.reg * (len(model.item_map) + float(w.sum()))  # n: the items in training
     expected = exact_half_step(model.Q, torch.zeros(len(mine), dtype=torch.long),
                                torch.as_tensor(model.item_map.index(mine)), w, [reg])[:, 0]
     torch.testing.assert_close(vector, expected, rtol=1e-10, atol=1e-12)
