@@ -38,7 +38,7 @@ class ImplicitMatrixFactorizationConfig(Config):
     scaling: str = setting("linear", OneOf(("linear", "log")),
                            "strength = weight, or log(1 + weight / epsilon)", cli=True)
     epsilon: float = setting(1.0, POSITIVE, "epsilon of the log scaling", cli=True)
-    reg: float = setting(0.02, NONNEGATIVE, "L2 weight (see reg_exponent)", cli=True)
+    reg: float = setting(0.03, NONNEGATIVE, "L2 weight (see reg_exponent)", cli=True)
     reg_exponent: float = setting(
         1.0, UNIT_INTERVAL, "lambda = reg * (row weight)^this (0: plain L2)", cli=True)
     cg_steps: int = setting(3, Integer(1), "conjugate-gradient steps per ALS half-step",
