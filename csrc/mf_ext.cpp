@@ -31,6 +31,16 @@ TORCH_LIBRARY(mf_ext, m) {
       "bool grad_P, bool grad_Q, bool grad_row_bias, bool grad_col_bias, bool grad_weights) -> "
       "(Tensor loss, Tensor grad_values, Tensor grad_P, Tensor grad_Q, Tensor grad_row_bias, "
       "Tensor grad_col_bias, Tensor grad_weights)");
+  // Implicit (all-cells) form, fused: Σ_t w_t (values_t − p_iᵀ q_j)² + α₀ Σ_{i<m, j<n} (p_iᵀ q_j)²
+  // with α₀ = unobserved_weight ≥ 0, the second sum as α₀ ⟨P Pᵀ, Q Qᵀ⟩ ("sum"); "mean" divides
+  // the whole loss by max(nnz, 1). The gradients whose grad_* flag is set (an empty tensor
+  // otherwise). rows, cols: (nnz,) int32/int64; P: (r, m); Q: (r, n); values, weights: (nnz,)
+  // or None (all 1).
+  m.def(
+      "implicit_mf_loss_and_grads(Tensor rows, Tensor cols, Tensor P, Tensor Q, Tensor? values, "
+      "Tensor? weights, float unobserved_weight, str reduction, bool grad_values, bool grad_P, "
+      "bool grad_Q, bool grad_weights) -> (Tensor loss, Tensor grad_values, Tensor grad_P, "
+      "Tensor grad_Q, Tensor grad_weights)");
   // Internal, for tests: how the CPU kernels cut a problem into units of work, flattened into
   // ints (decoded by mf_ext.ops._observed_partition and _dense_partition). CPU only.
   m.def("_observed_partition(Tensor rows, Tensor cols, Tensor P, Tensor Q) -> int[]");

@@ -7,6 +7,7 @@ meta tensors) and autograd, and exposes the public function.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Optional
 
 import torch
@@ -430,3 +431,167 @@ def _dense_partition(R: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> dict:
         "task_ranges": cells,
         "concurrent": concurrent,
     }
+
+
+# ---------------------------------------------------------------- implicit_mf_loss (all cells)
+
+def _cpp_name(dtype: torch.dtype) -> str:
+    """A dtype as the C++ checks print it (Float, Double, ...), so both raise one message."""
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+            torch.bfloat16: "BFloat16", torch.int32: "Int", torch.int64: "Long"}.get(dtype,
+                                                                                  str(dtype))
+
+
+def _check_implicit_mf_loss_args(rows, cols, P, Q, values, weights, unobserved_weight,
+                                 reduction, grad_values, grad_weights) -> None:
+    """The same checks, in the same order and with the same messages, as
+    csrc/implicit_mf_loss_common.h; run here for fake tensors (torch.compile, meta), where the
+    C++ kernel does not run. Index ranges and weights' signs need the data: the kernels check
+    them."""
+    op = "mf_ext.implicit_mf_loss"
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f'{op}: reduction must be "sum" or "mean", got "{reduction}"')
+    for name, t in (("rows", rows), ("cols", cols)):
+        if t.dim() != 1:
+            raise ValueError(f"{op}: {name} must be 1-D (nnz,), got shape {list(t.shape)}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{op}: {name} must be an int32 or int64 tensor, got "
+                            f"{_cpp_name(t.dtype)}")
+    if rows.shape[0] != cols.shape[0]:
+        raise ValueError(f"{op}: rows and cols must have the same length, got rows "
+                         f"{rows.shape[0]}, cols {cols.shape[0]}")
+    for name, t, dims in (("P", P, "(r, m)"), ("Q", Q, "(r, n)")):
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D {dims}, got shape {list(t.shape)}")
+    if not P.dtype.is_floating_point:
+        raise TypeError(f"{op}: P must be a floating-point tensor, got {_cpp_name(P.dtype)}")
+    if Q.dtype != P.dtype:
+        raise TypeError(f"{op}: P and Q must have the same dtype, got P {_cpp_name(P.dtype)}, "
+                        f"Q {_cpp_name(Q.dtype)}")
+    if P.shape[0] != Q.shape[0]:
+        raise ValueError(f"{op}: P has rank {P.shape[0]} (shape {list(P.shape)}) but Q has rank "
+                         f"{Q.shape[0]} (shape {list(Q.shape)})")
+    if not (rows.device == cols.device == P.device == Q.device):
+        raise ValueError(f"{op}: rows, cols, P and Q must be on the same device, got rows on "
+                         f"{rows.device}, cols on {cols.device}, P on {P.device}, Q on "
+                         f"{Q.device}")
+    nnz = rows.shape[0]
+    for name, t in (("values", values), ("weights", weights)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != nnz:
+            raise ValueError(f"{op}: {name} must have shape ({nnz},) (nnz, the length of rows), "
+                             f"got shape {list(t.shape)}")
+        if t.dtype != P.dtype:
+            raise TypeError(f"{op}: {name} must have the dtype of P ({_cpp_name(P.dtype)}), got "
+                            f"{_cpp_name(t.dtype)}")
+        if t.device != P.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but P is on {P.device}")
+    if not (math.isfinite(unobserved_weight) and unobserved_weight >= 0):
+        raise ValueError(f"{op}: unobserved_weight must be a finite number >= 0, got "
+                         f"{unobserved_weight}")
+    for flag, name, t in ((grad_values, "values", values), (grad_weights, "weights", weights)):
+        if flag and t is None:
+            raise ValueError(f"{op}: grad_{name}=True but {name} is None")
+    if P.device.type == "cpu" and P.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: the CPU kernel supports float32 and float64, got "
+                        f"{_cpp_name(P.dtype)}")
+
+
+@torch.library.register_fake("mf_ext::implicit_mf_loss_and_grads")
+def _implicit_mf_loss_and_grads_fake(rows, cols, P, Q, values, weights, unobserved_weight,
+                                     reduction, grad_values, grad_P, grad_Q, grad_weights):
+    _check_implicit_mf_loss_args(rows, cols, P, Q, values, weights, unobserved_weight, reduction,
+                                 grad_values, grad_weights)
+    nnz, r, m, n = rows.shape[0], P.shape[0], P.shape[1], Q.shape[1]
+
+    def maybe(wanted, shape):
+        return P.new_empty(shape if wanted else (0,))
+
+    return (P.new_empty(()), maybe(grad_values, (nnz,)), maybe(grad_P, (r, m)),
+            maybe(grad_Q, (r, n)), maybe(grad_weights, (nnz,)))
+
+
+# Inputs of the op that can carry a gradient, by position, with the flag that computes it.
+_IMPLICIT_GRAD_INPUTS = ((4, "values"), (2, "P"), (3, "Q"), (5, "weights"))
+
+
+def _implicit_mf_loss_setup_context(ctx, inputs, output):
+    ctx.grad_flags = tuple(inputs[8:12])
+    grads = output[1:]
+    ctx.save_for_backward(*grads)
+    ctx.mark_non_differentiable(*grads)
+
+
+@once_differentiable  # the saved gradients are constants: a second derivative would be wrong
+def _implicit_mf_loss_backward(ctx, grad_loss, *_grad_outputs):
+    grads = [None] * 12
+    for (index, name), flag, g in zip(_IMPLICIT_GRAD_INPUTS, ctx.grad_flags, ctx.saved_tensors):
+        if not ctx.needs_input_grad[index]:
+            continue
+        if not flag:
+            raise RuntimeError(
+                f"mf_ext.implicit_mf_loss: {name} requires grad but the op was called with "
+                f"grad_{name}=False; call mf_ext.implicit_mf_loss, which sets the flags")
+        grads[index] = grad_loss * g
+    return tuple(grads)
+
+
+torch.library.register_autograd(
+    "mf_ext::implicit_mf_loss_and_grads",
+    _implicit_mf_loss_backward,
+    setup_context=_implicit_mf_loss_setup_context,
+)
+
+
+def implicit_mf_loss(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    values: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    unobserved_weight: float = 1.0,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """The implicit-feedback (all-cells, iALS) loss, with its gradients in one fused pass:
+
+        L = Σ_t w_t (v_t − P[:, i]ᵀQ[:, j])² + α₀ Σ_{i<m, j<n} (P[:, i]ᵀQ[:, j])²,
+
+    i = rows_t, j = cols_t, α₀ = unobserved_weight. The second sum runs over all m·n cells but is
+    computed as α₀ ⟨P Pᵀ, Q Qᵀ⟩ with the r × r Gram matrices: the cost is O(nnz·r + (m+n)·r²)
+    and nothing of size m × n or nnz × r is formed. The first sum is observed_mf_loss's.
+
+    rows, cols: (nnz,) int32 or int64, in [0, m) / [0, n) (out of range raises IndexError);
+    P: (r, m); Q: (r, n), any strides (the embedding layout `weight.T` of an (m, r) table is as
+    fast as (r, m)); values: (nnz,) or None (all 1); weights: (nnz,), ≥ 0, or None (all 1); a
+    negative or NaN weight raises ValueError. Floats: float32 or float64 (on CUDA also float16 and
+    bfloat16, accumulated in float32), one dtype and device. A repeated (i, j) counts once per
+    occurrence in the first sum. unobserved_weight: a finite number ≥ 0; 0 gives exactly
+    observed_mf_loss (bit for bit).
+    reduction: "sum", or "mean", which divides the whole L (both sums) by nnz, the unweighted
+    count of triples, or by 1 when nnz == 0 (then L is the all-cells term alone); with
+    unobserved_weight=0 both reductions equal observed_mf_loss's.
+    Returns a 0-dim tensor of P's dtype. Gradients flow to whichever of P, Q, values, weights
+    require grad (first derivatives only). The CPU kernel gives bitwise the same result for any
+    thread count. On CUDA, checking the weights' signs costs one host synchronization (besides
+    the observed op's index check).
+
+    Hu, Koren & Volinsky's confidence form Σ_obs c (1 − x)² + Σ_unobs x² (c = 1 + α·r_ui) is,
+    up to a constant, weights = c − 1, values = c / (c − 1), unobserved_weight = 1 (README).
+    """
+    op = "mf_ext.implicit_mf_loss"
+    if not isinstance(reduction, str):
+        raise TypeError(f"{op}: reduction must be a str, got {type(reduction)}")
+    if isinstance(unobserved_weight, bool) or not isinstance(unobserved_weight, (int, float)):
+        raise TypeError(f"{op}: unobserved_weight must be a float, got "
+                        f"{type(unobserved_weight).__name__}")
+    grad = torch.is_grad_enabled()
+
+    def wants(t):
+        return grad and t is not None and t.requires_grad
+
+    return torch.ops.mf_ext.implicit_mf_loss_and_grads(
+        rows, cols, P, Q, values, weights, float(unobserved_weight), reduction,
+        wants(values), wants(P), wants(Q), wants(weights),
+    )[0]

@@ -84,3 +84,31 @@ def observed_mf_loss_reference(
     if reduction == "mean":
         loss = loss / max(values.shape[0], 1)
     return loss
+
+
+def implicit_mf_loss_reference(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    values: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    unobserved_weight: float = 1.0,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Σ_t w_t (v_t − (PᵀQ)[rows_t, cols_t])² + α₀ Σ_{all i, j} (PᵀQ)_ij², α₀ = unobserved_weight.
+
+    rows, cols: (nnz,) integer; P: (r, m); Q: (r, n); values, weights: (nnz,) or None (all 1).
+    reduction "mean" divides the whole loss by max(nnz, 1). Builds the dense m × n prediction:
+    small sizes only (and the "eager" baseline of the benchmark).
+    """
+    prediction = P.T @ Q
+    observed = prediction[rows.long(), cols.long()]
+    residual = (1 if values is None else values) - observed
+    squared = torch.square(residual)
+    if weights is not None:
+        squared = squared * weights
+    loss = torch.sum(squared) + unobserved_weight * torch.sum(torch.square(prediction))
+    if reduction == "mean":
+        loss = loss / max(rows.shape[0], 1)
+    return loss

@@ -1,0 +1,152 @@
+// CPU kernel of mf_ext::implicit_mf_loss_and_grads:
+//   L = Σ_t w_t (v_t − p_iᵀ q_j)² + α₀ Σ_{i<m, j<n} (p_iᵀ q_j)²,
+// the first sum by the registered observed-entries op (one fused pass over the triples), the
+// second as α₀ ⟨P Pᵀ, Q Qᵀ⟩ with the r × r Gram matrices, whose gradients are 2α₀ (Q Qᵀ) P and
+// 2α₀ (P Pᵀ) Q: O(nnz·r + (m+n)·r²), nothing of size m × n or nnz × r.
+//
+// Determinism: MKL may split a GEMM's long inner dimension (m) across threads, which changes the
+// summation order with the thread count. So the columns of P (and Q) are cut into blocks whose
+// size depends only on the shape; each block's r × r partial Gram and each block of the
+// (r × r)·P product is one single-threaded GEMM, and the partials are summed in block order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../implicit_mf_loss_common.h"
+#include "blas.h"
+
+namespace mf_ext {
+namespace {
+
+constexpr int64_t kMinBlockColumns = 256;  // columns of P per GEMM: enough work per call
+constexpr int64_t kMaxBlocks = 64;         // bounds the partials' memory to 64 r² numbers
+constexpr int64_t kMinParallelWork = 1 << 20;  // multiply-adds per thread worth waking it for
+
+int64_t block_columns(int64_t m) {
+  return std::max(kMinBlockColumns, (m + kMaxBlocks - 1) / kMaxBlocks);
+}
+
+// Grain of a parallel loop whose items cost `work` each: small problems stay on this thread.
+// (Only the speed depends on it: every item is computed the same way on any thread.)
+int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(work, 1));
+}
+
+// A factor (r, m) as column-major BLAS sees it. by_rows: element (k, i) at data[k·ld + i] (the
+// (r, m) row-major layout, i.e. Pᵀ column-major m × r); else at data[i·ld + k] (the embedding
+// layout weight.T, i.e. P column-major r × m). Other strides are copied once.
+template <typename T>
+struct Factor {
+  at::Tensor storage;
+  const T* data;
+  int64_t r, m, ld;
+  bool by_rows;
+
+  explicit Factor(const at::Tensor& X) : r(X.size(0)), m(X.size(1)) {
+    if (X.stride(1) == 1 && (r <= 1 || X.stride(0) >= std::max<int64_t>(m, 1))) {
+      storage = X, by_rows = true, ld = r <= 1 ? std::max<int64_t>(m, 1) : X.stride(0);
+    } else if (X.stride(0) == 1 && (m <= 1 || X.stride(1) >= std::max<int64_t>(r, 1))) {
+      storage = X, by_rows = false, ld = m <= 1 ? std::max<int64_t>(r, 1) : X.stride(1);
+    } else {
+      storage = X.contiguous(), by_rows = true, ld = std::max<int64_t>(m, 1);
+    }
+    data = storage.template const_data_ptr<T>();
+  }
+
+  // Column i's first element (column i of P is row i of the m × r matrix Pᵀ).
+  const T* column(int64_t i) const { return by_rows ? data + i : data + i * ld; }
+};
+
+// X Xᵀ (r × r, column-major, symmetric) summed in double over fixed column blocks, in order.
+template <typename T>
+std::vector<double> gram(const Factor<T>& X) {
+  const int64_t r = X.r, width = block_columns(X.m);
+  const int64_t blocks = (X.m + width - 1) / width;
+  std::vector<T> partials(blocks * r * r);
+  at::parallel_for(0, blocks, grain_for(width * r * r), [&](int64_t begin, int64_t end) {
+    blas::OneThread one_thread;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t i0 = b * width, count = std::min(width, X.m - i0);
+      blas::gemm<T>(X.by_rows ? 'T' : 'N', X.by_rows ? 'N' : 'T', r, r, count, T(1),
+                    X.column(i0), X.ld, X.column(i0), X.ld, T(0), partials.data() + b * r * r, r);
+    }
+  });
+  std::vector<double> G(r * r, 0.0);
+  at::parallel_for(0, r * r, grain_for(blocks), [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      double s = 0;
+      for (int64_t b = 0; b < blocks; ++b) s += partials[b * r * r + e];
+      G[e] = s;
+    }
+  });
+  return G;
+}
+
+// dX (r, m), contiguous, += scale · G · X, one single-threaded GEMM per column block.
+template <typename T>
+void add_gram_product(at::Tensor& dX, const Factor<T>& X, const std::vector<double>& G,
+                      double scale) {
+  const int64_t r = X.r, m = X.m, width = block_columns(m);
+  const int64_t blocks = (m + width - 1) / width;
+  if (r == 0 || m == 0) return;
+  TORCH_INTERNAL_ASSERT(dX.is_contiguous(), "the observed op returns contiguous gradients");
+  const std::vector<T> Gt(G.begin(), G.end());
+  T* D = dX.mutable_data_ptr<T>();
+  // In column-major terms dXᵀ (m × r, ld m) += scale · Xᵀ · G (G is symmetric).
+  at::parallel_for(0, blocks, grain_for(width * r * r), [&](int64_t begin, int64_t end) {
+    blas::OneThread one_thread;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t i0 = b * width, count = std::min(width, m - i0);
+      blas::gemm<T>(X.by_rows ? 'N' : 'T', 'N', count, r, r, static_cast<T>(scale),
+                    X.column(i0), X.ld, Gt.data(), r, T(1), D + i0, m);
+    }
+  });
+}
+
+void check_cpu_weights(const std::optional<at::Tensor>& weights) {
+  if (!weights.has_value() || weights->numel() == 0) return;
+  const at::Tensor ok = weights->ge(0);  // false for negatives and NaN
+  if (ok.all().item<bool>()) return;
+  const int64_t position = ok.logical_not().nonzero().select(0, 0).item<int64_t>();
+  implicit_weight_error(position, weights->select(0, position).item<double>());
+}
+
+ImplicitResult implicit_mf_loss_and_grads_cpu(
+    const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& P, const at::Tensor& Q,
+    const std::optional<at::Tensor>& values, const std::optional<at::Tensor>& weights,
+    double unobserved_weight, c10::string_view reduction, bool grad_values, bool grad_P,
+    bool grad_Q, bool grad_weights) {
+  const std::string_view red_name(reduction.data(), reduction.size());
+  const Reduction red = check_implicit_call(rows, cols, P, Q, values, weights, unobserved_weight,
+                                            red_name, grad_values, grad_weights);
+  TORCH_CHECK_TYPE(P.scalar_type() == at::kFloat || P.scalar_type() == at::kDouble, kImplicitOp,
+                   ": the CPU kernel supports float32 and float64, got ", P.scalar_type());
+  check_cpu_weights(weights);
+  auto [loss, d_values, dP, dQ, d_row_bias, d_col_bias, d_weights] = observed_part(
+      rows, cols, P, Q, values, weights, red_name, grad_values, grad_P, grad_Q, grad_weights);
+  if (unobserved_weight == 0) {  // exactly the observed op, bit for bit
+    return {loss, d_values, dP, dQ, d_weights};
+  }
+  const double scale = gram_scale(unobserved_weight, red, rows.size(0));
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "implicit_mf_loss_cpu", [&] {
+    const Factor<scalar_t> FP(P), FQ(Q);
+    const std::vector<double> GP = gram(FP), GQ = gram(FQ);
+    double inner = 0;  // ⟨P Pᵀ, Q Qᵀ⟩ = Σ_{i,j} (p_iᵀ q_j)²
+    for (size_t e = 0; e < GP.size(); ++e) inner += GP[e] * GQ[e];
+    loss = at::scalar_tensor(loss.item<double>() + scale * inner, loss.options());
+    if (grad_P) add_gram_product(dP, FP, GQ, 2 * scale);
+    if (grad_Q) add_gram_product(dQ, FQ, GP, 2 * scale);
+  });
+  return {loss, d_values, dP, dQ, d_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mf_ext, CPU, m) {
+  m.impl("implicit_mf_loss_and_grads", &implicit_mf_loss_and_grads_cpu);
+}
+
+}  // namespace mf_ext
