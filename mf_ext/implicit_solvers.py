@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mf_ext._implicit_stand_in import implicit_mf_loss
+from mf_ext.ops import implicit_mf_loss
 
 
 @dataclass
