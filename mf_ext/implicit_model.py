@@ -41,7 +41,7 @@ class ImplicitMatrixFactorizationConfig(Config):
     reg: float = setting(0.03, NONNEGATIVE, "L2 weight (see reg_exponent)", cli=True)
     reg_exponent: float = setting(
         1.0, UNIT_INTERVAL, "lambda = reg * (row weight)^this (0: plain L2)", cli=True)
-    cg_steps: int = setting(3, Integer(1), "conjugate-gradient steps per ALS half-step",
+    cg_steps: int = setting(2, Integer(1), "conjugate-gradient steps per ALS half-step",
                             cli=True)
     lr: float = setting(0.05, POSITIVE, "Adam's learning rate (solver adam)", cli=True)
     init_std: float = setting(0.01, NONNEGATIVE, "the factors start as N(0, init_std^2)")
