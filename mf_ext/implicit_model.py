@@ -138,11 +138,7 @@ class ImplicitMatrixFactorization(TopN, Estimator):
                             m, n, self.reg, self.reg_exponent)
 
     def _als_epoch(self, problem: ImplicitProblem) -> Callable[[], float]:
-        def step() -> float:
-            als_sweep(self.P, self.Q, problem, self.cg_steps)
-            with torch.no_grad():
-                return float(objective(self.P, self.Q, problem))
-        return step
+        return lambda: als_sweep(self.P, self.Q, problem, self.cg_steps)
 
     def _adam_epoch(self, problem: ImplicitProblem, count: int) -> Callable[[], float]:
         self.P.requires_grad_()

@@ -14,6 +14,7 @@ triples, Q Qᵀ as the r × r Gram term), never a per-user r × r matrix nor an 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 
@@ -57,42 +58,55 @@ def objective(P: torch.Tensor, Q: torch.Tensor, problem: ImplicitProblem) -> tor
             + (P * P).sum(0) @ problem.user_reg + (Q * Q).sum(0) @ problem.item_reg)
 
 
-def als_sweep(P: torch.Tensor, Q: torch.Tensor, problem: ImplicitProblem, cg_steps: int) -> None:
+def als_sweep(P: torch.Tensor, Q: torch.Tensor, problem: ImplicitProblem, cg_steps: int) -> float:
     """One ALS sweep in place: the users' half-step with Q fixed, then the items' with P fixed,
-    each `cg_steps` conjugate-gradient steps warm-started at the current factors."""
+    each `cg_steps` conjugate-gradient steps warm-started at the current factors. Returns the
+    objective at the new (P, Q), taken from the items' half-step's own op calls (no extra one)."""
     p = problem
     _cg_half_step(P, Q, p.rows, p.cols, p, p.user_reg, cg_steps)
-    _cg_half_step(Q, P, p.cols, p.rows, p, p.item_reg, cg_steps)
+    return _cg_half_step(Q, P, p.cols, p.rows, p, p.item_reg, cg_steps,
+                         fixed_penalty=float((P * P).sum(0) @ p.user_reg))
 
 
 def _half_gradient(X: torch.Tensor, Y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                   values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """½ ∂/∂X of the op's loss (Y fixed): Σ w (xᵀy − v) y + Y Yᵀ x, for every column x of X."""
+                   values: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    """(½ ∂/∂X of the op's loss with Y fixed, the loss): the gradient is
+    Σ w (xᵀy − v) y + Y Yᵀ x for every column x of X."""
     with torch.enable_grad():
         X = X.detach().requires_grad_()
-        (grad,) = torch.autograd.grad(implicit_mf_loss(rows, cols, X, Y.detach(), values, weights),
-                                      X)
-    return grad * 0.5
+        loss = implicit_mf_loss(rows, cols, X, Y.detach(), values, weights)
+        (grad,) = torch.autograd.grad(loss, X)
+    return grad * 0.5, float(loss)
 
 
 @torch.no_grad()
 def _cg_half_step(X: torch.Tensor, Y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                  p: ImplicitProblem, reg: torch.Tensor, steps: int) -> None:
+                  p: ImplicitProblem, reg: torch.Tensor, steps: int, fixed_penalty: float = 0.0
+                  ) -> float:
     """`steps` CG steps on A_k x_k = b_k for every column k of X at once (one step length per
-    column), starting from X; X is updated in place."""
-    residual = -(_half_gradient(X, Y, rows, cols, p.values, p.weights) + reg * X)
+    column), starting from X; X is updated in place. Returns the objective at the new X (with
+    `fixed_penalty`, the other side's L2 term): the objective is quadratic in X, so
+    f(X0 + δ) = f(X0) + 2⟨δ, A X0 − b⟩ + ⟨δ, A δ⟩, and A δ adds up from the steps' A d."""
+    half_gradient, loss = _half_gradient(X, Y, rows, cols, p.values, p.weights)
+    start = loss - p.constant + float((X * X).sum(0) @ reg) + fixed_penalty
+    residual = -(half_gradient + reg * X)
+    first_residual = residual.clone()
+    delta, a_delta = torch.zeros_like(X), torch.zeros_like(X)
     direction = residual.clone()
     norm = (residual * residual).sum(0)
     for _ in range(steps):
-        a_direction = _half_gradient(direction, Y, rows, cols, p.zeros, p.weights) \
+        a_direction = _half_gradient(direction, Y, rows, cols, p.zeros, p.weights)[0] \
             + reg * direction
         curvature = (direction * a_direction).sum(0)
         # A column that has converged (residual 0) has curvature 0: it takes no step.
         step = torch.where(curvature > 0, norm / curvature.clamp_min(torch.finfo(X.dtype).tiny),
                            0)
-        X.add_(step * direction)
+        delta.add_(step * direction)
+        a_delta.add_(step * a_direction)
         residual.sub_(step * a_direction)
         new_norm = (residual * residual).sum(0)
         direction = residual + torch.where(norm > 0, new_norm / norm.clamp_min(
             torch.finfo(X.dtype).tiny), 0) * direction
         norm = new_norm
+    X.add_(delta)
+    return start + float((delta * (a_delta - 2 * first_residual)).sum(dtype=torch.float64))
