@@ -33,6 +33,7 @@ import torch
 
 from mf_ext.checks import SEED, Number, check_int
 from mf_ext.data import Ratings, as_ratings
+from mf_ext.ranking import TopN, _plain
 
 METRICS = ("recall", "ndcg", "precision", "map", "auc")
 _OPEN_FRACTION = Number("a number in (0, 1)", lambda x: 0 < x < 1)
@@ -185,6 +186,9 @@ def evaluate_ranking(model: Any, test: Any, k: int = 10,
     `metrics` asked (names from METRICS), plus "users" (users evaluated) and, with AUC,
     "auc_users" (those with a relevant known item and a non-relevant candidate)."""
     who = "mf_ext.metrics.evaluate_ranking"
+    if not isinstance(model, TopN):
+        raise TypeError(f"{who}: model must be an mf_ext model with top-N recommendation "
+                        f"(mf_ext.ranking.TopN), got {type(model).__name__}")
     model._check_fitted()
     n_items = len(model.item_map)
     k = check_int(who, "k", k, 1, n_items)
@@ -228,7 +232,7 @@ def _relevance(who: str, model: Any, test: Any) -> Tuple[np.ndarray, np.ndarray,
     if unknown_users.any():
         warnings.warn(f"{who}: skipping {len(np.unique(test_users[unknown_users]))} test "
                       f"user(s) the model does not know, e.g. "
-                      f"{test_users[unknown_users][0]!r}", UserWarning, stacklevel=3)
+                      f"{_plain(test_users[unknown_users][0])!r}", UserWarning, stacklevel=3)
     known = (user_index >= 0) & (item_index >= 0)
     keys = np.unique(user_index[known] * n + item_index[known])
     counts = np.diff(model._rated_indptr)
@@ -280,7 +284,7 @@ def _model_auc(model: Any, users: np.ndarray, relevant_keys: np.ndarray) -> np.n
         excluded = torch.isneginf(scores).sum(1, keepdim=True)  # training items, first
         left = torch.searchsorted(ordered, padded, side="left")
         equal = torch.searchsorted(ordered, padded, side="right") - left  # itself included
-        midrank = torch.where(padded.isinf(), 0, left - excluded + (equal + 1) / 2)
+        midrank = torch.where(padded.isinf(), 0, (left - excluded + (equal + 1) / 2).double())
         candidates = n - excluded[:, 0]
         negatives = candidates - positives
         u_statistic = midrank.sum(1) - positives * (positives + 1) / 2

@@ -67,14 +67,16 @@ class TopN:
         self._check_fitted()
         who = f"{self._who}.recommend_batch"
         k = check_int(who, "k", k, 1, len(self.item_map))
+        if not isinstance(exclude_seen, (bool, np.bool_)):
+            raise TypeError(f"{who}: exclude_seen must be True or False, got {exclude_seen!r}")
         index = self._user_indices(users, who)
         items, scores = self._top_k_indices(index, k, exclude_seen)
         short = (items < 0).any(axis=1)
         if short.any():
             row = int(np.flatnonzero(short)[0])
             left = int((items[row] >= 0).sum())
-            raise ValueError(f"{who}: user {np.asarray(users)[row]!r} has only {left} unseen "
-                             f"items, fewer than k = {k}; ask for fewer")
+            raise ValueError(f"{who}: user {_plain(np.asarray(users)[row])!r} has only "
+                             f"{left} unseen items, fewer than k = {k}; ask for fewer")
         return self.item_map.raw(items), scores
 
     def recommend_new(self, items: Any, values: Any = None, k: int = 10
@@ -105,7 +107,7 @@ class TopN:
         if not known.all():
             unknown = raw[~known]
             warnings.warn(f"{who}: ignoring {len(unknown)} item(s) the model does not know, "
-                          f"e.g. {unknown[0]!r}", UserWarning, stacklevel=2)
+                          f"e.g. {_plain(unknown[0])!r}", UserWarning, stacklevel=2)
         index = index[known]
         vector, offset = self._fold_in(index, None if values is None else values[known])
         _, item_vectors, _, item_offset = self._score_parts()
@@ -135,7 +137,7 @@ class TopN:
         if (index < 0).any():
             bad = np.flatnonzero(index < 0)
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise KeyError(f"{who}: unknown user {raw[bad[0]]!r}{more}")
+            raise KeyError(f"{who}: unknown user {_plain(raw[bad[0]])!r}{more}")
         return index
 
     def _chunk_rows(self) -> int:
@@ -146,27 +148,31 @@ class TopN:
         """(start, scores) for consecutive chunks of `user_index`: scores (c, n) are the ranking
         scores of users user_index[start:start + c], -inf at their training items when
         `exclude_seen`. Raises ValueError for NaN scores (a diverged model)."""
-        user_vectors, item_vectors, user_offset, item_offset = self._score_parts()
-        device = item_vectors.device
+        parts = self._score_parts()
         rows = self._chunk_rows()
-        with torch.no_grad():
-            for start in range(0, len(user_index), rows):
-                chunk = user_index[start:start + rows]
-                u = torch.as_tensor(chunk, device=device)
-                scores = user_vectors[:, u].T @ item_vectors
-                if user_offset is not None:
-                    scores += user_offset[u, None]
-                if item_offset is not None:
-                    scores += item_offset
-                if torch.isnan(scores).any():
-                    row = int(torch.isnan(scores).any(1).nonzero()[0, 0])
-                    raise ValueError(f"{self._who}: the model's scores for user "
-                                     f"{self.user_map.raw(chunk[row])!r} are NaN")
-                if exclude_seen:
-                    seen_rows, seen_items = self._seen_pairs(chunk)
-                    scores[torch.as_tensor(seen_rows, device=device),
-                           torch.as_tensor(seen_items, device=device)] = -math.inf
-                yield start, scores
+        for start in range(0, len(user_index), rows):
+            yield start, self._chunk_scores(user_index[start:start + rows], parts, exclude_seen)
+
+    @torch.no_grad()  # not around the yield above: that would leave grad off in the caller
+    def _chunk_scores(self, chunk: np.ndarray, parts: ScoreParts, exclude_seen: bool
+                      ) -> torch.Tensor:
+        user_vectors, item_vectors, user_offset, item_offset = parts
+        device = item_vectors.device
+        u = torch.as_tensor(chunk, device=device)
+        scores = user_vectors[:, u].T @ item_vectors
+        if user_offset is not None:
+            scores += user_offset[u, None]
+        if item_offset is not None:
+            scores += item_offset
+        if torch.isnan(scores).any():
+            row = int(torch.isnan(scores).any(1).nonzero()[0, 0])
+            raise ValueError(f"{self._who}: the model's scores for user "
+                             f"{_plain(self.user_map.raw(chunk[row]))!r} are NaN")
+        if exclude_seen:
+            seen_rows, seen_items = self._seen_pairs(chunk)
+            scores[torch.as_tensor(seen_rows, device=device),
+                   torch.as_tensor(seen_items, device=device)] = -math.inf
+        return scores
 
     def _seen_pairs(self, user_index: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(row in user_index, item index) of every training item of those users."""
@@ -218,6 +224,11 @@ def top_k(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     values = scores.gather(1, index)
     order = values.sort(dim=1, descending=True, stable=True).indices
     return values.gather(1, order), index.gather(1, order)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value (for messages: 'u1', not np.str_('u1'))."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _float_array(who: str, name: str, values: Any) -> np.ndarray:
