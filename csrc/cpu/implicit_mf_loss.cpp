@@ -124,9 +124,9 @@ ImplicitResult implicit_mf_loss_and_grads_cpu(
                                             red_name, grad_values, grad_weights);
   TORCH_CHECK_TYPE(P.scalar_type() == at::kFloat || P.scalar_type() == at::kDouble, kImplicitOp,
                    ": the CPU kernel supports float32 and float64, got ", P.scalar_type());
-  check_cpu_weights(weights);
   auto [loss, d_values, dP, dQ, d_row_bias, d_col_bias, d_weights] = observed_part(
       rows, cols, P, Q, values, weights, red_name, grad_values, grad_P, grad_Q, grad_weights);
+  check_cpu_weights(weights);  // after the indices, as on CUDA
   if (unobserved_weight == 0) {  // exactly the observed op, bit for bit
     return {loss, d_values, dP, dQ, d_weights};
   }
