@@ -172,22 +172,22 @@ class ImplicitMatrixFactorization(TopN, Estimator):
 
     def recommend(self, user: Any, k: int = 10, exclude: Any = None) -> list:
         """The k highest-scoring items for `user` that it did not interact with in training (nor
-        in `exclude`), as [(item id, score), …], best first."""
+        in `exclude`), as [(item id, score), …], best first (fewer when fewer are left); ranked
+        as recommend_batch ranks, equal scores by item id."""
         self._check_fitted()
         k = check_int(self._who, "k", k, 1)
         index = int(self.user_map.index(np.asarray([user]))[0])
         if index < 0:
             raise KeyError(f"{self._who}.recommend: unknown user {user!r}")
-        with torch.no_grad():
-            scores = (self.P[:, index] @ self.Q).cpu().double()
-        scores[torch.as_tensor(self._rated_items(index))] = -math.inf
+        _, scores = next(self._score_chunks(np.array([index]), exclude_seen=True))
         if exclude is not None:
             ex = self.item_map.index(np.asarray(exclude))
-            scores[torch.as_tensor(ex[ex >= 0])] = -math.inf
+            scores[0, torch.as_tensor(ex[ex >= 0], device=scores.device)] = -math.inf
         k = min(k, int(torch.isfinite(scores).sum()))
-        top = torch.topk(scores, k)
-        return [(self.item_map.raw(int(j)).item(), float(s))
-                for s, j in zip(top.values, top.indices)]
+        if k == 0:
+            return []
+        items, values = self._finish(scores, k)
+        return [(self.item_map.raw(j).item(), float(v)) for j, v in zip(items[0], values[0])]
 
     def _score_parts(self) -> Tuple[torch.Tensor, torch.Tensor, None, None]:
         """For mf_ext.ranking.TopN: score(u, i) = p_uᵀ q_i, no offsets."""
@@ -231,10 +231,6 @@ class ImplicitMatrixFactorization(TopN, Estimator):
         self._rated_indptr = np.concatenate(
             [[0], np.cumsum(np.bincount(user_index, minlength=m))]).astype(np.int64)
         self._rated_indices = item_index[order].astype(np.int64)
-
-    def _rated_items(self, user_index: int) -> np.ndarray:
-        start, end = self._rated_indptr[user_index], self._rated_indptr[user_index + 1]
-        return self._rated_indices[start:end]
 
     # ------------------------------------------------------------------ persistence
 
