@@ -186,6 +186,10 @@ def test_bad_inputs_raise_clear_errors():
         fit(users[:3], items[:3], [0, 0, 0])
     with pytest.raises(TypeError, match="got int"):
         fit(5)
+    with pytest.raises(TypeError, match="weights given without items"):
+        fit(users, weights=np.ones(len(users)))
+    with pytest.raises(ValueError, match=r"needs user and item columns, got \['user'\]"):
+        fit(pd.DataFrame({"user": users}))
     with pytest.raises(ValueError, match="alpha must be a finite number > 0, got 0"):
         ImplicitMatrixFactorization(alpha=0)
     with pytest.raises(ValueError, match=r"solver must be \"als\" or \"adam\", got 'sgd'"):
