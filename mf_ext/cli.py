@@ -1,6 +1,6 @@
 """The command line: `mf-ext <command> [options]` (also `python -m mf_ext <command>`).
 
-Each command is a module in mf_ext/commands/ with HELP (one line), add_arguments(parser) and
+Each command is a module in mf_ext/commands/ (fit_implicit.py: `fit-implicit`) with HELP (one line), add_arguments(parser) and
 run(args) -> exit status; adding one (fit, recommend, info, …) is one line in COMMANDS.
 Bad options exit with status 2 and user errors (bad files, bad data) with status 1, each with
 a one-line message on stderr and no traceback.
@@ -17,7 +17,8 @@ from typing import List, Optional, Sequence
 from mf_ext.commands.errors import CliError
 
 PROG = "mf-ext"
-COMMANDS = ("demo", "fit", "recommend", "info")  # module names in mf_ext/commands/, in the order `--help` lists them
+COMMANDS = ("demo", "fit", "fit_implicit", "recommend", "info")  # module names in mf_ext/commands/ (the
+# command is the name with dashes), in the order `--help` lists them
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="command", required=True)
     for name in COMMANDS:
         module = importlib.import_module(f"mf_ext.commands.{name}")
-        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        sub = subparsers.add_parser(name.replace("_", "-"), help=module.HELP,
+                                    description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
