@@ -11,13 +11,33 @@ import numpy as np
 import torch
 
 from mf_ext.checks import (FRACTION, NONNEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Device, Flag,
-                           FloatDType, Integer, OneOf, check_int)
+                           FloatDType, Integer, Number, OneOf, check_int)
 from mf_ext.config import Config, setting
 from mf_ext.data import IdMap, Ratings, as_ratings
 from mf_ext.distributed import TrainingGroup, training_group
 from mf_ext.estimator import EpochRecord, Estimator, ids_from_file, ids_to_file
+from mf_ext.user_history import UserHistory
 
-FORMAT_VERSION = 1
+# 2: the SVD++ term (implicit: P holds the full user vectors, Y is saved). Version-1 files load
+# with implicit=False, which is what they were trained with.
+FORMAT_VERSION = 2
+
+# reg's default, a function of the mean number of training ratings per item (d = N / n): fitted
+# on MovieLens-100K (d ≈ 49: 0.14 best) and the ML-1M half (d ≈ 122: 0.08 to 0.1 best), on other
+# folds and splits than the benchmark's (benchmarks/results/movielens.md). Denser items carry
+# more evidence each, so their factors need less shrinkage.
+REG_AT_REFERENCE, REFERENCE_RATINGS_PER_ITEM, REG_EXPONENT = 0.14, 48.5, 0.5
+
+
+def default_reg(n_ratings: int, n_items: int) -> float:
+    """reg when it is not given: REG_AT_REFERENCE · (d / REFERENCE_RATINGS_PER_ITEM)^-REG_EXPONENT
+    with d = n_ratings / n_items (at least 1), the training ratings per item."""
+    per_item = max(n_ratings / max(n_items, 1), 1.0)
+    return REG_AT_REFERENCE * (per_item / REFERENCE_RATINGS_PER_ITEM) ** -REG_EXPONENT
+
+
+OPTIONAL_NONNEGATIVE = Number("a finite number >= 0", lambda x: math.isfinite(x) and x >= 0,
+                              optional=True)
 
 
 @dataclass
@@ -27,16 +47,23 @@ class MatrixFactorizationConfig(Config):
     WHO: ClassVar[str] = "mf_ext.MatrixFactorization"
     OLD_FILE_DEFAULTS: ClassVar[Dict[str, Any]] = {
         "bias_count_exponent": 1.0,  # files saved before the option: the penalty was n^1
+        "implicit": False,           # format version 1 had no SVD++ term
     }
 
     rank: int = setting(64, Integer(1), "latent dimension r", cli=True)
     epochs: int = setting(160, Integer(0), "maximum passes over the ratings", cli=True)
     lr: float = setting(0.05, POSITIVE, "Adam's learning rate", cli=True)
-    reg: float = setting(0.12, NONNEGATIVE, "L2 on the factors", cli=True)
-    bias_reg: float = setting(0.25, NONNEGATIVE, "L2 on the biases", cli=True)
+    reg: Optional[float] = setting(
+        None, OPTIONAL_NONNEGATIVE, "L2 on the factors (default: default_reg of the data)",
+        cli=True)
+    bias_reg: float = setting(0.5, NONNEGATIVE, "L2 on the biases", cli=True)
     bias_count_exponent: float = setting(
         0.5, UNIT_INTERVAL, "bias penalty weighted by count^this (0..1; see MatrixFactorization)",
         cli=True)
+    implicit: bool = setting(
+        True, Flag(), "SVD++ term: add |N(u)|^-1/2 sum of y_j over the user's training items")
+    implicit_reg_scale: float = setting(10.0, NONNEGATIVE,
+                                        "the L2 on the y_j is reg times this (per count)")
     batch_size: Optional[int] = setting(
         None, Integer(1, optional=True),
         "mini-batches of this many ratings (default: full batch)", cli=True)
@@ -64,6 +91,7 @@ class _TrainingData:
     user_counts: torch.Tensor    # (m,) ratings per user (all ranks), in the model's dtype
     item_counts: torch.Tensor    # (n,)
     bias_weights: Tuple[torch.Tensor, torch.Tensor]  # count^bias_count_exponent, (m,) and (n,)
+    history: Optional[UserHistory]  # N(u) of the SVD++ term (training pairs only), or None
 
 
 class MatrixFactorization(Estimator):
@@ -125,6 +153,7 @@ class MatrixFactorization(Estimator):
             train, held_out = group.hold_out(data, self.validation_fraction, rng, sizes)
         training = self._prepare(data, train, group)
         params = self._init_parameters(generator)
+        self._history = training.history  # predictions during the fit add the implicit term
         optimizer = torch.optim.Adam(params, lr=self.lr,
                                      fused=True if self.device.type == "cuda" else None)
         # Optional cosine decay to 1% of lr over `epochs` (for mini-batches mostly: full-batch
@@ -142,6 +171,9 @@ class MatrixFactorization(Estimator):
         self._fitted = True
         self._run_epochs(params, train_epoch, lambda: self._validation_rmse(held_out, group),
                          progress, callback)
+        # From here on P holds the whole user vectors p_u + |N(u)|^-½ Σ y_j (what predicting and
+        # ranking use); N(u) is not needed any more.
+        self.P, self._history = self._user_factors(), None
         return self
 
     def _random_sources(self) -> Tuple[torch.Generator, np.random.Generator]:
@@ -164,7 +196,8 @@ class MatrixFactorization(Estimator):
         rows = torch.as_tensor(self.user_map.index(train.users), device=dev)
         cols = torch.as_tensor(self.item_map.index(train.items), device=dev)
         values = torch.as_tensor(train.ratings, dtype=dt, device=dev)
-        _, self.global_mean, self.rating_range = group.rating_stats(train.ratings)
+        n_train, self.global_mean, self.rating_range = group.rating_stats(train.ratings)
+        self.effective_reg = self.reg if self.reg is not None else default_reg(n_train, n)
         user_counts = torch.bincount(rows, minlength=m)
         item_counts = torch.bincount(cols, minlength=n)
         group.sum_counts(user_counts, item_counts)
@@ -173,12 +206,16 @@ class MatrixFactorization(Estimator):
         # no gradient from the data, so their bias stays 0 either way).
         bias_weights = (user_counts.pow(self.bias_count_exponent),
                         item_counts.pow(self.bias_count_exponent))
+        # N(u): the training pairs of every rank (never `data`'s held-out share, nor a test pair)
+        history = UserHistory(*group.rated_pairs(rows.cpu().numpy(), cols.cpu().numpy()), m, n,
+                              dev, dt) if self.implicit else None
         return _TrainingData(rows, cols, values - self.global_mean, user_counts, item_counts,
-                             bias_weights)
+                             bias_weights, history)
 
     def _init_parameters(self, generator: torch.Generator) -> list:
         """P (r, m), Q (r, n) ~ N(0, init_std²) drawn on the CPU (the same start on every device
-        and rank), the biases at 0; set on the model and returned as a list."""
+        and rank), the biases at 0, and with `implicit` Y (r, n) at 0 (Q's gradient starts the
+        term); set on the model and returned as a list."""
         m, n, dev, dt = len(self.user_map), len(self.item_map), self.device, self.dtype
         P = (torch.randn(self.rank, m, generator=generator, dtype=dt) * self.init_std).to(dev)
         Q = (torch.randn(self.rank, n, generator=generator, dtype=dt) * self.init_std).to(dev)
@@ -186,7 +223,9 @@ class MatrixFactorization(Estimator):
                   torch.zeros(m, dtype=dt, device=dev, requires_grad=True),
                   torch.zeros(n, dtype=dt, device=dev, requires_grad=True)]
         self.P, self.Q, self.user_bias, self.item_bias = params
-        return params
+        self.Y = torch.zeros(self.rank, n, dtype=dt, device=dev, requires_grad=True) \
+            if self.implicit else None
+        return params if self.Y is None else params + [self.Y]
 
     def _epoch(self, optimizer: torch.optim.Optimizer, data: _TrainingData,
                rng: np.random.Generator, group: TrainingGroup) -> float:
@@ -194,25 +233,31 @@ class MatrixFactorization(Estimator):
         from mf_ext.ops import observed_mf_loss
 
         params = [self.P, self.Q, self.user_bias, self.item_bias]
+        leaves = params if self.Y is None else params + [self.Y]
         total = 0.0
         for batch, count in group.batches(data.residual.numel(), self.batch_size, rng):
             r_, c_, v_ = (data.rows, data.cols, data.residual) if batch is None else (
                 data.rows[batch], data.cols[batch], data.residual[batch])
+            # The user vectors with the implicit term, for all users: O(|N| r) per step
+            users = data.history.user_vectors(self.P, self.Y) if data.history else self.P
             loss = group.batch_loss(
-                lambda reduction: observed_mf_loss(r_, c_, v_, *params, reduction=reduction),
+                lambda reduction: observed_mf_loss(r_, c_, v_, users, *params[1:],
+                                                   reduction=reduction),
                 count)
             optimizer.zero_grad(set_to_none=True)
             # The penalty is global: rank 0 alone adds it, so the ranks' sum counts it once.
             (loss + self._penalty(data) / group.n_train if group.rank == 0 else loss).backward()
-            total += group.all_reduce_gradients(params, loss, count)
+            total += group.all_reduce_gradients(leaves, loss, count)
             optimizer.step()
         return total / group.n_train
 
     def _penalty(self, data: _TrainingData) -> torch.Tensor:
         """The L2 terms of the objective times N (Surprise's per-rating form): factor penalties
         weighted by each user's/item's count, bias penalties by count^bias_count_exponent."""
-        return (self.reg * ((self.P * self.P).sum(0) @ data.user_counts
-                            + (self.Q * self.Q).sum(0) @ data.item_counts)
+        items = (self.Q * self.Q).sum(0) if self.Y is None else (
+            (self.Q * self.Q).sum(0) + self.implicit_reg_scale * (self.Y * self.Y).sum(0))
+        return (self.effective_reg * ((self.P * self.P).sum(0) @ data.user_counts
+                            + items @ data.item_counts)
                 + self.bias_reg * (self.user_bias.square() @ data.bias_weights[0]
                                    + self.item_bias.square() @ data.bias_weights[1]))
 
@@ -244,7 +289,7 @@ class MatrixFactorization(Estimator):
             pred = torch.full(u.shape, self.global_mean, dtype=self.dtype, device=self.device)
             pred += torch.where(known_u, self.user_bias[uc], 0)
             pred += torch.where(known_i, self.item_bias[ic], 0)
-            dots = (self.P[:, uc] * self.Q[:, ic]).sum(0)
+            dots = (self._user_factors()[:, uc] * self.Q[:, ic]).sum(0)
             pred += torch.where(known_u & known_i, dots, 0)
             if self.clip:
                 pred.clamp_(*self.rating_range)
@@ -281,6 +326,15 @@ class MatrixFactorization(Estimator):
         return [(self.item_map.raw(int(j)).item(), float(s))
                 for s, j in zip(top.values, top.indices)]
 
+    def _user_factors(self) -> torch.Tensor:
+        """The user vectors predictions use: P, plus the implicit term during a fit (after it,
+        P holds the sum)."""
+        history = getattr(self, "_history", None)
+        if history is None:
+            return self.P
+        with torch.no_grad():
+            return history.user_vectors(self.P, self.Y)
+
     def _set_rated(self, user_index: np.ndarray, item_index: np.ndarray, m: int) -> None:
         """What each user rated, as CSR arrays (for recommend to skip)."""
         order = np.argsort(user_index, kind="stable")
@@ -303,6 +357,8 @@ class MatrixFactorization(Estimator):
             "item_ids": ids_to_file(self.item_map.ids),
             "P": self.P.detach().cpu(), "Q": self.Q.detach().cpu(),
             "user_bias": self.user_bias.detach().cpu(), "item_bias": self.item_bias.detach().cpu(),
+            "Y": None if self.Y is None else self.Y.detach().cpu(),
+            "effective_reg": self.effective_reg,
             "rated_indptr": torch.from_numpy(self._rated_indptr),
             "rated_indices": torch.from_numpy(self._rated_indices),
         }
@@ -314,6 +370,9 @@ class MatrixFactorization(Estimator):
         self.global_mean, self.rating_range = state["global_mean"], tuple(state["rating_range"])
         self.P, self.Q = state["P"].to(device), state["Q"].to(device)
         self.user_bias, self.item_bias = state["user_bias"].to(device), state["item_bias"].to(device)
+        Y = state.get("Y")  # format version 1 has none
+        self.Y = None if Y is None else Y.to(device)
+        self.effective_reg = state.get("effective_reg", self.reg)  # version 1: reg was given
         self._rated_indptr = state["rated_indptr"].numpy()
         self._rated_indices = state["rated_indices"].numpy()
 
