@@ -2,9 +2,12 @@
 Surprise's SVD (defaults), SVD tuned (50 factors, 100 epochs, lr 0.01, reg 0.1) and SVD++
 (defaults), all on the same folds and splits in the same run.
 
-    PYTHONPATH=/work/peers/surprise ./dev python benchmarks/bench_movielens.py \\
-        [--ml100k ../shared/data/ml-100k/u.data] [--ml1m ../shared/data/ml-1m-half/ratings.dat] \\
-        [--fold-seeds 3,4,5] [--split-seeds 1,2,3] [--no-svdpp] [--out F]
+    PYTHONPATH=.:/work/peers/surprise OMP_WAIT_POLICY=PASSIVE .venv/bin/python \\
+        benchmarks/bench_movielens.py [--ml100k ../shared/data/ml-100k/u.data] \\
+        [--ml1m ../shared/data/ml-1m-half/ratings.dat] [--fold-seeds 3,4,5] \\
+        [--split-seeds 1,2,3] [--no-svdpp] [--out F]
+
+(2 threads; OMP_WAIT_POLICY=PASSIVE keeps OpenMP from spin-waiting on a shared machine.)
 
 Protocols: MovieLens-100K, 5-fold cross-validation for each fold seed; the ML-1M half, a random
 90/10 split of the ratings for each split seed. Surprise is not a dependency: install it into a
