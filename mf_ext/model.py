@@ -113,7 +113,9 @@ class MatrixFactorization(Estimator):
     ratings, not the batch), so full batch and mini-batches minimize the same objective.
     The implicit term for all users is Y Sᵀ with S the (m, n) CSR of |N(u)|^-½
     (mf_ext/user_history.py): two sparse products per step, O(|N| r) each, on top of the fused
-    observed-entries op; memory O(|N| + r (m + n)). y_j's penalty is implicit_reg_scale (10)
+    observed-entries op; memory O(|N| + r (m + n)). On the ML-1M half (r = 64, 2 threads) the
+    term's forward and backward took 13 ms against the op's 20 ms; a mini-batch step pays the
+    whole term too, so with small batches implicit=False is much faster. y_j's penalty is implicit_reg_scale (10)
     times q_j's: with Adam, a weaker one let Y overfit (MovieLens-100K 0.928 at 1x, 0.903 at 10x).
     After fit, P holds the whole user vectors p_u + |N(u)|^-½ Σ y_j (what predict, recommend
     and a saved file use) and Y the y_j.
