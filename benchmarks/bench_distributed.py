@@ -1,6 +1,18 @@
-"""Data-parallel MatrixFactorization throughput (ratings·epochs/s) per process count, CPU/gloo.
+"""Data-parallel MatrixFactorization throughput (ratings·epochs/s) per process count, CPU/gloo;
+and, with --memory, replicated against sharded factors (shard_factors=True): memory per rank,
+bytes sent per rank and step, seconds per epoch.
 
     ./dev python benchmarks/bench_distributed.py [--configs 1x1,1x2,2x1] [--ratings N] ...
+    ./dev python benchmarks/bench_distributed.py --memory --designs sharded --users 6000000 \
+        --items 200000 --ratings 15000000 --rank 32 --epochs 3
+
+--memory: P = --processes single-threaded workers, each generating its own share of a uniform
+synthetic set (any input split works: the sharded fit moves ratings to their users' owners) and
+fitting it full-batch. Each reports its resident memory before the fit and at the fit's peak
+(VmHWM, reset before the fit), the bytes its factors, gradients and Adam moments take (from the
+tensors it holds), the most item rows one step gathered, and the bytes it handed to the
+all-to-alls per step (ShardInfo.bytes_sent). The cost models they are set against are in
+docs/distributed.md; the replicated design's figures are also computed for sizes not run.
 
 For each configuration PxT it starts P workers (this script with --worker, a file:// rendezvous)
 of T threads each, each training full-batch on its shard of one synthetic set. Throughput is
@@ -16,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -75,6 +88,117 @@ def worker(args) -> None:
                           "train_rmse": model.history[-1].train_rmse}))
 
 
+def memory_worker(args) -> None:
+    """One rank of --memory: fit its share of the synthetic set; rank 0 prints every rank's
+    figures as JSON."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from common import _status_kib
+    from mf_ext import MatrixFactorization, Ratings
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{args.rendezvous}",
+                            rank=args.worker_rank, world_size=args.world,
+                            timeout=datetime.timedelta(seconds=600))
+    rank, world = args.worker_rank, args.world
+    rng = np.random.default_rng([1, rank])
+    share = args.ratings // world + (rank < args.ratings % world)
+    users, items = rng.integers(0, args.users, share), rng.integers(0, args.items, share)
+    data = Ratings(users, items, rng.integers(1, 6, share).astype(np.float64))
+    del users, items
+    dtype = getattr(torch, args.dtype)
+    model = MatrixFactorization(rank=args.rank, epochs=args.epochs, dtype=dtype, seed=0,
+                                shard_factors=args.design == "sharded")
+    rss_before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM from here: the fit's peak
+    dist.barrier()
+    model.fit(data)
+    params = (model.P, model.Q, model.user_bias, model.item_bias)
+    held = sum(p.numel() * p.element_size() for p in params)
+    shard = model.shard
+    row_bytes = (args.rank + 1) * torch.finfo(dtype).bits // 8
+    figures = {
+        "rank": rank, "rss_before_mib": rss_before / 1024,
+        "peak_rss_mib": _status_kib("VmHWM") / 1024,
+        "factors_mib": held / 2**20,
+        "state_mib": 4 * held / 2**20,  # parameters, gradients, Adam's two moments
+        "epoch_s": statistics.median(h.seconds for h in model.history[1:]),
+        "train_rmse": model.history[-1].train_rmse,
+        "m": len(model.user_map), "n": len(model.item_map), "local_ratings": share,
+    }
+    if shard is not None:
+        per_step = sum(shard.bytes_sent.get(k, 0) for k in ("item-row", "item-gradient"))
+        figures.update(gathered_mib=shard.gathered_rows * row_bytes / 2**20,
+                       gathered_rows=shard.gathered_rows,
+                       bytes_per_step=per_step / shard.steps,
+                       setup_bytes=sum(v for k, v in shard.bytes_sent.items()
+                                       if k not in ("item-row", "item-gradient")))
+    rows = [None] * world
+    dist.all_gather_object(rows, figures)
+    if rank == 0:
+        print(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def memory_table(args) -> None:
+    """--memory: the workers of each design in turn, then the table."""
+    from common import machine_line
+
+    world, r, b = args.processes, args.rank, torch.finfo(getattr(torch, args.dtype)).bits // 8
+    N = args.ratings
+    print(f"Machine: {machine_line()}; load average at start {os.getloadavg()[0]:.1f} (other "
+          f"jobs share the cores and the memory)\n", flush=True)
+    runs = {design: launch_memory(args, design) for design in args.designs.split(",")}
+    m, n = next(iter(runs.values()))[0]["m"], next(iter(runs.values()))[0]["n"]
+    print(f"Synthetic set: N = {N:,} uniform ratings drawn over {args.users:,} users and "
+          f"{args.items:,} items, of which m = {m:,} users and n = {n:,} items drew one (the "
+          f"model's), r = {r}, {args.dtype}, full batch, {args.epochs} epochs (s/epoch: median "
+          f"of epochs 2…), {world} processes of 1 thread.\n")
+    replicated_state = 4 * b * (r + 1) * (m + n)  # parameters, gradients, two Adam moments
+    ring = 2 * (world - 1) / world * b * ((r + 1) * (m + n) + 1)
+    touched = 1 - math.exp(-N / world / n)  # the share of the items one rank's ratings touch
+    sharded_step = 2 * (r + 1) * b * n * (world - 1) / world * touched
+    print(f"Cost models (docs/distributed.md): replicated factors+gradients+Adam "
+          f"4·{b}·(r+1)·(m+n) = {replicated_state / 2**20:,.0f} MiB per rank, ring all-reduce "
+          f"{ring / 2**20:,.1f} MiB sent per rank and step; sharded "
+          f"{replicated_state / world / 2**20:,.0f} MiB per rank (1/P) plus the gathered item "
+          f"rows, 2·(r+1)·{b}·n·(P−1)/P·(1−e^(−N/(P·n))) = {sharded_step / 2**20:,.2f} MiB sent "
+          f"per rank and step.\n")
+    print("| design | rank | RSS before fit MiB | peak RSS in fit MiB | factors+grad+Adam MiB "
+          "(model) | gathered item rows | MiB sent per step (model) | s/epoch | train RMSE |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for design, rows in runs.items():
+        for row in rows:
+            if design == "sharded":
+                gathered = f"{row['gathered_rows']:,} ({row['gathered_mib']:.1f} MiB)"
+                sent = f"{row['bytes_per_step'] / 2**20:.2f} ({sharded_step / 2**20:.2f})"
+                state = replicated_state / world
+            else:
+                gathered, sent, state = "-", f"- ({ring / 2**20:.1f})", replicated_state
+            print(f"| {design} | {row['rank']} | {row['rss_before_mib']:,.0f} | "
+                  f"{row['peak_rss_mib']:,.0f} | {row['state_mib']:,.0f} "
+                  f"({state / 2**20:,.0f}) | {gathered} | {sent} | "
+                  f"{row['epoch_s']:.2f} | {row['train_rmse']:.4f} |")
+
+
+def launch_memory(args, design: str) -> list:
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, os.path.abspath(__file__), "--memory-worker", "--design",
+                   design, "--worker-rank", "{rank}", "--world", str(args.processes),
+                   "--rendezvous", os.path.join(tmp, "rdzv"), "--ratings", str(args.ratings),
+                   "--users", str(args.users), "--items", str(args.items), "--rank",
+                   str(args.rank), "--epochs", str(args.epochs), "--dtype", args.dtype]
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        procs = [subprocess.Popen([c.format(rank=r) for c in command], env=env,
+                                  stdout=subprocess.PIPE, text=True)
+                 for r in range(args.processes)]
+        outputs = [p.communicate(timeout=3600)[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"a {design} worker failed with {[p.returncode for p in procs]}")
+    return json.loads(outputs[0].strip().splitlines()[-1])
+
+
 def launch(args, world: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, os.path.abspath(__file__), "--worker-rank", "{rank}",
@@ -105,9 +229,22 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--rendezvous", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true",
+                        help="replicated against sharded factors: memory, traffic, s/epoch")
+    parser.add_argument("--designs", default="replicated,sharded",
+                        help="--memory: which to run, comma-separated")
+    parser.add_argument("--processes", type=int, default=2, help="--memory: processes")
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--design", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_worker:
+        memory_worker(args)
+        return
     if args.worker_rank is not None:
         worker(args)
+        return
+    if args.memory:
+        memory_table(args)
         return
 
     from common import machine_line

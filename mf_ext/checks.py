@@ -122,6 +122,15 @@ class Flag(Check):
         return value
 
 
+class Bool(Check):
+    """True or False, nothing else (a command-line option --x / --no-x)."""
+
+    def normalize(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"must be True or False, got {value!r}")
+        return value
+
+
 class FloatDType(Check):
     """torch.float32 or torch.float64."""
 

@@ -46,6 +46,34 @@ def _block(n: int, rank: int, world_size: int) -> Tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def draw_normal(generator: torch.Generator, rows: int, columns: int, keep: range,
+                dtype: torch.dtype, chunk: int = 1 << 20) -> torch.Tensor:
+    """Columns `keep` of torch.randn(rows, columns, generator=generator, dtype=dtype), leaving
+    the generator where that call would: a rank of a sharded fit draws its block of the factors
+    with the values a single process draws, without holding the whole matrix. The draw is cut
+    into calls of `chunk` values (a multiple of 16; the last call takes the rest, at least 16):
+    CPU randn fills 16 values at a time and redraws a short tail, so such calls consume and
+    return what one call does (tests/test_sharded.py checks it)."""
+    if len(keep) == columns:
+        return torch.randn(rows, columns, generator=generator, dtype=dtype)
+    out = torch.empty(rows, len(keep), dtype=dtype)
+    total, done = rows * columns, 0
+    while done < total:
+        size = min(chunk, total - done)
+        if 0 < total - done - size < 16:
+            size = total - done
+        values = torch.randn(size, generator=generator, dtype=dtype)
+        # the kept positions in [done, done + size): row k's columns keep, at k·columns + keep
+        for row in range(done // columns, (done + size - 1) // columns + 1):
+            start = max(row * columns + keep.start, done)
+            stop = min(row * columns + keep.stop, done + size)
+            if start < stop:
+                out[row, start - row * columns - keep.start:stop - row * columns - keep.start] \
+                    = values[start - done:stop - done]
+        done += size
+    return out
+
+
 def data_parallel(distributed: Optional[bool], device: torch.device) -> Optional["DataParallel"]:
     """fit's `distributed` option resolved: None (auto) trains data-parallel when a process group
     is initialized with more than one rank; True requires one (any size); False never."""
@@ -64,22 +92,69 @@ def data_parallel(distributed: Optional[bool], device: torch.device) -> Optional
     return DataParallel(device)
 
 
-def training_group(distributed: Optional[bool], device: torch.device) -> "TrainingGroup":
-    """The processes a fit trains on: DataParallel when `distributed` resolves to data-parallel
-    (see data_parallel), else SingleProcess, whose collectives do nothing."""
+def training_group(distributed: Optional[bool], settings) -> "TrainingGroup":
+    """The processes a fit with these settings (a model's Config) trains on: ShardedFactors when
+    settings.shard_factors (mf_ext/sharded.py), else DataParallel when `distributed` resolves to
+    data-parallel (see data_parallel), else SingleProcess, whose collectives do nothing."""
+    device = torch.device(settings.device)
+    if getattr(settings, "shard_factors", False):
+        from mf_ext.sharded import sharded_factors
+
+        return sharded_factors(distributed, settings)
     return data_parallel(distributed, device) or SingleProcess(device)
 
 
 class TrainingGroup:
     """The steps of MatrixFactorization.fit that depend on how many processes train together.
     SingleProcess does them for one process; DataParallel agrees on them across ranks, where
-    every method is a collective: all ranks call it, in the same order."""
+    every method is a collective: all ranks call it, in the same order. Both hold every row of
+    the factors (the steps below that only sharding needs do nothing here); ShardedFactors
+    (mf_ext/sharded.py) holds a block of them."""
+
+    # The ranks that add the L2 penalty (a sum over rows) to their loss: rank 0 alone when every
+    # rank holds all the rows, so that the ranks' summed gradients count it once.
+    adds_penalty: bool
 
     def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
         self.device = device
         self.train_sizes: List[int] = []  # each rank's number of training ratings
         self.n_train = 0                  # their sum, the N of the objective
+        self.adds_penalty = rank == 0
+        # The user and item indices whose factor rows this process holds: all of them here.
+        self.user_rows, self.item_rows = range(0), range(0)
+
+    def _hold_all_rows(self, user_map: IdMap, item_map: IdMap) -> Tuple[IdMap, IdMap]:
+        self.user_rows, self.item_rows = range(len(user_map)), range(len(item_map))
+        return user_map, item_map
+
+    # ---------------------------------------------------------------- what only sharding changes
+
+    def localize(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The training triples (user index, item index, rating) this process trains on, user
+        indices counted from user_rows.start: here the given ones."""
+        return rows, cols, values
+
+    def to_owners(self, ratings: Optional[Ratings], model) -> Optional[Ratings]:
+        """Held-out ratings (raw ids) in the form prediction_errors takes: here as they are."""
+        return ratings
+
+    def gather_items(self, cols: torch.Tensor, Q: torch.Tensor, item_bias: torch.Tensor
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cols, Q, item_bias) for the loss op: the item indices of a batch and the item factor
+        columns and biases they index. Here every item is held: the tensors themselves."""
+        return cols, Q, item_bias
+
+    def prediction_errors(self, model, ratings: Ratings) -> np.ndarray:
+        """prediction − rating of each held-out rating (to_owners' form) this process holds."""
+        if len(ratings) == 0:
+            return np.zeros(0)
+        return model.predict(ratings.users, ratings.items) - ratings.ratings
+
+    def shard_info(self):
+        """What a sharded model records of its rows (mf_ext.sharded.ShardInfo); None here."""
+        return None
 
     def hold_out(self, data: Ratings, fraction: float, rng: np.random.Generator,
                  sizes: Sequence[int]) -> Tuple[Ratings, Optional[Ratings]]:
@@ -110,7 +185,7 @@ class SingleProcess(TrainingGroup):
         return [len(data)]
 
     def id_maps(self, train: Ratings) -> Tuple[IdMap, IdMap]:
-        return IdMap(train.users), IdMap(train.items)
+        return self._hold_all_rows(IdMap(train.users), IdMap(train.items))
 
     def rated_pairs(self, users: np.ndarray, items: np.ndarray
                     ) -> Tuple[np.ndarray, np.ndarray]:
@@ -124,8 +199,9 @@ class SingleProcess(TrainingGroup):
         self.train_sizes, self.n_train = [len(values)], len(values)
         return self.n_train, float(values.mean()), (float(values.min()), float(values.max()))
 
-    def sum_counts(self, user_counts: torch.Tensor, item_counts: torch.Tensor) -> None:
-        pass
+    def sum_counts(self, user_counts: torch.Tensor, item_counts: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return user_counts, item_counts
 
     def batches(self, n_local: int, batch_size: Optional[int], rng: np.random.Generator,
                 ) -> List[Tuple[Optional[torch.Tensor], int]]:
@@ -172,8 +248,9 @@ class DataParallel(TrainingGroup):
 
     def id_maps(self, train: Ratings) -> Tuple[IdMap, IdMap]:
         """The user and item maps of the union of all ranks' training ids."""
-        parts = self._gather_objects((np.unique(train.users), np.unique(train.items)), "id-map all-gather")
-        return tuple(IdMap(_concatenate([p[k] for p in parts])) for k in (0, 1))
+        parts = self._gather_objects((np.unique(train.users), np.unique(train.items)),
+                                     "id-map all-gather")
+        return self._hold_all_rows(*(IdMap(_concatenate([p[k] for p in parts])) for k in (0, 1)))
 
     def rated_pairs(self, users: np.ndarray, items: np.ndarray
                     ) -> Tuple[np.ndarray, np.ndarray]:
@@ -196,13 +273,13 @@ class DataParallel(TrainingGroup):
         mean = math.fsum(row[1] for row in rows) / self.n_train
         return self.n_train, mean, (min(r[2] for r in rows), max(r[3] for r in rows))
 
-    def sum_counts(self, user_counts: torch.Tensor, item_counts: torch.Tensor) -> None:
-        """All-reduces the per-user and per-item rating counts in place (one call)."""
+    def sum_counts(self, user_counts: torch.Tensor, item_counts: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The per-user and per-item rating counts summed over the ranks (one all-reduce)."""
         both = torch.cat([user_counts, item_counts])
         with self._collective("count all-reduce"):
             dist.all_reduce(both)
-        user_counts.copy_(both[:len(user_counts)])
-        item_counts.copy_(both[len(user_counts):])
+        return both[:len(user_counts)], both[len(user_counts):]
 
     # ---------------------------------------------------------------- every epoch / step
 
@@ -300,5 +377,5 @@ def init_from_environment(device: str, timeout_s: float = 1800.0) -> torch.devic
     return target
 
 
-__all__ = ["shard_ratings", "data_parallel", "training_group", "TrainingGroup", "SingleProcess",
-           "DataParallel", "launched_by_torchrun", "init_from_environment"]
+__all__ = ["shard_ratings", "draw_normal", "data_parallel", "training_group", "TrainingGroup",
+           "SingleProcess", "DataParallel", "launched_by_torchrun", "init_from_environment"]

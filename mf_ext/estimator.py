@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type
@@ -17,6 +15,7 @@ import torch
 
 from mf_ext.config import Config
 from mf_ext.progress import progress_bar
+from mf_ext.shard_files import load_shards, save_shards, write_atomically
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -34,12 +33,15 @@ class Estimator:
     constructor's arguments, in order; the epoch loop reads its `epochs` and `patience`, and
     save/load its `dtype` and `device`) and `FORMAT_VERSION`, and implements `_state()` and
     `_restore(state, device)` for the tensors and values its saved file holds beyond the
-    config, dtype and history. Files of versions OLDEST_FORMAT_VERSION..FORMAT_VERSION load;
-    `_restore` and Config.OLD_FILE_DEFAULTS give the older ones their old meaning."""
+    config, dtype and history, and, if it can be fitted with sharded rows, SHARDED_STATE: which
+    of those tensors a sharded model splits by rows (mf_ext/shard_files.py). Files of versions
+    OLDEST_FORMAT_VERSION..FORMAT_VERSION load; `_restore` and Config.OLD_FILE_DEFAULTS give the
+    older ones their old meaning."""
 
     Config: ClassVar[Type[Config]]
     FORMAT_VERSION: ClassVar[int]
     OLDEST_FORMAT_VERSION: ClassVar[int] = 1  # older files than this are refused
+    SHARDED_STATE: ClassVar[Dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -52,6 +54,7 @@ class Estimator:
         self.history: List[EpochRecord] = []
         self.interrupted = False
         self._fitted = False
+        self.shard = None  # after a fit with shard_factors=True: this rank's rows (ShardInfo)
 
     @property
     def _who(self) -> str:
@@ -71,9 +74,15 @@ class Estimator:
         else:
             object.__setattr__(self, name, value)
 
-    def _check_fitted(self) -> None:
+    def _check_fitted(self, whole: bool = True) -> None:
+        """Fitted or loaded; and, if `whole`, not a shard (the methods that need every row)."""
         if not self._fitted:
             raise RuntimeError(f"{self._who}: call fit() (or load()) first")
+        if whole and self.shard is not None:
+            raise RuntimeError(f"{self._who}: this model holds only rank {self.shard.rank} of "
+                               f"{self.shard.world_size}'s rows of the factors (shard_factors="
+                               f"True); save() it on every rank and load() the file to predict "
+                               f"or recommend (evaluate() works on the shards, as a collective)")
 
     # ------------------------------------------------------------------ the epoch loop
 
@@ -134,23 +143,18 @@ class Estimator:
 
     def save(self, path: str) -> None:
         """Write the model atomically (a temporary file in the same folder, then a rename),
-        so an interrupted save never leaves a broken file."""
-        self._check_fitted()
+        so an interrupted save never leaves a broken file. A model fitted with
+        shard_factors=True is saved by all ranks together (a collective): a file per rank and a
+        manifest at `path`, which load() reads as one model (mf_ext/shard_files.py)."""
+        self._check_fitted(whole=False)
         state = {"format_version": self.FORMAT_VERSION, "config": self.config.saved(),
                  "dtype": str(self.dtype).replace("torch.", ""), **self._state(),
                  "history": [{k: _plain(v) for k, v in vars(h).items()} for h in self.history]}
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".mf_ext-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        if self.shard is not None:
+            save_shards(state, path, self.shard, self.SHARDED_STATE, f"{self._who}.save",
+                        (len(self.history), getattr(self, "best_epoch", None)))
+        else:
+            write_atomically(state, path)
 
     @classmethod
     def load(cls, path: str, device: str = "cpu"):
@@ -173,6 +177,8 @@ class Estimator:
                              f"{state['format_version']}, this mf_ext reads versions "
                              f"{cls.OLDEST_FORMAT_VERSION} to {cls.FORMAT_VERSION}; refit or use "
                              f"a matching mf_ext")
+        if "shards" in state:  # the manifest of a sharded save
+            state = load_shards(state, path, cls.SHARDED_STATE, who)
         dtype = _DTYPES.get(state.get("dtype"))
         if dtype is None:
             raise ValueError(f"{who}: {path!r} has an unknown dtype {state.get('dtype')!r}")
@@ -184,7 +190,7 @@ class Estimator:
         model.__dict__["config"] = config
         model._restore(state, device)
         model.history = [EpochRecord(**h) for h in state["history"]]
-        model.interrupted, model._fitted = False, True
+        model.interrupted, model._fitted, model.shard = False, True, None
         return model
 
 

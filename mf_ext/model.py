@@ -10,12 +10,13 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from mf_ext.checks import (FRACTION, NONNEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Device, Flag,
-                           FloatDType, Integer, Number, OneOf, check_int)
+from mf_ext.checks import (FRACTION, NONNEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Bool, Device,
+                           Flag, FloatDType, Integer, Number, OneOf, check_int)
 from mf_ext.config import Config, setting
 from mf_ext.data import IdMap, Ratings, as_ratings
-from mf_ext.distributed import TrainingGroup, training_group
+from mf_ext.distributed import TrainingGroup, draw_normal, training_group
 from mf_ext.estimator import EpochRecord, Estimator, ids_from_file, ids_to_file
+from mf_ext.ranking import TopN
 from mf_ext.user_history import UserHistory
 
 # 2: the SVD++ term (implicit: P holds the full user vectors, Y is saved). Version-1 files load
@@ -60,8 +61,9 @@ class MatrixFactorizationConfig(Config):
     bias_count_exponent: float = setting(
         0.5, UNIT_INTERVAL, "bias penalty weighted by count^this (0..1; see MatrixFactorization)",
         cli=True)
-    implicit: bool = setting(
-        True, Flag(), "SVD++ term: add |N(u)|^-1/2 sum of y_j over the user's training items")
+    implicit: Optional[bool] = setting(
+        None, Flag(), "SVD++ term: add |N(u)|^-1/2 sum of y_j over the user's training items "
+                      "(None: on unless shard_factors, which does not implement it)")
     implicit_reg_scale: float = setting(10.0, NONNEGATIVE,
                                         "the L2 on the y_j is reg times this (per count)")
     batch_size: Optional[int] = setting(
@@ -79,6 +81,9 @@ class MatrixFactorizationConfig(Config):
     device: Union[str, torch.device] = setting("cpu", Device(), "where to train", cli=True,
                                                saved=False)
     dtype: torch.dtype = setting(torch.float32, FloatDType(), "float32 or float64", saved=False)
+    shard_factors: bool = setting(
+        False, Bool(), "each torch.distributed rank holds a block of the factors' rows and their "
+                       "Adam state (docs/distributed.md)", cli=True, saved=False)
 
 
 @dataclass
@@ -94,7 +99,7 @@ class _TrainingData:
     history: Optional[UserHistory]  # N(u) of the SVD++ term (training pairs only), or None
 
 
-class MatrixFactorization(Estimator):
+class MatrixFactorization(TopN, Estimator):
     """r̂(u, i) = μ + b_u + b_i + (p_u + |N(u)|^-½ Σ_{j∈N(u)} y_j)ᵀ q_i, fitted on observed
     ratings; N(u) is the set of items u rated in the TRAINING ratings (SVD++'s implicit term;
     implicit=False drops it and Y).
@@ -115,10 +120,12 @@ class MatrixFactorization(Estimator):
     (mf_ext/user_history.py): two sparse products per step, O(|N| r) each, on top of the fused
     observed-entries op; memory O(|N| + r (m + n)). On the ML-1M half (r = 64, 2 threads) the
     term's forward and backward took 13 ms against the op's 20 ms; a mini-batch step pays the
-    whole term too, so with small batches implicit=False is much faster. y_j's penalty is implicit_reg_scale (10)
-    times q_j's: with Adam, a weaker one let Y overfit (MovieLens-100K 0.928 at 1x, 0.903 at 10x).
-    After fit, P holds the whole user vectors p_u + |N(u)|^-½ Σ y_j (what predict, recommend
-    and a saved file use) and Y the y_j.
+    whole term too, so with small batches implicit=False is much faster. y_j's penalty is
+    implicit_reg_scale (10) times q_j's: with Adam, a weaker one let Y overfit (MovieLens-100K
+    0.928 at 1x, 0.903 at 10x). After fit, P holds the whole user vectors
+    p_u + |N(u)|^-½ Σ y_j (what predict, recommend, the top-N methods and a saved file use) and
+    Y the y_j. The term is not implemented with shard_factors (implicit=None leaves it off there;
+    fit refuses implicit=True).
 
     reg (default None) is default_reg(N, n): it shrinks as the items get more ratings each;
     the value a fit used is `effective_reg`.
@@ -126,7 +133,8 @@ class MatrixFactorization(Estimator):
     Args (the fields of MatrixFactorizationConfig, which holds their defaults and checks):
         rank: latent dimension r. epochs: maximum passes. lr: Adam's learning rate.
         reg, bias_reg: the L2 weights above (reg None: default_reg). bias_count_exponent: α
-        above, in [0, 1]. implicit: the SVD++ term. implicit_reg_scale: y_j's penalty over q_j's.
+        above, in [0, 1]. implicit: the SVD++ term (None: on unless shard_factors).
+        implicit_reg_scale: y_j's penalty over q_j's.
         batch_size: None for full-batch Adam (the notebook's optimizer), else mini-batches of
         that many ratings, reshuffled each epoch.
         validation_fraction: share of the training ratings held out for early stopping (0, the
@@ -135,6 +143,10 @@ class MatrixFactorization(Estimator):
         factors start as N(0, init_std²), the biases at 0. lr_schedule: "constant" or "cosine"
         (decay to 1% of lr over `epochs`). clip: clip predictions to the training ratings'
         range. seed: makes a run reproducible. device, dtype: where and in what precision.
+        shard_factors: train across the ranks of a torch.distributed process group with each
+        rank holding a block of the user and item rows (and their Adam state) instead of a
+        full copy; the model then holds its rank's rows only (`shard`): save() on every rank
+        writes a file per rank plus a manifest that load() reassembles (docs/distributed.md).
     Bad settings raise TypeError (wrong type) or ValueError (bad value).
 
     The defaults were tuned on MovieLens-100K (5-fold CV) and half of MovieLens-1M (90/10),
@@ -144,6 +156,10 @@ class MatrixFactorization(Estimator):
 
     Config = MatrixFactorizationConfig
     FORMAT_VERSION = FORMAT_VERSION
+    # The saved tensors that a sharded model splits by rows: (which rows, how they join).
+    SHARDED_STATE = {"P": ("users", 1), "Q": ("items", 1), "user_bias": ("users", 0),
+                     "item_bias": ("items", 0), "rated_indptr": ("users", "indptr"),
+                     "rated_indices": ("users", 0)}
 
     # ------------------------------------------------------------------ fitting
 
@@ -159,9 +175,13 @@ class MatrixFactorization(Estimator):
         distributed: None (default) trains data-parallel when a torch.distributed process
         group with more than one rank is initialized, True requires one, False never. Then
         each rank passes its shard of the ratings (mf_ext.distributed.shard_ratings) and of
-        `validation`, and all ranks end with the same model (docs/distributed.md)."""
+        `validation`, and all ranks end with the same model (docs/distributed.md); with
+        shard_factors=True, each with its block of the rows."""
         data = as_ratings(users, items, ratings)
-        group = training_group(distributed, self.device)
+        if self.implicit is True and self.shard_factors:
+            raise ValueError(f"{self._who}.fit: implicit=True (the SVD++ term) is not implemented "
+                             f"with shard_factors=True; pass implicit=False")
+        group = training_group(distributed, self.config)
         _check_finite(data)
         generator, rng = self._random_sources()
         sizes = group.check_inputs(data, validation)
@@ -169,7 +189,9 @@ class MatrixFactorization(Estimator):
         if validation is None and self.validation_fraction > 0:
             train, held_out = group.hold_out(data, self.validation_fraction, rng, sizes)
         training = self._prepare(data, train, group)
-        params = self._init_parameters(generator)
+        held_out = group.to_owners(held_out, self)
+        self.shard = group.shard_info()
+        params = self._init_parameters(generator, group)
         self._history = training.history  # predictions during the fit add the implicit term
         optimizer = torch.optim.Adam(params, lr=self.lr,
                                      fused=True if self.device.type == "cuda" else None)
@@ -205,19 +227,20 @@ class MatrixFactorization(Estimator):
     def _prepare(self, data: Ratings, train: Ratings, group: TrainingGroup) -> _TrainingData:
         """Id maps, rated pairs, global statistics and the training tensors."""
         self.user_map, self.item_map = group.id_maps(train)
-        m, n = len(self.user_map), len(self.item_map)
+        m = len(group.user_rows)  # the users whose rows this process holds (all unless sharded)
         seen_u, seen_i = self.user_map.index(data.users), self.item_map.index(data.items)
         keep = (seen_u >= 0) & (seen_i >= 0)
         self._set_rated(*group.rated_pairs(seen_u[keep], seen_i[keep]), m)
         dev, dt = self.device, self.dtype
-        rows = torch.as_tensor(self.user_map.index(train.users), device=dev)
-        cols = torch.as_tensor(self.item_map.index(train.items), device=dev)
-        values = torch.as_tensor(train.ratings, dtype=dt, device=dev)
-        n_train, self.global_mean, self.rating_range = group.rating_stats(train.ratings)
+        rows, cols, ratings = group.localize(self.user_map.index(train.users),
+                                             self.item_map.index(train.items), train.ratings)
+        rows, cols = torch.as_tensor(rows, device=dev), torch.as_tensor(cols, device=dev)
+        values = torch.as_tensor(ratings, dtype=dt, device=dev)
+        n_train, self.global_mean, self.rating_range = group.rating_stats(ratings)
+        n = len(self.item_map)
         self.effective_reg = self.reg if self.reg is not None else default_reg(n_train, n)
-        user_counts = torch.bincount(rows, minlength=m)
-        item_counts = torch.bincount(cols, minlength=n)
-        group.sum_counts(user_counts, item_counts)
+        user_counts, item_counts = group.sum_counts(
+            torch.bincount(rows, minlength=m), torch.bincount(cols, minlength=len(self.item_map)))
         user_counts, item_counts = user_counts.to(dt), item_counts.to(dt)
         # The biases' penalty weights n^α, computed once (0^α is 1 for α = 0: unseen ids have
         # no gradient from the data, so their bias stays 0 either way).
@@ -225,23 +248,25 @@ class MatrixFactorization(Estimator):
                         item_counts.pow(self.bias_count_exponent))
         # N(u): the training pairs of every rank (never `data`'s held-out share, nor a test pair)
         history = UserHistory(*group.rated_pairs(rows.cpu().numpy(), cols.cpu().numpy()), m, n,
-                              dev, dt) if self.implicit else None
+                              dev, dt) if self._implicit_on() else None
         return _TrainingData(rows, cols, values - self.global_mean, user_counts, item_counts,
                              bias_weights, history)
 
-    def _init_parameters(self, generator: torch.Generator) -> list:
+    def _init_parameters(self, generator: torch.Generator, group: TrainingGroup) -> list:
         """P (r, m), Q (r, n) ~ N(0, init_std²) drawn on the CPU (the same start on every device
-        and rank), the biases at 0, and with `implicit` Y (r, n) at 0 (Q's gradient starts the
-        term); set on the model and returned as a list."""
-        m, n, dev, dt = len(self.user_map), len(self.item_map), self.device, self.dtype
-        P = (torch.randn(self.rank, m, generator=generator, dtype=dt) * self.init_std).to(dev)
-        Q = (torch.randn(self.rank, n, generator=generator, dtype=dt) * self.init_std).to(dev)
+        and rank), the biases at 0; of each, the rows this process holds (group.user_rows,
+        item_rows: all unless sharded); with `implicit`, Y (r, n) at 0 (Q's gradient starts the
+        term). Set on the model and returned as a list."""
+        dev, dt, r = self.device, self.dtype, self.rank
+        users, items = group.user_rows, group.item_rows
+        P = (draw_normal(generator, r, len(self.user_map), users, dt) * self.init_std).to(dev)
+        Q = (draw_normal(generator, r, len(self.item_map), items, dt) * self.init_std).to(dev)
         params = [P.requires_grad_(), Q.requires_grad_(),
-                  torch.zeros(m, dtype=dt, device=dev, requires_grad=True),
-                  torch.zeros(n, dtype=dt, device=dev, requires_grad=True)]
+                  torch.zeros(len(users), dtype=dt, device=dev, requires_grad=True),
+                  torch.zeros(len(items), dtype=dt, device=dev, requires_grad=True)]
         self.P, self.Q, self.user_bias, self.item_bias = params
-        self.Y = torch.zeros(self.rank, n, dtype=dt, device=dev, requires_grad=True) \
-            if self.implicit else None
+        self.Y = torch.zeros(r, len(self.item_map), dtype=dt, device=dev, requires_grad=True) \
+            if self._implicit_on() else None
         return params if self.Y is None else params + [self.Y]
 
     def _epoch(self, optimizer: torch.optim.Optimizer, data: _TrainingData,
@@ -255,15 +280,17 @@ class MatrixFactorization(Estimator):
         for batch, count in group.batches(data.residual.numel(), self.batch_size, rng):
             r_, c_, v_ = (data.rows, data.cols, data.residual) if batch is None else (
                 data.rows[batch], data.cols[batch], data.residual[batch])
+            c_, Q, item_bias = group.gather_items(c_, self.Q, self.item_bias)  # sharded: fetched
             # The user vectors with the implicit term, for all users: O(|N| r) per step
             users = data.history.user_vectors(self.P, self.Y) if data.history else self.P
             loss = group.batch_loss(
-                lambda reduction: observed_mf_loss(r_, c_, v_, users, *params[1:],
-                                                   reduction=reduction),
-                count)
+                lambda reduction: observed_mf_loss(r_, c_, v_, users, Q, self.user_bias,
+                                                   item_bias, reduction=reduction), count)
             optimizer.zero_grad(set_to_none=True)
-            # The penalty is global: rank 0 alone adds it, so the ranks' sum counts it once.
-            (loss + self._penalty(data) / group.n_train if group.rank == 0 else loss).backward()
+            # The penalty is a sum over rows: the ranks that add it (rank 0 when each holds all
+            # rows, every rank when sharded) count each row once between them.
+            (loss + self._penalty(data) / group.n_train if group.adds_penalty else loss
+             ).backward()
             total += group.all_reduce_gradients(leaves, loss, count)
             optimizer.step()
         return total / group.n_train
@@ -274,7 +301,7 @@ class MatrixFactorization(Estimator):
         items = (self.Q * self.Q).sum(0) if self.Y is None else (
             (self.Q * self.Q).sum(0) + self.implicit_reg_scale * (self.Y * self.Y).sum(0))
         return (self.effective_reg * ((self.P * self.P).sum(0) @ data.user_counts
-                            + items @ data.item_counts)
+                                      + items @ data.item_counts)
                 + self.bias_reg * (self.user_bias.square() @ data.bias_weights[0]
                                    + self.item_bias.square() @ data.bias_weights[1]))
 
@@ -283,8 +310,7 @@ class MatrixFactorization(Estimator):
         """RMSE on the held-out ratings; distributed, over all ranks' shards of them."""
         if held_out is None:
             return None
-        error = self.predict(held_out.users, held_out.items) - held_out.ratings \
-            if len(held_out) else np.zeros(0)
+        error = group.prediction_errors(self, held_out)
         return group.rmse(float(np.square(error).sum()), len(error))
 
     # ------------------------------------------------------------------ using the model
@@ -300,21 +326,33 @@ class MatrixFactorization(Estimator):
                              f"{list(items.shape)}")
         u = torch.as_tensor(self.user_map.index(users), device=self.device)
         i = torch.as_tensor(self.item_map.index(items), device=self.device)
+        return self._predict_indices(u, i, self._user_factors(), self.Q, self.user_bias,
+                                     self.item_bias)
+
+    def _predict_indices(self, u: torch.Tensor, i: torch.Tensor, P: torch.Tensor,
+                         Q: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor
+                         ) -> np.ndarray:
+        """predict on indices into P / user_bias and Q / item_bias (−1: unknown)."""
         known_u, known_i = u >= 0, i >= 0
         uc, ic = u.clamp_min(0), i.clamp_min(0)
         with torch.no_grad():
             pred = torch.full(u.shape, self.global_mean, dtype=self.dtype, device=self.device)
-            pred += torch.where(known_u, self.user_bias[uc], 0)
-            pred += torch.where(known_i, self.item_bias[ic], 0)
-            dots = (self._user_factors()[:, uc] * self.Q[:, ic]).sum(0)
+            pred += torch.where(known_u, user_bias[uc], 0)
+            pred += torch.where(known_i, item_bias[ic], 0)
+            dots = (P[:, uc] * Q[:, ic]).sum(0)
             pred += torch.where(known_u & known_i, dots, 0)
             if self.clip:
                 pred.clamp_(*self.rating_range)
         return pred.cpu().numpy().astype(np.float64)
 
     def evaluate(self, users: Any, items: Any = None, ratings: Any = None) -> dict:
-        """{"rmse": …, "mae": …} on held-out ratings (same inputs as fit)."""
+        """{"rmse": …, "mae": …} on held-out ratings (same inputs as fit). On a model fitted with
+        shard_factors=True, a collective: each rank passes any share of the ratings."""
         data = as_ratings(users, items, ratings)
+        if self.shard is not None:
+            from mf_ext.sharded import evaluate_sharded
+
+            return evaluate_sharded(self, data)
         if len(data) == 0:
             raise ValueError("mf_ext.MatrixFactorization.evaluate: no ratings given")
         error = self.predict(data.users, data.items) - data.ratings
@@ -322,26 +360,27 @@ class MatrixFactorization(Estimator):
 
     def recommend(self, user: Any, k: int = 10, exclude: Any = None) -> list:
         """The k items with the highest predicted rating for `user` that it has not rated in
-        training (nor in `exclude`), as [(item id, predicted rating), …], best first."""
+        training (nor in `exclude`), as [(item id, predicted rating), …], best first (fewer
+        when fewer are left). Ranked as recommend_batch ranks: by the unclipped prediction,
+        equal ones by item id; the ratings are reported as predict() gives them."""
         self._check_fitted()
         k = check_int(self._who, "k", k, 1)
         index = int(self.user_map.index(np.asarray([user]))[0])
         if index < 0:
             raise KeyError(f"mf_ext.MatrixFactorization.recommend: unknown user {user!r}")
-        with torch.no_grad():
-            scores = (self.global_mean + self.user_bias[index] + self.item_bias
-                      + self.P[:, index] @ self.Q)
-            if self.clip:
-                scores = scores.clamp(*self.rating_range)
-            scores = scores.cpu().double()
-        scores[torch.as_tensor(self._rated_items(index))] = -math.inf
+        _, scores = next(self._score_chunks(np.array([index]), exclude_seen=True))
         if exclude is not None:
             ex = self.item_map.index(np.asarray(exclude))
-            scores[torch.as_tensor(ex[ex >= 0])] = -math.inf
+            scores[0, torch.as_tensor(ex[ex >= 0], device=scores.device)] = -math.inf
         k = min(k, int(torch.isfinite(scores).sum()))
-        top = torch.topk(scores, k)
-        return [(self.item_map.raw(int(j)).item(), float(s))
-                for s, j in zip(top.values, top.indices)]
+        if k == 0:
+            return []
+        items, ratings = self._finish(scores, k)
+        return [(self.item_map.raw(j).item(), float(s)) for j, s in zip(items[0], ratings[0])]
+
+    def _implicit_on(self) -> bool:
+        """implicit resolved: None means on, except with shard_factors."""
+        return bool(self.implicit) if self.implicit is not None else not self.shard_factors
 
     def _user_factors(self) -> torch.Tensor:
         """The user vectors predictions use: P, plus the implicit term during a fit (after it,
@@ -359,9 +398,57 @@ class MatrixFactorization(Estimator):
             [[0], np.cumsum(np.bincount(user_index, minlength=m))]).astype(np.int64)
         self._rated_indices = item_index[order].astype(np.int64)
 
-    def _rated_items(self, user_index: int) -> np.ndarray:
-        start, end = self._rated_indptr[user_index], self._rated_indptr[user_index + 1]
-        return self._rated_indices[start:end]
+    # ------------------------------------------------------------------ top-N (mf_ext.ranking)
+
+    def _score_parts(self):
+        """score(u, i) = b_u + b_i + p_uᵀ q_i: the prediction less μ (TopN's contract)."""
+        return self.P.detach(), self.Q.detach(), self.user_bias.detach(), self.item_bias.detach()
+
+    def _reported_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The predicted ratings, as predict() gives them (clipped if clip; ranked unclipped)."""
+        scores = scores + self.global_mean
+        return scores.clamp(*self.rating_range) if self.clip else scores
+
+    def _fold_in(self, item_index: np.ndarray, values: Optional[np.ndarray]
+                 ) -> Tuple[torch.Tensor, float]:
+        """(p, b) of a new user who rated the items `item_index` with `values`, Q, the item
+        biases and μ fixed: the minimizer of the objective's terms that involve the user,
+            Σ_i (y_i − b − pᵀq_i)² + reg·c·|p|² + bias_reg·c^α·b²,   y_i = r_i − μ − b_i,
+        over the user's c ratings (c = n_u, α = bias_count_exponent), i.e. the ridge system
+            (Z Zᵀ + diag(reg·c, …, reg·c, bias_reg·c^α)) [p; b] = Z y,   Z = [q_i; 1] (r+1, c).
+        At the fit's optimum a training user's (p_u, b_u) solves the same system. With the
+        implicit term the user's vector is p + t, t = c^-½ Σ_i y_i fixed by the items: the
+        system is solved for p with y_i − tᵀq_i as the targets, and p + t returned. Solved in
+        numpy float64 on the CPU (r+1 unknowns: torch's thread pool costs more than the solve
+        here); by least squares (the minimum-norm solution) when reg or bias_reg is 0, where
+        the system may be singular."""
+        if values is None:
+            raise ValueError(f"{self._who}.recommend_new: values (the user's ratings) are "
+                             f"needed by the explicit model")
+        rank, count = self.P.shape[0], len(item_index)
+        if count == 0:
+            return torch.zeros(rank, dtype=self.dtype, device=self.device), 0.0
+        # index_select: Q[:, index] went through a parallel kernel, 22 ms against 0.1 ms here
+        index = torch.as_tensor(item_index, device=self.device)
+        Z = np.ones((rank + 1, count))
+        Z[:rank] = self.Q.detach().index_select(1, index).cpu().double().numpy()
+        y = values - self.global_mean - (
+            self.item_bias.detach().index_select(0, index).cpu().double().numpy())
+        implicit = np.zeros(rank)
+        if self.Y is not None:
+            implicit = self.Y.detach().index_select(1, index).cpu().double().numpy().sum(1) \
+                / math.sqrt(len(np.unique(item_index)))
+            y = y - implicit @ Z[:rank]
+        A, rhs = _small_products(Z, y)
+        reg = self.effective_reg if self.reg is None else self.reg  # reg set since: that one
+        A[np.arange(rank), np.arange(rank)] += reg * count
+        A[rank, rank] += self.bias_reg * count ** self.bias_count_exponent
+        if reg > 0 and self.bias_reg > 0:  # positive definite
+            solution = np.linalg.solve(A, rhs)
+        else:
+            solution = np.linalg.lstsq(A, rhs, rcond=None)[0]
+        return (torch.as_tensor(solution[:rank] + implicit, dtype=self.dtype, device=self.device),
+                float(solution[rank]))
 
     # ------------------------------------------------------------------ persistence
 
@@ -392,6 +479,15 @@ class MatrixFactorization(Estimator):
         self.effective_reg = state.get("effective_reg", self.reg)  # version 1: reg was given
         self._rated_indptr = state["rated_indptr"].numpy()
         self._rated_indices = state["rated_indices"].numpy()
+
+
+def _small_products(Z: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Z Zᵀ and Z y. Up to about 2M multiply-adds (r = 64 and 500 ratings) by einsum's own
+    loop: BLAS's thread pool costs more than such a product (65 × 130: 24 ms against 0.17 ms
+    on a loaded 2-core machine, benchmarks/results/ranking_cpu.md)."""
+    if Z.size * Z.shape[0] <= 1 << 21:
+        return np.einsum("ik,jk->ij", Z, Z), np.einsum("ik,k->i", Z, y)
+    return Z @ Z.T, Z @ y
 
 
 def _check_finite(data: Ratings) -> None:

@@ -79,7 +79,8 @@ def test_fit_options_are_the_config_fields():
     options = MatrixFactorizationConfig.options()
     assert [f.name for f in options] == ["rank", "epochs", "lr", "reg", "bias_reg",
                                          "bias_count_exponent", "batch_size",
-                                         "validation_fraction", "seed", "device"]
+                                         "validation_fraction", "seed", "device",
+                                         "shard_factors"]
     for f in fields(MatrixFactorizationConfig):
         if f in options:
             assert getattr(args, f.name) == f.default, f.name

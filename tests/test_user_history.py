@@ -166,7 +166,7 @@ def test_save_load_round_trip_keeps_the_term_and_reg(tmp_path):
     path = str(tmp_path / "m.pt")
     model.save(path)
     loaded = MatrixFactorization.load(path)
-    assert loaded.implicit and loaded.reg is None
+    assert loaded.implicit is None and loaded.Y is not None and loaded.reg is None
     assert loaded.effective_reg == model.effective_reg
     assert torch.equal(loaded.Y, model.Y) and torch.equal(loaded.P, model.P)
     np.testing.assert_array_equal(loaded.predict(users, items), model.predict(users, items))

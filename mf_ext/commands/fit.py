@@ -36,8 +36,12 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     # Under torchrun (RANK, WORLD_SIZE set): every rank reads the file, splits it identically
     # and trains data-parallel on its shard of the training ratings; rank 0 alone prints,
-    # tests and writes (docs/distributed.md).
+    # tests and writes (docs/distributed.md). With --shard-factors each rank holds a block of
+    # the model's rows: the ranks test and write together.
     if not distributed.launched_by_torchrun():
+        if args.shard_factors:
+            raise CliError("--shard-factors splits the model across processes: launch with "
+                           "torchrun (e.g. torchrun --nproc_per_node 2 -m mf_ext fit ...)")
         return _run(args, device)
     device = distributed.init_from_environment(str(device))
     try:
@@ -78,17 +82,25 @@ def _run(args: argparse.Namespace, device, rank: int = 0, world_size: int = 1) -
     except ValueError as exc:
         raise CliError(str(exc)) from None
     seconds = time.perf_counter() - start
-    if not main:
+    sharded = model.shard is not None  # then evaluate and save are collectives
+    if not (main or sharded):
         return 0
     note = " (interrupted: kept the best model so far)" if model.interrupted else ""
-    print(f"trained {len(model.history)} epochs in {seconds:.2f} s, best epoch "
-          f"{model.best_epoch}{note}")
+    if main:
+        print(f"trained {len(model.history)} epochs in {seconds:.2f} s, best epoch "
+              f"{model.best_epoch}{note}")
     if len(test):
-        scores = model.evaluate(test)
-        print(f"test RMSE {scores['rmse']:.4f}  MAE {scores['mae']:.4f}")
+        scores = model.evaluate(distributed.shard_ratings(test, rank, world_size) if sharded
+                                else test)
+        if main:
+            print(f"test RMSE {scores['rmse']:.4f}  MAE {scores['mae']:.4f}")
     if args.out:
         model.save(args.out)
-        print(f"model: {args.out}")
+        if main:
+            print(f"model: {args.out}" + (f" (a manifest of {world_size} shard files)"
+                                          if sharded else ""))
+    if not main:
+        return 0
     if args.plot:
         from mf_ext.plot import save_learning_curve
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Type
 
 import torch
 
-from mf_ext.checks import FRACTION, POSITIVE, SEED, Check, Device, Integer
+from mf_ext.checks import FRACTION, POSITIVE, SEED, Bool, Check, Device, Integer
 from mf_ext.commands.errors import CliError
 from mf_ext.config import Config
 
@@ -44,11 +44,14 @@ def add_config_options(parser: argparse.ArgumentParser, config: Type[Config],
     for f in config.options():
         check = f.metadata["check"]
         kwargs: Dict[str, Any] = {"dest": f.name, "default": f.default}
-        if hasattr(check, "choices"):
+        if isinstance(check, Bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif hasattr(check, "choices"):
             kwargs["choices"] = check.choices
         else:
             kwargs["type"] = option_type(check, f.name)
-        default = "" if f.default is None else f" (default {f.default})"
+        # (BooleanOptionalAction adds its own "(default: ...)")
+        default = "" if f.default is None or isinstance(check, Bool) else f" (default {f.default})"
         group.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"] + default,
                            **kwargs)
 
