@@ -34,10 +34,13 @@ class Estimator:
     save/load its `dtype` and `device`) and `FORMAT_VERSION`, and implements `_state()` and
     `_restore(state, device)` for the tensors and values its saved file holds beyond the
     config, dtype and history, and, if it can be fitted with sharded rows, SHARDED_STATE: which
-    of those tensors a sharded model splits by rows (mf_ext/shard_files.py)."""
+    of those tensors a sharded model splits by rows (mf_ext/shard_files.py). Files of versions
+    OLDEST_FORMAT_VERSION..FORMAT_VERSION load; `_restore` and Config.OLD_FILE_DEFAULTS give the
+    older ones their old meaning."""
 
     Config: ClassVar[Type[Config]]
     FORMAT_VERSION: ClassVar[int]
+    OLDEST_FORMAT_VERSION: ClassVar[int] = 1  # older files than this are refused
     SHARDED_STATE: ClassVar[Dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -168,10 +171,12 @@ class Estimator:
                              f"({type(exc).__name__}: {exc})") from None
         if not isinstance(state, dict) or "format_version" not in state:
             raise ValueError(f"{who}: {path!r} is not an mf_ext model")
-        if state["format_version"] != cls.FORMAT_VERSION:
+        if state["format_version"] not in range(cls.OLDEST_FORMAT_VERSION,
+                                                cls.FORMAT_VERSION + 1):
             raise ValueError(f"{who}: {path!r} has model format version "
-                             f"{state['format_version']}, this mf_ext reads version "
-                             f"{cls.FORMAT_VERSION}; refit or use a matching mf_ext")
+                             f"{state['format_version']}, this mf_ext reads versions "
+                             f"{cls.OLDEST_FORMAT_VERSION} to {cls.FORMAT_VERSION}; refit or use "
+                             f"a matching mf_ext")
         if "shards" in state:  # the manifest of a sharded save
             state = load_shards(state, path, cls.SHARDED_STATE, who)
         dtype = _DTYPES.get(state.get("dtype"))

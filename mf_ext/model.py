@@ -11,14 +11,34 @@ import numpy as np
 import torch
 
 from mf_ext.checks import (FRACTION, NONNEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Bool, Device,
-                           Flag, FloatDType, Integer, OneOf, check_int)
+                           Flag, FloatDType, Integer, Number, OneOf, check_int)
 from mf_ext.config import Config, setting
 from mf_ext.data import IdMap, Ratings, as_ratings
 from mf_ext.distributed import TrainingGroup, draw_normal, training_group
 from mf_ext.estimator import EpochRecord, Estimator, ids_from_file, ids_to_file
 from mf_ext.ranking import TopN
+from mf_ext.user_history import UserHistory
 
-FORMAT_VERSION = 1
+# 2: the SVD++ term (implicit: P holds the full user vectors, Y is saved). Version-1 files load
+# with implicit=False, which is what they were trained with.
+FORMAT_VERSION = 2
+
+# reg's default, a function of the mean number of training ratings per item (d = N / n): fitted
+# on MovieLens-100K (d ≈ 49: 0.14 best) and the ML-1M half (d ≈ 122: 0.08 to 0.1 best), on other
+# folds and splits than the benchmark's (benchmarks/results/movielens.md). Denser items carry
+# more evidence each, so their factors need less shrinkage.
+REG_AT_REFERENCE, REFERENCE_RATINGS_PER_ITEM, REG_EXPONENT = 0.14, 48.5, 0.5
+
+
+def default_reg(n_ratings: int, n_items: int) -> float:
+    """reg when it is not given: REG_AT_REFERENCE · (d / REFERENCE_RATINGS_PER_ITEM)^-REG_EXPONENT
+    with d = n_ratings / n_items (at least 1), the training ratings per item."""
+    per_item = max(n_ratings / max(n_items, 1), 1.0)
+    return REG_AT_REFERENCE * (per_item / REFERENCE_RATINGS_PER_ITEM) ** -REG_EXPONENT
+
+
+OPTIONAL_NONNEGATIVE = Number("a finite number >= 0", lambda x: math.isfinite(x) and x >= 0,
+                              optional=True)
 
 
 @dataclass
@@ -28,16 +48,24 @@ class MatrixFactorizationConfig(Config):
     WHO: ClassVar[str] = "mf_ext.MatrixFactorization"
     OLD_FILE_DEFAULTS: ClassVar[Dict[str, Any]] = {
         "bias_count_exponent": 1.0,  # files saved before the option: the penalty was n^1
+        "implicit": False,           # format version 1 had no SVD++ term
     }
 
     rank: int = setting(64, Integer(1), "latent dimension r", cli=True)
     epochs: int = setting(160, Integer(0), "maximum passes over the ratings", cli=True)
     lr: float = setting(0.05, POSITIVE, "Adam's learning rate", cli=True)
-    reg: float = setting(0.12, NONNEGATIVE, "L2 on the factors", cli=True)
-    bias_reg: float = setting(0.25, NONNEGATIVE, "L2 on the biases", cli=True)
+    reg: Optional[float] = setting(
+        None, OPTIONAL_NONNEGATIVE, "L2 on the factors (default: default_reg of the data)",
+        cli=True)
+    bias_reg: float = setting(0.5, NONNEGATIVE, "L2 on the biases", cli=True)
     bias_count_exponent: float = setting(
         0.5, UNIT_INTERVAL, "bias penalty weighted by count^this (0..1; see MatrixFactorization)",
         cli=True)
+    implicit: Optional[bool] = setting(
+        None, Flag(), "SVD++ term: add |N(u)|^-1/2 sum of y_j over the user's training items "
+                      "(None: on unless shard_factors, which does not implement it)")
+    implicit_reg_scale: float = setting(10.0, NONNEGATIVE,
+                                        "the L2 on the y_j is reg times this (per count)")
     batch_size: Optional[int] = setting(
         None, Integer(1, optional=True),
         "mini-batches of this many ratings (default: full batch)", cli=True)
@@ -68,13 +96,17 @@ class _TrainingData:
     user_counts: torch.Tensor    # (m,) ratings per user (all ranks), in the model's dtype
     item_counts: torch.Tensor    # (n,)
     bias_weights: Tuple[torch.Tensor, torch.Tensor]  # count^bias_count_exponent, (m,) and (n,)
+    history: Optional[UserHistory]  # N(u) of the SVD++ term (training pairs only), or None
 
 
 class MatrixFactorization(TopN, Estimator):
-    """r̂(u, i) = μ + b_u + b_i + p_uᵀ q_i, fitted on observed ratings.
+    """r̂(u, i) = μ + b_u + b_i + (p_u + |N(u)|^-½ Σ_{j∈N(u)} y_j)ᵀ q_i, fitted on observed
+    ratings; N(u) is the set of items u rated in the TRAINING ratings (SVD++'s implicit term;
+    implicit=False drops it and Y).
 
     Objective (full batch, mean over the N training ratings):
         (1/N) Σ_(u,i) (r_ui − r̂_ui)² + (reg/N) Σ_u n_u |p_u|² + (reg/N) Σ_i n_i |q_i|²
+                                      + (reg·implicit_reg_scale/N) Σ_j n_j |y_j|²
                                       + (bias_reg/N) (Σ_u n_u^α b_u² + Σ_i n_i^α b_i²)
     where n_u, n_i count each user's and item's training ratings: on the factors, the same
     penalty per rating that SGD recommenders (Surprise's SVD) apply, which keeps rare users'
@@ -84,10 +116,25 @@ class MatrixFactorization(TopN, Estimator):
     lies between and fitted MovieLens-100K best (benchmarks/results/movielens_100k.md).
     A mini-batch step takes the batch's mean squared error plus the same penalty (over all N
     ratings, not the batch), so full batch and mini-batches minimize the same objective.
+    The implicit term for all users is Y Sᵀ with S the (m, n) CSR of |N(u)|^-½
+    (mf_ext/user_history.py): two sparse products per step, O(|N| r) each, on top of the fused
+    observed-entries op; memory O(|N| + r (m + n)). On the ML-1M half (r = 64, 2 threads) the
+    term's forward and backward took 13 ms against the op's 20 ms; a mini-batch step pays the
+    whole term too, so with small batches implicit=False is much faster. y_j's penalty is
+    implicit_reg_scale (10) times q_j's: with Adam, a weaker one let Y overfit (MovieLens-100K
+    0.928 at 1x, 0.903 at 10x). After fit, P holds the whole user vectors
+    p_u + |N(u)|^-½ Σ y_j (what predict, recommend, the top-N methods and a saved file use) and
+    Y the y_j. The term is not implemented with shard_factors (implicit=None leaves it off there;
+    fit refuses implicit=True).
+
+    reg (default None) is default_reg(N, n): it shrinks as the items get more ratings each;
+    the value a fit used is `effective_reg`.
 
     Args (the fields of MatrixFactorizationConfig, which holds their defaults and checks):
         rank: latent dimension r. epochs: maximum passes. lr: Adam's learning rate.
-        reg, bias_reg: the L2 weights above. bias_count_exponent: α above, in [0, 1].
+        reg, bias_reg: the L2 weights above (reg None: default_reg). bias_count_exponent: α
+        above, in [0, 1]. implicit: the SVD++ term (None: on unless shard_factors).
+        implicit_reg_scale: y_j's penalty over q_j's.
         batch_size: None for full-batch Adam (the notebook's optimizer), else mini-batches of
         that many ratings, reshuffled each epoch.
         validation_fraction: share of the training ratings held out for early stopping (0, the
@@ -102,7 +149,9 @@ class MatrixFactorization(TopN, Estimator):
         writes a file per rank plus a manifest that load() reassembles (docs/distributed.md).
     Bad settings raise TypeError (wrong type) or ValueError (bad value).
 
-    The defaults were tuned on MovieLens-100K (5-fold CV, benchmarks/bench_movielens.py).
+    The defaults were tuned on MovieLens-100K (5-fold CV) and half of MovieLens-1M (90/10),
+    on other folds and splits than benchmarks/bench_movielens.py reports
+    (benchmarks/results/movielens.md).
     """
 
     Config = MatrixFactorizationConfig
@@ -129,6 +178,9 @@ class MatrixFactorization(TopN, Estimator):
         `validation`, and all ranks end with the same model (docs/distributed.md); with
         shard_factors=True, each with its block of the rows."""
         data = as_ratings(users, items, ratings)
+        if self.implicit is True and self.shard_factors:
+            raise ValueError(f"{self._who}.fit: implicit=True (the SVD++ term) is not implemented "
+                             f"with shard_factors=True; pass implicit=False")
         group = training_group(distributed, self.config)
         _check_finite(data)
         generator, rng = self._random_sources()
@@ -140,6 +192,7 @@ class MatrixFactorization(TopN, Estimator):
         held_out = group.to_owners(held_out, self)
         self.shard = group.shard_info()
         params = self._init_parameters(generator, group)
+        self._history = training.history  # predictions during the fit add the implicit term
         optimizer = torch.optim.Adam(params, lr=self.lr,
                                      fused=True if self.device.type == "cuda" else None)
         # Optional cosine decay to 1% of lr over `epochs` (for mini-batches mostly: full-batch
@@ -157,6 +210,9 @@ class MatrixFactorization(TopN, Estimator):
         self._fitted = True
         self._run_epochs(params, train_epoch, lambda: self._validation_rmse(held_out, group),
                          progress, callback)
+        # From here on P holds the whole user vectors p_u + |N(u)|^-½ Σ y_j (what predicting and
+        # ranking use); N(u) is not needed any more.
+        self.P, self._history = self._user_factors(), None
         return self
 
     def _random_sources(self) -> Tuple[torch.Generator, np.random.Generator]:
@@ -180,7 +236,9 @@ class MatrixFactorization(TopN, Estimator):
                                              self.item_map.index(train.items), train.ratings)
         rows, cols = torch.as_tensor(rows, device=dev), torch.as_tensor(cols, device=dev)
         values = torch.as_tensor(ratings, dtype=dt, device=dev)
-        _, self.global_mean, self.rating_range = group.rating_stats(ratings)
+        n_train, self.global_mean, self.rating_range = group.rating_stats(ratings)
+        n = len(self.item_map)
+        self.effective_reg = self.reg if self.reg is not None else default_reg(n_train, n)
         user_counts, item_counts = group.sum_counts(
             torch.bincount(rows, minlength=m), torch.bincount(cols, minlength=len(self.item_map)))
         user_counts, item_counts = user_counts.to(dt), item_counts.to(dt)
@@ -188,13 +246,17 @@ class MatrixFactorization(TopN, Estimator):
         # no gradient from the data, so their bias stays 0 either way).
         bias_weights = (user_counts.pow(self.bias_count_exponent),
                         item_counts.pow(self.bias_count_exponent))
+        # N(u): the training pairs of every rank (never `data`'s held-out share, nor a test pair)
+        history = UserHistory(*group.rated_pairs(rows.cpu().numpy(), cols.cpu().numpy()), m, n,
+                              dev, dt) if self._implicit_on() else None
         return _TrainingData(rows, cols, values - self.global_mean, user_counts, item_counts,
-                             bias_weights)
+                             bias_weights, history)
 
     def _init_parameters(self, generator: torch.Generator, group: TrainingGroup) -> list:
         """P (r, m), Q (r, n) ~ N(0, init_std²) drawn on the CPU (the same start on every device
         and rank), the biases at 0; of each, the rows this process holds (group.user_rows,
-        item_rows: all unless sharded). Set on the model and returned as a list."""
+        item_rows: all unless sharded); with `implicit`, Y (r, n) at 0 (Q's gradient starts the
+        term). Set on the model and returned as a list."""
         dev, dt, r = self.device, self.dtype, self.rank
         users, items = group.user_rows, group.item_rows
         P = (draw_normal(generator, r, len(self.user_map), users, dt) * self.init_std).to(dev)
@@ -203,7 +265,9 @@ class MatrixFactorization(TopN, Estimator):
                   torch.zeros(len(users), dtype=dt, device=dev, requires_grad=True),
                   torch.zeros(len(items), dtype=dt, device=dev, requires_grad=True)]
         self.P, self.Q, self.user_bias, self.item_bias = params
-        return params
+        self.Y = torch.zeros(r, len(self.item_map), dtype=dt, device=dev, requires_grad=True) \
+            if self._implicit_on() else None
+        return params if self.Y is None else params + [self.Y]
 
     def _epoch(self, optimizer: torch.optim.Optimizer, data: _TrainingData,
                rng: np.random.Generator, group: TrainingGroup) -> float:
@@ -211,28 +275,33 @@ class MatrixFactorization(TopN, Estimator):
         from mf_ext.ops import observed_mf_loss
 
         params = [self.P, self.Q, self.user_bias, self.item_bias]
+        leaves = params if self.Y is None else params + [self.Y]
         total = 0.0
         for batch, count in group.batches(data.residual.numel(), self.batch_size, rng):
             r_, c_, v_ = (data.rows, data.cols, data.residual) if batch is None else (
                 data.rows[batch], data.cols[batch], data.residual[batch])
             c_, Q, item_bias = group.gather_items(c_, self.Q, self.item_bias)  # sharded: fetched
+            # The user vectors with the implicit term, for all users: O(|N| r) per step
+            users = data.history.user_vectors(self.P, self.Y) if data.history else self.P
             loss = group.batch_loss(
-                lambda reduction: observed_mf_loss(r_, c_, v_, self.P, Q, self.user_bias,
+                lambda reduction: observed_mf_loss(r_, c_, v_, users, Q, self.user_bias,
                                                    item_bias, reduction=reduction), count)
             optimizer.zero_grad(set_to_none=True)
             # The penalty is a sum over rows: the ranks that add it (rank 0 when each holds all
             # rows, every rank when sharded) count each row once between them.
             (loss + self._penalty(data) / group.n_train if group.adds_penalty else loss
              ).backward()
-            total += group.all_reduce_gradients(params, loss, count)
+            total += group.all_reduce_gradients(leaves, loss, count)
             optimizer.step()
         return total / group.n_train
 
     def _penalty(self, data: _TrainingData) -> torch.Tensor:
         """The L2 terms of the objective times N (Surprise's per-rating form): factor penalties
         weighted by each user's/item's count, bias penalties by count^bias_count_exponent."""
-        return (self.reg * ((self.P * self.P).sum(0) @ data.user_counts
-                            + (self.Q * self.Q).sum(0) @ data.item_counts)
+        items = (self.Q * self.Q).sum(0) if self.Y is None else (
+            (self.Q * self.Q).sum(0) + self.implicit_reg_scale * (self.Y * self.Y).sum(0))
+        return (self.effective_reg * ((self.P * self.P).sum(0) @ data.user_counts
+                                      + items @ data.item_counts)
                 + self.bias_reg * (self.user_bias.square() @ data.bias_weights[0]
                                    + self.item_bias.square() @ data.bias_weights[1]))
 
@@ -257,7 +326,8 @@ class MatrixFactorization(TopN, Estimator):
                              f"{list(items.shape)}")
         u = torch.as_tensor(self.user_map.index(users), device=self.device)
         i = torch.as_tensor(self.item_map.index(items), device=self.device)
-        return self._predict_indices(u, i, self.P, self.Q, self.user_bias, self.item_bias)
+        return self._predict_indices(u, i, self._user_factors(), self.Q, self.user_bias,
+                                     self.item_bias)
 
     def _predict_indices(self, u: torch.Tensor, i: torch.Tensor, P: torch.Tensor,
                          Q: torch.Tensor, user_bias: torch.Tensor, item_bias: torch.Tensor
@@ -308,6 +378,19 @@ class MatrixFactorization(TopN, Estimator):
         items, ratings = self._finish(scores, k)
         return [(self.item_map.raw(j).item(), float(s)) for j, s in zip(items[0], ratings[0])]
 
+    def _implicit_on(self) -> bool:
+        """implicit resolved: None means on, except with shard_factors."""
+        return bool(self.implicit) if self.implicit is not None else not self.shard_factors
+
+    def _user_factors(self) -> torch.Tensor:
+        """The user vectors predictions use: P, plus the implicit term during a fit (after it,
+        P holds the sum)."""
+        history = getattr(self, "_history", None)
+        if history is None:
+            return self.P
+        with torch.no_grad():
+            return history.user_vectors(self.P, self.Y)
+
     def _set_rated(self, user_index: np.ndarray, item_index: np.ndarray, m: int) -> None:
         """What each user rated, as CSR arrays (for recommend to skip)."""
         order = np.argsort(user_index, kind="stable")
@@ -333,7 +416,9 @@ class MatrixFactorization(TopN, Estimator):
             Σ_i (y_i − b − pᵀq_i)² + reg·c·|p|² + bias_reg·c^α·b²,   y_i = r_i − μ − b_i,
         over the user's c ratings (c = n_u, α = bias_count_exponent), i.e. the ridge system
             (Z Zᵀ + diag(reg·c, …, reg·c, bias_reg·c^α)) [p; b] = Z y,   Z = [q_i; 1] (r+1, c).
-        At the fit's optimum a training user's (p_u, b_u) solves the same system. Solved in
+        At the fit's optimum a training user's (p_u, b_u) solves the same system. With the
+        implicit term the user's vector is p + t, t = c^-½ Σ_i y_i fixed by the items: the
+        system is solved for p with y_i − tᵀq_i as the targets, and p + t returned. Solved in
         numpy float64 on the CPU (r+1 unknowns: torch's thread pool costs more than the solve
         here); by least squares (the minimum-norm solution) when reg or bias_reg is 0, where
         the system may be singular."""
@@ -349,14 +434,20 @@ class MatrixFactorization(TopN, Estimator):
         Z[:rank] = self.Q.detach().index_select(1, index).cpu().double().numpy()
         y = values - self.global_mean - (
             self.item_bias.detach().index_select(0, index).cpu().double().numpy())
+        implicit = np.zeros(rank)
+        if self.Y is not None:
+            implicit = self.Y.detach().index_select(1, index).cpu().double().numpy().sum(1) \
+                / math.sqrt(len(np.unique(item_index)))
+            y = y - implicit @ Z[:rank]
         A, rhs = _small_products(Z, y)
-        A[np.arange(rank), np.arange(rank)] += self.reg * count
+        reg = self.effective_reg if self.reg is None else self.reg  # reg set since: that one
+        A[np.arange(rank), np.arange(rank)] += reg * count
         A[rank, rank] += self.bias_reg * count ** self.bias_count_exponent
-        if self.reg > 0 and self.bias_reg > 0:  # positive definite
+        if reg > 0 and self.bias_reg > 0:  # positive definite
             solution = np.linalg.solve(A, rhs)
         else:
             solution = np.linalg.lstsq(A, rhs, rcond=None)[0]
-        return (torch.as_tensor(solution[:rank], dtype=self.dtype, device=self.device),
+        return (torch.as_tensor(solution[:rank] + implicit, dtype=self.dtype, device=self.device),
                 float(solution[rank]))
 
     # ------------------------------------------------------------------ persistence
@@ -370,6 +461,8 @@ class MatrixFactorization(TopN, Estimator):
             "item_ids": ids_to_file(self.item_map.ids),
             "P": self.P.detach().cpu(), "Q": self.Q.detach().cpu(),
             "user_bias": self.user_bias.detach().cpu(), "item_bias": self.item_bias.detach().cpu(),
+            "Y": None if self.Y is None else self.Y.detach().cpu(),
+            "effective_reg": self.effective_reg,
             "rated_indptr": torch.from_numpy(self._rated_indptr),
             "rated_indices": torch.from_numpy(self._rated_indices),
         }
@@ -381,6 +474,9 @@ class MatrixFactorization(TopN, Estimator):
         self.global_mean, self.rating_range = state["global_mean"], tuple(state["rating_range"])
         self.P, self.Q = state["P"].to(device), state["Q"].to(device)
         self.user_bias, self.item_bias = state["user_bias"].to(device), state["item_bias"].to(device)
+        Y = state.get("Y")  # format version 1 has none
+        self.Y = None if Y is None else Y.to(device)
+        self.effective_reg = state.get("effective_reg", self.reg)  # version 1: reg was given
         self._rated_indptr = state["rated_indptr"].numpy()
         self._rated_indices = state["rated_indices"].numpy()
 

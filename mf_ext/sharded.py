@@ -38,7 +38,7 @@ from mf_ext.distributed import _WHO, DataParallel, _block
 SUPPORTED_SETTINGS = frozenset({
     "rank", "epochs", "lr", "reg", "bias_reg", "bias_count_exponent", "batch_size",
     "validation_fraction", "patience", "init_std", "lr_schedule", "clip", "seed", "device",
-    "dtype", "shard_factors"})
+    "dtype", "shard_factors", "implicit_reg_scale"})  # the last: no effect without implicit
 
 
 def sharded_factors(distributed: Optional[bool], settings) -> "ShardedFactors":

@@ -239,9 +239,10 @@ def test_early_stopping_restores_the_best_epochs_parameters():
     users, items, ratings = synthetic(noise=0.8)
     snapshots = []
 
-    def record(_):  # the live parameters at the end of each epoch
+    def record(_):  # the live parameters at the end of each epoch (P with the implicit term,
+        # as the fitted model holds it)
         snapshots.append([t.detach().clone() for t in
-                          (model.P, model.Q, model.user_bias, model.item_bias)])
+                          (model._user_factors(), model.Q, model.user_bias, model.item_bias)])
 
     model = MatrixFactorization(rank=16, epochs=400, lr=0.05, reg=0.0, validation_fraction=0.2,
                                 patience=5, seed=1)
@@ -264,7 +265,7 @@ def test_ctrl_c_restores_the_best_epochs_parameters():
     snapshots = []
 
     def record_then_interrupt(record):
-        snapshots.append(model.P.detach().clone())
+        snapshots.append(model._user_factors().clone())  # P with the implicit term
         if record.epoch == 30:
             raise KeyboardInterrupt
 
@@ -278,9 +279,11 @@ def test_ctrl_c_restores_the_best_epochs_parameters():
 # ---------------------------------------------------------------- mini-batches: the documented objective
 
 def reference_fit(users, items, ratings, rank, epochs, lr, reg, bias_reg, alpha, batch_size,
-                  seed, init_std):
+                  seed, init_std, implicit, implicit_reg_scale):
     """The class docstring's objective minimized with Adam in plain PyTorch (float64), drawing
-    the initial factors and the batch order as fit does. users, items: indices 0..m-1, 0..n-1."""
+    the initial factors and the batch order as fit does. users, items: indices 0..m-1, 0..n-1.
+    With `implicit`, the user vectors are P + Y Sᵀ with a dense S[u, j] = |N(u)|^-½ over the
+    distinct rated pairs, Y starting at 0. Returns P (with the term), Q, b_u, b_i."""
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     m, n, N = users.max() + 1, items.max() + 1, len(ratings)
     P = (torch.randn(rank, m, generator=generator, dtype=torch.float64) * init_std).requires_grad_()
@@ -289,30 +292,40 @@ def reference_fit(users, items, ratings, rank, epochs, lr, reg, bias_reg, alpha,
     b_i = torch.zeros(n, dtype=torch.float64, requires_grad=True)
     u, i, r = torch.as_tensor(users), torch.as_tensor(items), torch.as_tensor(ratings)
     n_u, n_i = torch.bincount(u).double(), torch.bincount(i).double()
-    optimizer = torch.optim.Adam([P, Q, b_u, b_i], lr=lr)
+    Y = torch.zeros(rank, n, dtype=torch.float64, requires_grad=True)
+    S = torch.zeros(m, n, dtype=torch.float64)
+    S[u, i] = 1.0
+    S = S / S.sum(1, keepdim=True).clamp_min(1).sqrt()
+    optimizer = torch.optim.Adam([P, Q, b_u, b_i] + ([Y] if implicit else []), lr=lr)
+
+    def user_vectors():
+        return P + Y @ S.T if implicit else P
+
     for _ in range(epochs):
         order = torch.as_tensor(rng.permutation(N))
         for batch in torch.split(order, batch_size):
             ub, ib = u[batch], i[batch]
-            prediction = r.mean() + b_u[ub] + b_i[ib] + (P[:, ub] * Q[:, ib]).sum(0)
+            prediction = r.mean() + b_u[ub] + b_i[ib] + (user_vectors()[:, ub] * Q[:, ib]).sum(0)
             data = ((r[batch] - prediction) ** 2).mean()
-            penalty = (reg * ((P ** 2).sum(0) @ n_u + (Q ** 2).sum(0) @ n_i)
+            item_norms = (Q ** 2).sum(0) + implicit * implicit_reg_scale * (Y ** 2).sum(0)
+            penalty = (reg * ((P ** 2).sum(0) @ n_u + item_norms @ n_i)
                        + bias_reg * (b_u ** 2 @ n_u ** alpha + b_i ** 2 @ n_i ** alpha)) / N
             optimizer.zero_grad()
             (data + penalty).backward()
             optimizer.step()
-    return P.detach(), Q.detach(), b_u.detach(), b_i.detach()
+    return user_vectors().detach(), Q.detach(), b_u.detach(), b_i.detach()
 
 
-@pytest.mark.parametrize("batch_size", [7, 64])
-def test_minibatch_steps_minimize_the_documented_objective(batch_size):
+@pytest.mark.parametrize("batch_size, implicit", [(7, True), (64, True), (7, False)])
+def test_minibatch_steps_minimize_the_documented_objective(batch_size, implicit):
     rng = np.random.default_rng(3)
     m, n = 12, 9
     users = np.concatenate([np.arange(m), rng.integers(0, m, 60)])  # every id rated
     items = np.concatenate([np.arange(n) % n, rng.integers(0, n, 60 + m - n)])
     ratings = rng.uniform(1, 5, len(users))
     settings = dict(rank=3, epochs=4, lr=0.05, reg=0.3, bias_reg=0.7, bias_count_exponent=0.5,
-                    batch_size=batch_size, seed=5, init_std=0.3)
+                    batch_size=batch_size, seed=5, init_std=0.3, implicit=implicit,
+                    implicit_reg_scale=2.0)
     model = MatrixFactorization(**settings, clip=False, dtype=torch.float64).fit(
         users, items, ratings)
     expected = reference_fit(users, items, ratings, **{
@@ -358,8 +371,10 @@ def test_saved_files_keep_the_format(tmp_path):
     path = str(tmp_path / "model.pt")
     small_model(epochs=2).fit(users, items, ratings).save(path)
     new = torch.load(path, weights_only=True)
-    assert new.keys() == old.keys() and new["config"].keys() == old["config"].keys()
-    assert new["format_version"] == old["format_version"] == FORMAT_VERSION
+    # Version 2 added the SVD++ term (Y, its settings) and the reg the fit used.
+    assert new.keys() == old.keys() | {"Y", "effective_reg"}
+    assert new["config"].keys() == old["config"].keys() | {"implicit", "implicit_reg_scale"}
+    assert (old["format_version"], new["format_version"]) == (1, FORMAT_VERSION) == (1, 2)
 
 
 def test_settings_are_attributes_backed_by_the_config(tmp_path):

@@ -197,15 +197,17 @@ def test_recommend_batch_bad_input(model, data):
 
 def ridge_by_least_squares(model, item_index, values):
     """The fold-in's minimizer computed another way: least squares of the stacked system
-    [Zᵀ; √D] x ≈ [y; 0] (the penalty as extra rows), not the normal equations."""
+    [Zᵀ; √D] x ≈ [y; 0] (the penalty as extra rows), not the normal equations. With the SVD++
+    term t = c^-½ Σ_i y_i (fixed by the items), the user's vector is p + t."""
     Q = model.Q.numpy()[:, item_index]
     c, r = len(item_index), Q.shape[0]
     Z = np.vstack([Q, np.ones(c)])
-    y = values - model.global_mean - model.item_bias.numpy()[item_index]
+    t = model.Y.numpy()[:, item_index].sum(1) / np.sqrt(c) if model.Y is not None else np.zeros(r)
+    y = values - model.global_mean - model.item_bias.numpy()[item_index] - t @ Q
     penalty = np.sqrt(np.r_[[model.reg * c] * r, model.bias_reg * c ** model.bias_count_exponent])
     x = np.linalg.lstsq(np.vstack([Z.T, np.diag(penalty)]), np.r_[y, np.zeros(r + 1)],
                         rcond=None)[0]
-    return x[:r], x[r]
+    return x[:r] + t, x[r]
 
 
 def test_recommend_new_is_the_ridge_fold_in(model):
@@ -230,7 +232,10 @@ def test_fold_in_without_penalty_is_the_minimum_norm_solution(model):
     # minimum-norm least-squares solution is pinv(Zᵀ) y
     index, values = np.array([3, 8]), np.array([4.0, 2.0])
     Z = np.vstack([model.Q.numpy()[:, index], np.ones(2)])
-    want = np.linalg.pinv(Z.T) @ (values - model.global_mean - model.item_bias.numpy()[index])
+    t = model.Y.numpy()[:, index].sum(1) / np.sqrt(2)  # the SVD++ term, fixed by the items
+    want = np.linalg.pinv(Z.T) @ (values - model.global_mean - model.item_bias.numpy()[index]
+                                  - t @ Z[:-1])
+    want[:-1] += t
     reg, bias_reg = model.reg, model.bias_reg
     try:
         model.reg = model.bias_reg = 0.0

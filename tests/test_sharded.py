@@ -3,6 +3,7 @@
 One launch of 3 processes (tests/sharded_worker.py) runs every multi-process scenario in turn,
 3 ranks then 2, under a hard timeout; the rest runs in this process, in one-rank groups."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -64,7 +65,8 @@ def ranks(tmp_path_factory):
 
 
 def single(settings, data):
-    return MatrixFactorization(**settings).fit(data)
+    # the SVD++ term is off in sharded fits (implicit=None), so off in the reference too
+    return MatrixFactorization(**dict(settings, implicit=False)).fit(data)
 
 
 def assert_rows_equal(got, ref, rtol=1e-9):
@@ -115,7 +117,8 @@ def test_ctrl_c_keeps_the_best_rows_and_they_save_and_load(ranks):
         if record.epoch == INTERRUPT_AT:
             raise KeyboardInterrupt
 
-    ref = MatrixFactorization(**settings).fit(Ratings(*synthetic(**data)), callback=interrupt)
+    ref = MatrixFactorization(**settings, implicit=False).fit(Ratings(*synthetic(**data)),
+                                                              callback=interrupt)
     got = [g["interrupted"] for g in results[3]]
     assert all(g["interrupted"] and len(g["history"]) == INTERRUPT_AT for g in got)
     assert_rows_equal(got, ref)
@@ -158,7 +161,8 @@ def test_evaluate_save_load_predict_and_recommend(ranks):
     files = sorted(os.listdir(folder))
     assert sum(f.startswith("float64.pt.") for f in files) == 3  # 3 shards beside the manifest
     loaded = MatrixFactorization.load(str(folder / "float64.pt"))
-    assert loaded.shard is None and loaded.config == ref.config
+    # implicit: None in the sharded fit (the term off there), False in the reference
+    assert loaded.shard is None and loaded.config == dataclasses.replace(ref.config, implicit=None)
     np.testing.assert_allclose(loaded.predict(test.users, test.items),
                                ref.predict(test.users, test.items), rtol=1e-9)
     for user in ("u0", "u31", "u59"):
@@ -183,7 +187,7 @@ def test_the_cli_under_torchrun_with_three_processes(ranks, tmp_path):
     assert printed[1] == printed[2] == "exit 0\n"  # only rank 0 prints
     cli_ratings(str(tmp_path / "u.data"))
     train, test = train_test_split(load_ratings(str(tmp_path / "u.data")), 0.2, seed=0)
-    ref = MatrixFactorization(rank=4, epochs=4, seed=0).fit(train)
+    ref = MatrixFactorization(rank=4, epochs=4, seed=0, reg=0.12, implicit=False).fit(train)
     rmse = float(printed[0].split("test RMSE ")[1].split()[0])
     assert rmse == pytest.approx(ref.evaluate(test)["rmse"], abs=1e-4)
     loaded = MatrixFactorization.load(str(folder / "cli.pt"))
@@ -234,8 +238,8 @@ def test_draw_normal_gives_the_columns_of_one_draw(dtype):
 
 def test_one_rank_equals_the_plain_fit_and_saves_a_manifest(group_of_one, tmp_path):
     data = Ratings(*synthetic())
-    ref = MatrixFactorization(**FLOAT64).fit(data, distributed=False)
-    got = MatrixFactorization(shard_factors=True, **FLOAT64).fit(data)
+    ref = MatrixFactorization(**FLOAT64, implicit=False).fit(data, distributed=False)
+    got = MatrixFactorization(shard_factors=True, implicit=False, **FLOAT64).fit(data)
     assert_rows_equal([{name: getattr(got, name) for name in ROWS}], ref, rtol=1e-12)
     with pytest.raises(RuntimeError, match=r"holds only rank 0 of 1's rows of the factors "
                                            r"\(shard_factors=True\); save\(\) it on every rank"):
@@ -255,8 +259,10 @@ def test_one_rank_equals_the_plain_fit_and_saves_a_manifest(group_of_one, tmp_pa
     # a validation set with users and items the model does not know
     validation = Ratings(*synthetic(m=70, n=45, seed=5))
     settings = dict(FLOAT64, epochs=8)
-    ref = MatrixFactorization(**settings).fit(data, validation=validation, distributed=False)
-    got = MatrixFactorization(shard_factors=True, **settings).fit(data, validation=validation)
+    ref = MatrixFactorization(**settings, implicit=False).fit(data, validation=validation,
+                                                              distributed=False)
+    got = MatrixFactorization(shard_factors=True, implicit=False, **settings).fit(
+        data, validation=validation)
     np.testing.assert_allclose([h.val_rmse for h in got.history],
                                [h.val_rmse for h in ref.history], rtol=1e-12)
     dist.destroy_process_group()
