@@ -70,7 +70,8 @@ def test_recommend_errors(ratings_file, tmp_path, capsys):
     status, _, err = cli(capsys, "recommend", str(tmp_path / "missing.pt"), "1")
     assert status == 1 and "no such file" in err
     model = str(tmp_path / "m.pt")
-    assert cli(capsys, "fit", ratings_file, "--epochs", "2", "--out", model, "--no-progress")[0] == 0
+    status, _, _ = cli(capsys, "fit", ratings_file, "--epochs", "2", "--out", model, "--no-progress")
+    assert status == 0
     status, _, err = cli(capsys, "recommend", model, "999")
     assert status == 1 and "unknown user 999" in err
 
