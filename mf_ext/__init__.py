@@ -4,6 +4,7 @@
     loss = mf_ext.observed_mf_loss(rows, cols, values, P, Q)   # the same over (i, j, R_ij) triples
     result = mf_ext.factorize(R, rank=2)           # the notebook's Adam loop on the fused op
     model = mf_ext.MatrixFactorization().fit(users, items, ratings)   # a recommender
+    items, scores = model.recommend_batch(users, k=10)   # top-N; mf_ext.metrics evaluates it
 """
 
 from mf_ext import ops as _ops  # noqa: F401  (loads the kernels, registers autograd/fake)
@@ -13,10 +14,12 @@ from mf_ext.data import IdMap, Ratings, load_ratings, train_test_split
 from mf_ext.matrix_io import load_matrix
 from mf_ext.model import MatrixFactorization
 from mf_ext.train import Factorization, factorize
+from mf_ext import metrics
+from mf_ext.metrics import evaluate_ranking, leave_out_split
 
 __all__ = [
     "masked_mf_loss", "masked_mf_loss_reference", "observed_mf_loss", "observed_mf_loss_reference",
     "factorize", "Factorization", "MatrixFactorization", "load_ratings", "load_matrix",
-    "train_test_split", "Ratings", "IdMap",
+    "train_test_split", "Ratings", "IdMap", "metrics", "evaluate_ranking", "leave_out_split",
 ]
 __version__ = "0.1.0"

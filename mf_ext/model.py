@@ -16,6 +16,7 @@ from mf_ext.config import Config, setting
 from mf_ext.data import IdMap, Ratings, as_ratings
 from mf_ext.distributed import TrainingGroup, training_group
 from mf_ext.estimator import EpochRecord, Estimator, ids_from_file, ids_to_file
+from mf_ext.ranking import TopN
 
 FORMAT_VERSION = 1
 
@@ -66,7 +67,7 @@ class _TrainingData:
     bias_weights: Tuple[torch.Tensor, torch.Tensor]  # count^bias_count_exponent, (m,) and (n,)
 
 
-class MatrixFactorization(Estimator):
+class MatrixFactorization(TopN, Estimator):
     """r̂(u, i) = μ + b_u + b_i + p_uᵀ q_i, fitted on observed ratings.
 
     Objective (full batch, mean over the N training ratings):
@@ -260,26 +261,23 @@ class MatrixFactorization(Estimator):
 
     def recommend(self, user: Any, k: int = 10, exclude: Any = None) -> list:
         """The k items with the highest predicted rating for `user` that it has not rated in
-        training (nor in `exclude`), as [(item id, predicted rating), …], best first."""
+        training (nor in `exclude`), as [(item id, predicted rating), …], best first (fewer
+        when fewer are left). Ranked as recommend_batch ranks: by the unclipped prediction,
+        equal ones by item id; the ratings are reported as predict() gives them."""
         self._check_fitted()
         k = check_int(self._who, "k", k, 1)
         index = int(self.user_map.index(np.asarray([user]))[0])
         if index < 0:
             raise KeyError(f"mf_ext.MatrixFactorization.recommend: unknown user {user!r}")
-        with torch.no_grad():
-            scores = (self.global_mean + self.user_bias[index] + self.item_bias
-                      + self.P[:, index] @ self.Q)
-            if self.clip:
-                scores = scores.clamp(*self.rating_range)
-            scores = scores.cpu().double()
-        scores[torch.as_tensor(self._rated_items(index))] = -math.inf
+        _, scores = next(self._score_chunks(np.array([index]), exclude_seen=True))
         if exclude is not None:
             ex = self.item_map.index(np.asarray(exclude))
-            scores[torch.as_tensor(ex[ex >= 0])] = -math.inf
+            scores[0, torch.as_tensor(ex[ex >= 0], device=scores.device)] = -math.inf
         k = min(k, int(torch.isfinite(scores).sum()))
-        top = torch.topk(scores, k)
-        return [(self.item_map.raw(int(j)).item(), float(s))
-                for s, j in zip(top.values, top.indices)]
+        if k == 0:
+            return []
+        items, ratings = self._finish(scores, k)
+        return [(self.item_map.raw(j).item(), float(s)) for j, s in zip(items[0], ratings[0])]
 
     def _set_rated(self, user_index: np.ndarray, item_index: np.ndarray, m: int) -> None:
         """What each user rated, as CSR arrays (for recommend to skip)."""
@@ -288,9 +286,49 @@ class MatrixFactorization(Estimator):
             [[0], np.cumsum(np.bincount(user_index, minlength=m))]).astype(np.int64)
         self._rated_indices = item_index[order].astype(np.int64)
 
-    def _rated_items(self, user_index: int) -> np.ndarray:
-        start, end = self._rated_indptr[user_index], self._rated_indptr[user_index + 1]
-        return self._rated_indices[start:end]
+    # ------------------------------------------------------------------ top-N (mf_ext.ranking)
+
+    def _score_parts(self):
+        """score(u, i) = b_u + b_i + p_uᵀ q_i: the prediction less μ (TopN's contract)."""
+        return self.P.detach(), self.Q.detach(), self.user_bias.detach(), self.item_bias.detach()
+
+    def _reported_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The predicted ratings, as predict() gives them (clipped if clip; ranked unclipped)."""
+        scores = scores + self.global_mean
+        return scores.clamp(*self.rating_range) if self.clip else scores
+
+    def _fold_in(self, item_index: np.ndarray, values: Optional[np.ndarray]
+                 ) -> Tuple[torch.Tensor, float]:
+        """(p, b) of a new user who rated the items `item_index` with `values`, Q, the item
+        biases and μ fixed: the minimizer of the objective's terms that involve the user,
+            Σ_i (y_i − b − pᵀq_i)² + reg·c·|p|² + bias_reg·c^α·b²,   y_i = r_i − μ − b_i,
+        over the user's c ratings (c = n_u, α = bias_count_exponent), i.e. the ridge system
+            (Z Zᵀ + diag(reg·c, …, reg·c, bias_reg·c^α)) [p; b] = Z y,   Z = [q_i; 1] (r+1, c).
+        At the fit's optimum a training user's (p_u, b_u) solves the same system. Solved in
+        numpy float64 on the CPU (r+1 unknowns: torch's thread pool costs more than the solve
+        here); by least squares (the minimum-norm solution) when reg or bias_reg is 0, where
+        the system may be singular."""
+        if values is None:
+            raise ValueError(f"{self._who}.recommend_new: values (the user's ratings) are "
+                             f"needed by the explicit model")
+        rank, count = self.P.shape[0], len(item_index)
+        if count == 0:
+            return torch.zeros(rank, dtype=self.dtype, device=self.device), 0.0
+        # index_select: Q[:, index] went through a parallel kernel, 22 ms against 0.1 ms here
+        index = torch.as_tensor(item_index, device=self.device)
+        Z = np.ones((rank + 1, count))
+        Z[:rank] = self.Q.detach().index_select(1, index).cpu().double().numpy()
+        y = values - self.global_mean - (
+            self.item_bias.detach().index_select(0, index).cpu().double().numpy())
+        A, rhs = _small_products(Z, y)
+        A[np.arange(rank), np.arange(rank)] += self.reg * count
+        A[rank, rank] += self.bias_reg * count ** self.bias_count_exponent
+        if self.reg > 0 and self.bias_reg > 0:  # positive definite
+            solution = np.linalg.solve(A, rhs)
+        else:
+            solution = np.linalg.lstsq(A, rhs, rcond=None)[0]
+        return (torch.as_tensor(solution[:rank], dtype=self.dtype, device=self.device),
+                float(solution[rank]))
 
     # ------------------------------------------------------------------ persistence
 
@@ -316,6 +354,15 @@ class MatrixFactorization(Estimator):
         self.user_bias, self.item_bias = state["user_bias"].to(device), state["item_bias"].to(device)
         self._rated_indptr = state["rated_indptr"].numpy()
         self._rated_indices = state["rated_indices"].numpy()
+
+
+def _small_products(Z: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Z Zᵀ and Z y. Up to about 2M multiply-adds (r = 64 and 500 ratings) by einsum's own
+    loop: BLAS's thread pool costs more than such a product (65 × 130: 24 ms against 0.17 ms
+    on a loaded 2-core machine, benchmarks/results/ranking_cpu.md)."""
+    if Z.size * Z.shape[0] <= 1 << 21:
+        return np.einsum("ik,jk->ij", Z, Z), np.einsum("ik,k->i", Z, y)
+    return Z @ Z.T, Z @ y
 
 
 def _check_finite(data: Ratings) -> None:
