@@ -1,3 +1,19 @@
+"""Fixtures for every test (the backend, thread and determinism guards, the emulator).
+
+Keeping a new test fast (CI runs the whole suite on a clean clone):
+- No subprocess unless the test is about a process (a crash, an exit status, a fresh import):
+  each costs a Python + torch start, ~4 CPU-s. Run CLI commands through mf_ext.cli.main(argv)
+  with capsys; add a case to tests/bad_input_cases.py (one subprocess for all) for bad input.
+- Small shapes. A path that needs size (several chunks, tiles, segments) is asserted through
+  mf_ext.ops._observed_partition / _dense_partition on the smallest shape that reaches it.
+- Emulated cases cost ~1000x a GPU: restrict them with helpers.cases(...) to the shapes that
+  reach a CUDA path the others do not.
+- torch.compile with Inductor costs seconds per cold graph: one dtype, or backend="aot_eager"
+  where the test is about tracing (fullgraph) rather than Inductor.
+- Share expensive set-up (fits, launches) through module- or session-scoped fixtures.
+- Find the slow ones: `pytest tests/test_x.py --durations=10`.
+"""
+
 import os
 import shutil
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,6 +156,17 @@ def random_triples(m, n, r, nnz, dtype=torch.float64, seed=0, biases=False, weig
     return to_device(dict(rows=rows, cols=cols, values=cast(values), P=cast(P), Q=cast(Q),
                           row_bias=cast(row_bias), col_bias=cast(col_bias), weights=cast(w)),
                      device)
+
+
+def synthetic_ratings(m=60, n=40, rank=3, density=0.4, seed=0, noise=0.1):
+    """Ratings for the model's tests: (users, items, ratings) of about density * m * n ratings
+    from a rank-`rank` model plus noise, clipped to [1, 5]; string user ids, integer item ids."""
+    rng = np.random.default_rng(seed)
+    U, V = rng.normal(size=(m, rank)), rng.normal(size=(n, rank))
+    full = 3 + U @ V.T / np.sqrt(rank) + rng.normal(scale=noise, size=(m, n))
+    rows, cols = np.nonzero(rng.random((m, n)) < density)
+    users = np.array([f"u{r}" for r in rows])
+    return users, cols + 100, np.clip(full[rows, cols], 1, 5)
 
 
 def transposed(t):

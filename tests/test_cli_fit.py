@@ -1,4 +1,5 @@
-"""`mf-ext fit` and `mf-ext recommend` end to end, on a small ratings file the test writes."""
+"""`mf-ext fit` and `mf-ext recommend` on a small ratings file the test writes: one run of both
+in real processes (`python -m mf_ext`), the rest through the same main() in this process."""
 
 import os
 import subprocess
@@ -7,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from mf_ext.cli import main
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,6 +17,16 @@ def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "mf_ext", *args], capture_output=True, text=True,
                           env=env, timeout=300)
+
+
+def cli(capsys, *argv):
+    """main(argv) in this process: (exit status, stdout, stderr)."""
+    try:
+        status = main(list(argv))
+    except SystemExit as exc:  # argparse's exit for bad options
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +43,7 @@ def ratings_file(tmp_path_factory):
     return str(path)
 
 
-def test_fit_then_recommend(ratings_file, tmp_path):
+def test_fit_then_recommend_in_real_processes(ratings_file, tmp_path):
     model, curve = str(tmp_path / "model.pt"), str(tmp_path / "curve.png")
     fit = run_cli("fit", ratings_file, "--epochs", "30", "--rank", "4", "--out", model,
                   "--plot", curve, "--validation-fraction", "0.1", "--no-progress")
@@ -45,28 +58,22 @@ def test_fit_then_recommend(ratings_file, tmp_path):
     assert len(rec.stdout.strip().splitlines()) == 3
 
 
-def test_fit_reports_bad_lines(tmp_path):
+def test_fit_reports_bad_lines(tmp_path, capsys):
     path = tmp_path / "u.data"
     path.write_text("1\t2\t3\t0\n1\t2\n")
-    result = run_cli("fit", str(path))
-    assert result.returncode == 1
-    assert "line 2" in result.stderr and "Traceback" not in result.stderr
+    status, _, err = cli(capsys, "fit", str(path))
+    assert status == 1
+    assert "line 2" in err and "Traceback" not in err
 
 
-def test_recommend_errors(ratings_file, tmp_path):
-    result = run_cli("recommend", str(tmp_path / "missing.pt"), "1")
-    assert result.returncode == 1 and "no such file" in result.stderr
+def test_recommend_errors(ratings_file, tmp_path, capsys):
+    status, _, err = cli(capsys, "recommend", str(tmp_path / "missing.pt"), "1")
+    assert status == 1 and "no such file" in err
     model = str(tmp_path / "m.pt")
-    assert run_cli("fit", ratings_file, "--epochs", "2", "--out", model, "--no-progress").returncode == 0
-    result = run_cli("recommend", model, "999")
-    assert result.returncode == 1 and "unknown user 999" in result.stderr
-
-
-def test_fit_rejects_a_bad_bias_exponent(ratings_file):
-    # The option is read with the setting's own check: a bad value is a bad option (status 2).
-    result = run_cli("fit", ratings_file, "--bias-count-exponent", "2", "--no-progress")
-    assert result.returncode == 2
-    assert "argument --bias-count-exponent: must be a number in [0, 1], got '2'" in result.stderr
+    status, _, _ = cli(capsys, "fit", ratings_file, "--epochs", "2", "--out", model, "--no-progress")
+    assert status == 0
+    status, _, err = cli(capsys, "recommend", model, "999")
+    assert status == 1 and "unknown user 999" in err
 
 
 def test_fit_options_are_the_config_fields():
@@ -98,11 +105,11 @@ def test_fit_options_are_the_config_fields():
     (["--validation-fraction", "1"], "argument --validation-fraction: must be in [0, 1), got '1'"),
     (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**64), got '-1'"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    # read with the setting's own check: a bad value is a bad option (status 2)
+    (["--bias-count-exponent", "2"],
+     "argument --bias-count-exponent: must be a number in [0, 1], got '2'"),
 ])
 def test_fit_bad_options_exit_2(argv, message, capsys):
-    from mf_ext.cli import main
-
-    with pytest.raises(SystemExit) as exit_:
-        main(["fit", "r.csv", *argv])
-    assert exit_.value.code == 2
-    assert message in capsys.readouterr().err
+    status, _, err = cli(capsys, "fit", "r.csv", *argv)
+    assert status == 2
+    assert message in err

@@ -1,5 +1,6 @@
-"""`python -m mf_ext demo` end to end (in a subprocess), its error exits, and the side-by-side
-report (load_matrix's own tests: tests/test_matrix_io.py)."""
+"""`python -m mf_ext demo` end to end (once in a real process, the rest through the same main()
+in this process), its error exits, and the side-by-side report (load_matrix's own tests:
+tests/test_matrix_io.py)."""
 
 from __future__ import annotations
 
@@ -76,48 +77,50 @@ def test_demo_on_the_notebook_matrix(tmp_path):
     assert_valid_png(tmp_path / "curve.png")
 
 
-def test_demo_with_a_csv_matrix(tmp_path):
+def demo_in_process(capsys, monkeypatch, tmp_path, *args: str) -> str:
+    """main(["demo", *args]) run in tmp_path; its stdout (the status must be 0)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_demo_with_a_csv_matrix(tmp_path, capsys, monkeypatch):
     R = np.array([[5.0, 3, 0, 1], [4, 0, 0, 1], [1, 1, 0, 5], [1, 0, 0, 4], [0, 1, 5, 4],
                   [2, 0, 3, 0]])
     text = "# ratings, 0 = not rated\n\n" + "\n".join(
         ", ".join(f"{v:g}" for v in row) + ("  # a comment" if i == 2 else "")
         for i, row in enumerate(R)) + "\n"
     (tmp_path / "r.csv").write_text(text)
-    proc = run_cli("demo", "--matrix", "r.csv", "--steps", "15", "--rank", "3",
-                   "--dtype", "float32", "--lr", "0.1", "--seed", "4", "--out", "c.png",
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "r.csv: R (6 x 4, 15 observed)" in proc.stdout
-    assert "float32" in proc.stdout
-    loss = float(FINAL_LOSS.search(proc.stdout).group(1))
+    out = demo_in_process(capsys, monkeypatch, tmp_path, "--matrix", "r.csv", "--steps", "15",
+                          "--rank", "3", "--dtype", "float32", "--lr", "0.1", "--seed", "4",
+                          "--out", "c.png")
+    assert "r.csv: R (6 x 4, 15 observed)" in out
+    assert "float32" in out
+    loss = float(FINAL_LOSS.search(out).group(1))
     expected = final_loss_of(R, steps=15, rank=3, seed=4, lr=0.1, dtype=torch.float32)
     assert loss == pytest.approx(expected, rel=1e-5)
     assert_valid_png(tmp_path / "c.png")
 
 
-def test_demo_with_an_npy_matrix(tmp_path):
+def test_demo_with_an_npy_matrix(tmp_path, capsys, monkeypatch):
     R = np.array([[1, 0, 2], [0, 3, 1], [4, 1, 0]], dtype=np.int32)
     np.save(tmp_path / "r.npy", R)
-    proc = run_cli("demo", "--matrix", "r.npy", "--steps", "5", "--out", "n.png", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "R (3 x 3, 6 observed)" in proc.stdout
-    loss = float(FINAL_LOSS.search(proc.stdout).group(1))
+    out = demo_in_process(capsys, monkeypatch, tmp_path, "--matrix", "r.npy", "--steps", "5",
+                          "--out", "n.png")
+    assert "R (3 x 3, 6 observed)" in out
+    loss = float(FINAL_LOSS.search(out).group(1))
     assert loss == pytest.approx(final_loss_of(R.astype(float), steps=5), rel=1e-9)
     assert_valid_png(tmp_path / "n.png")
 
 
 def test_bad_file_exits_cleanly_in_a_real_process(tmp_path):
+    """Status 1 and one line on stderr, nothing else (no start-up warning) in a real process
+    (bad options, status 2: test_bad_options_exit_2_with_one_line)."""
     (tmp_path / "bad.csv").write_text("1,2,3\n4,five,6\n")
     proc = run_cli("demo", "--matrix", "bad.csv", "--out", "x.png", cwd=tmp_path)
     assert proc.returncode == 1
     assert_one_line_error(proc.stderr, "bad.csv, line 2", "'five'")
     assert not (tmp_path / "x.png").exists()
-
-
-def test_bad_option_exits_cleanly_in_a_real_process(tmp_path):
-    proc = run_cli("demo", "--rank", "0", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert_one_line_error(proc.stderr, "--rank", "'0'")
 
 
 # ------------------------------------------------- error exits, through the same main()

@@ -21,8 +21,11 @@ CPP_INTERNALS = ("INTERNAL ASSERT", "Exception raised from", "c10::", "frame #")
 def outcomes(tmp_path_factory):
     """{case name: (exception type name, message)} from one run of the cases script."""
     scratch = tmp_path_factory.mktemp("bad_inputs")
+    # this checkout's mf_ext first, whatever the caller's PYTHONPATH (a relative one included)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE),
+                                                       os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, os.path.join(HERE, "bad_input_cases.py"), str(scratch)],
-                         capture_output=True, text=True, timeout=300, cwd=str(scratch))
+                         capture_output=True, text=True, timeout=300, cwd=str(scratch), env=env)
     assert run.returncode == 0, f"the cases script died (status {run.returncode}):\n{run.stderr}"
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     return {line["name"]: (line["type"], line["message"]) for line in lines}

@@ -6,17 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import synthetic_ratings as synthetic
 from mf_ext import MatrixFactorization
 from mf_ext.model import FORMAT_VERSION
-
-
-def synthetic(m=60, n=40, rank=3, density=0.4, seed=0, noise=0.1):
-    rng = np.random.default_rng(seed)
-    U, V = rng.normal(size=(m, rank)), rng.normal(size=(n, rank))
-    full = 3 + U @ V.T / np.sqrt(rank) + rng.normal(scale=noise, size=(m, n))
-    rows, cols = np.nonzero(rng.random((m, n)) < density)
-    users = np.array([f"u{r}" for r in rows])
-    return users, cols + 100, np.clip(full[rows, cols], 1, 5)
 
 
 def small_model(**kw):

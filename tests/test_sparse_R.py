@@ -1,13 +1,13 @@
 """mf_ext.masked_mf_loss with a sparse R (COO, CSR, CSC): the same function as for R.to_dense(),
-computed over R's stored entries by the observed-entries kernel, R never densified.
-
-Self-contained on purpose (tests/helpers.py is being rewritten): the references are
-mf_ext.reference.masked_mf_loss_reference and the dense op, both on R.to_dense().
+computed over R's stored entries by the observed-entries kernel, R never densified. The
+references: mf_ext.reference.masked_mf_loss_reference (helpers' numeric rule) and the dense op,
+both on R.to_dense().
 """
 
 import pytest
 import torch
 
+from helpers import assert_close_to_reference
 from mf_ext import masked_mf_loss, observed_mf_loss
 from mf_ext.reference import masked_mf_loss_reference
 
@@ -86,38 +86,8 @@ def loss_and_grads(fn, R, P, Q, reduction="sum", flags=(True, True, True)):
 
 
 def check_against_reference(got, R_dense, P, Q, reduction, flags=(True, True, True)):
-    """float64: rtol 1e-12. float32: the error against the float64 reference is at most twice
-    the eager float32 reference's own error, plus a floor of a few ulps of the output's scale
-    and one eps of the scale of its terms (the reference on |R|, |P|, |Q|)."""
-    dtype = P.dtype
-    exact = loss_and_grads(masked_mf_loss_reference, R_dense.double(), P.double(), Q.double(),
-                           reduction, flags)
-    if dtype == torch.float64:
-        for name, a, b in zip(("loss", "dR", "dP", "dQ"), got, exact):
-            if b is None:
-                assert a is None, name
-                continue
-            finite = b[b.isfinite()].abs()
-            scale = finite.max().item() if finite.numel() else 0.0
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * (1 + scale),
-                                       equal_nan=True, msg=lambda s, name=name: f"{name}: {s}")
-        return
-    eager = loss_and_grads(masked_mf_loss_reference, R_dense, P, Q, reduction, flags)
-    scale = loss_and_grads(masked_mf_loss_reference, -R_dense.double().abs(),
-                           P.double().abs(), Q.double().abs(), reduction, flags)
-    eps = torch.finfo(dtype).eps
-    for name, a, e, b, s in zip(("loss", "dR", "dP", "dQ"), got, eager, exact, scale):
-        if b is None:
-            assert a is None, name
-            continue
-        assert a.dtype == dtype and a.shape == b.shape, (name, a.dtype, a.shape, b.shape)
-        if not b.numel():
-            continue
-        err = (a.double() - b).abs().max().item()
-        err_eager = (e.double() - b).abs().max().item()
-        floor = eps * (8 * (1 + b.abs().max().item()) + s.abs().max().item())
-        assert err <= 2 * err_eager + floor, (
-            f"{name}: error {err:.3g} > 2 x eager error {err_eager:.3g} + {floor:.3g}")
+    wanted = [name for name, flag in zip("RPQ", flags) if flag]
+    assert_close_to_reference(got, dict(R=R_dense, P=P, Q=Q, mask=None), reduction, wanted)
 
 
 def check_sparse(Rs, P, Q, reduction, flags=(True, True, True)):

@@ -163,7 +163,7 @@ def cuda_names(text):
     return set(re.findall(pattern, code))
 
 
-def translate(text, filename, namespace=NAMESPACE, mutation=None):
+def translate(text, filename, namespace=NAMESPACE):
     """The translated source of one .cu file (text as read from `filename`)."""
     unknown = sorted(cuda_names(text) - EMULATED)
     _expect(not unknown, f"{filename} uses CUDA names the emulator lacks: {unknown}")
@@ -211,11 +211,6 @@ def translate(text, filename, namespace=NAMESPACE, mutation=None):
     src, n = re.subn(r"TORCH_LIBRARY_IMPL\(mf_ext,\s*CUDA,\s*m\)",
                      f"TORCH_LIBRARY_IMPL({namespace}, CPU, m)", src)
     _expect(n == 1, f"{filename}: expected one TORCH_LIBRARY_IMPL(mf_ext, CUDA, m), found {n}")
-
-    if mutation is not None:
-        old, new = mutation
-        _expect(src.count(old) == 1, f"{filename}: mutation target {old!r} not found once")
-        src = src.replace(old, new)
 
     _expect(src.count("\n") == text.count("\n"), f"{filename}: line numbering changed")
     return f'#line 1 "{CSRC / "cuda" / filename}"\n' + src
@@ -279,14 +274,6 @@ def schema_source(namespaces):
     return "\n".join(out) + "\n", body
 
 
-# A planted error for the harness's own test: the scalar (strided) path of load4 ignores the
-# stride. Only a column-stepped R can tell.
-MUTANT_NAMESPACE = "mf_ext_emu_mutant"
-MUTATION = ("masked_mf_loss.cu",
-            ("out.v[c] = j + c < n ? row[(j + c) * stride] : T(0);",
-             "out.v[c] = j + c < n ? row[(j + c)] : T(0);"))
-
-
 def _write_if_changed(path, text):
     """Atomic (xdist workers may translate at the same time); untouched when equal, so ninja
     keeps its objects."""
@@ -332,11 +319,7 @@ def generate(out_dir):
         path = out_dir / (name[:-3] + "_emu.cpp")
         _write_if_changed(path, translate(text, name))
         paths.append(path)
-        if name == MUTATION[0]:
-            mpath = out_dir / (name[:-3] + "_mutant.cpp")
-            _write_if_changed(mpath, translate(text, name, MUTANT_NAMESPACE, MUTATION[1]))
-            paths.append(mpath)
-    schemas, body = schema_source([NAMESPACE, MUTANT_NAMESPACE])
+    schemas, body = schema_source([NAMESPACE])
     for name in SOURCES:
         for op in registered_ops((CSRC / "cuda" / name).read_text()):
             _expect(f'"{op}(' in body, f"{name} registers {op}, which csrc/mf_ext.cpp lacks")
