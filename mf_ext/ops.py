@@ -6,6 +6,7 @@ meta tensors) and autograd, and exposes the public function.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from typing import Optional
@@ -187,9 +188,25 @@ def _sparse_entries(R: torch.Tensor):
     return plain, expanded, values
 
 
+def _eager_only(fn):
+    """torch.compiler.disable(fn), applied at the first call rather than at import: disabling
+    imports torch._dynamo, about half the cost of `import mf_ext` (~2 s of CPU here), which every
+    CLI start and subprocess would pay even when nothing is compiled."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
+
+
 # Dynamo refuses sparse tensors, and tracing this route's dense pieces after that graph break
 # hit an internal Dynamo error (torch 2.14): it always runs eagerly.
-@torch.compiler.disable
+@_eager_only
 def _sparse_masked_mf_loss(R, P, Q, mask, reduction) -> torch.Tensor:
     """masked_mf_loss for a sparse R (m, n): the same function as for R.to_dense(), computed by
     the observed-entries kernel over R's stored entries, without an m×n tensor.
