@@ -7,7 +7,7 @@
 """
 
 from mf_ext import ops as _ops  # noqa: F401  (loads the kernels, registers autograd/fake)
-from mf_ext.ops import masked_mf_loss, observed_mf_loss
+from mf_ext.ops import check_observed_indices, masked_mf_loss, observed_mf_loss
 from mf_ext.reference import masked_mf_loss_reference, observed_mf_loss_reference
 from mf_ext.data import IdMap, Ratings, load_ratings, train_test_split
 from mf_ext.matrix_io import load_matrix
@@ -17,6 +17,6 @@ from mf_ext.train import Factorization, factorize
 __all__ = [
     "masked_mf_loss", "masked_mf_loss_reference", "observed_mf_loss", "observed_mf_loss_reference",
     "factorize", "Factorization", "MatrixFactorization", "load_ratings", "load_matrix",
-    "train_test_split", "Ratings", "IdMap",
+    "train_test_split", "Ratings", "IdMap", "check_observed_indices",
 ]
 __version__ = "0.1.0"
