@@ -34,14 +34,15 @@ namespace {
 // kMinSegmentTriples.
 constexpr int64_t kMaxSegments = 8;
 constexpr int64_t kMinSegmentTriples = 1 << 16;
-// Units: G ≤ kMaxGroups inner groups, at least kMinUnitTriples triples per unit on average
-// (G ≈ √(nnz / kMinUnitTriples)); then up to kMaxLanes lanes, so that K·G units can run at once
-// (kTargetConcurrency), each lane's inner accumulator (r per inner index, zeroed and summed)
-// costing at most 1/kLaneTriplesPerInner of its triples' work (r per triple).
+// Units: G ≤ kMaxGroups inner groups, G ≈ √(nnz / kMinUnitTriples) (units of fewer triples
+// make sparser tiles, which reuse the factor rows they load less: measured slower on
+// ML-1M-sized data); then up to kMaxLanes lanes, so that K·G ≥ kTargetConcurrency units can run
+// at once where the data allow, each lane's inner accumulator (r per inner index, zeroed and
+// summed) costing at most 1/kLaneTriplesPerInner of its triples' work (r per triple).
 constexpr int64_t kMaxGroups = 64;
 constexpr int64_t kMaxLanes = 4;
 constexpr int64_t kTargetConcurrency = 64;
-constexpr int64_t kMinUnitTriples = 2048;
+constexpr int64_t kMinUnitTriples = 16384;
 constexpr int64_t kLaneTriplesPerInner = 32;
 // Histogram bins per side, at most (a bin: 2^bin_shift consecutive indices). Groups start at
 // bin boundaries and span kMinBinsPerGroup bins or more, so that their cuts can balance them.
@@ -113,7 +114,7 @@ inline void plan_groups(int64_t nnz, Partition& pt) {
                                                          1, kMaxGroups));
   const int64_t lane_cost_cap = nnz / std::max<int64_t>(kLaneTriplesPerInner * pt.inner_size, 1);
   pt.lanes = std::clamp<int64_t>(
-      std::min({kTargetConcurrency / pt.groups, lane_cost_cap,
+      std::min({(kTargetConcurrency + pt.groups - 1) / pt.groups, lane_cost_cap,
                 pt.outer_bins() / (kMinBinsPerGroup * pt.groups)}),
       1, kMaxLanes);
 }
@@ -213,34 +214,44 @@ BadIndex bucket_segment(const IR* rows, int64_t rows_s, const IC* cols, int64_t 
                         int64_t t0, int64_t t1, int64_t m, int64_t n, const Partition& pt,
                         int64_t* next, uint32_t* keys, T* sorted_values, T* sorted_weights,
                         int64_t* positions) {
-  const uint64_t outer_mask = (uint64_t(1) << pt.outer_shift) - 1;
-  const uint64_t inner_mask = (uint64_t(1) << pt.inner_shift) - 1;
-  const int64_t G = pt.groups;
+  // The partition's fields in locals: the stores through `next` could alias them otherwise,
+  // and the compiler would reload every one of them for every triple.
+  const bool rows_outer = pt.rows_outer;
+  const int64_t outer_bin_shift = pt.outer_bin_shift, inner_bin_shift = pt.inner_bin_shift;
+  const int64_t outer_shift = pt.outer_shift, inner_shift = pt.inner_shift, G = pt.groups;
+  const uint64_t outer_mask = (uint64_t(1) << outer_shift) - 1;
+  const uint64_t inner_mask = (uint64_t(1) << inner_shift) - 1;
+  const int32_t* const outer_group_of_bin = pt.outer_group_of_bin.data();
+  const int32_t* const inner_group_of_bin = pt.inner_group_of_bin.data();
+  const int64_t* const outer_start = pt.outer_start.data();
+  const int64_t* const inner_start = pt.inner_start.data();
+  const int64_t* const unit_tile = pt.unit_tile.data();
+  const int64_t* const inner_group_blocks = pt.inner_group_blocks.data();
   int64_t* const inner_hist = next + (kPass == Pass::Histogram ? pt.outer_bins() : 0);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t i = static_cast<int64_t>(rows[t * rows_s]);
     const int64_t j = static_cast<int64_t>(cols[t * cols_s]);
-    const int64_t a = pt.rows_outer ? i : j, b = pt.rows_outer ? j : i;
+    const int64_t a = rows_outer ? i : j, b = rows_outer ? j : i;
     if constexpr (kPass == Pass::Histogram) {
       const bool row_bad = static_cast<uint64_t>(i) >= static_cast<uint64_t>(m);
       if (row_bad || static_cast<uint64_t>(j) >= static_cast<uint64_t>(n)) {
         return BadIndex{t, row_bad ? i : j, !row_bad};
       }
-      ++next[a >> pt.outer_bin_shift];
-      ++inner_hist[b >> pt.inner_bin_shift];
+      ++next[a >> outer_bin_shift];
+      ++inner_hist[b >> inner_bin_shift];
       continue;
     }
-    const int64_t ga = pt.outer_group_of_bin[a >> pt.outer_bin_shift];
-    const int64_t gb = pt.inner_group_of_bin[b >> pt.inner_bin_shift];
-    const uint64_t la = a - pt.outer_start[ga], lb = b - pt.inner_start[gb];
-    const int64_t tile = pt.unit_tile[ga * G + gb] +
-                         static_cast<int64_t>(la >> pt.outer_shift) * pt.inner_group_blocks[gb] +
-                         static_cast<int64_t>(lb >> pt.inner_shift);
+    const int64_t ga = outer_group_of_bin[a >> outer_bin_shift];
+    const int64_t gb = inner_group_of_bin[b >> inner_bin_shift];
+    const uint64_t la = a - outer_start[ga], lb = b - inner_start[gb];
+    const int64_t tile = unit_tile[ga * G + gb] +
+                         static_cast<int64_t>(la >> outer_shift) * inner_group_blocks[gb] +
+                         static_cast<int64_t>(lb >> inner_shift);
     if constexpr (kPass == Pass::Count) {
       ++next[tile];
     } else {
       const int64_t pos = next[tile]++;
-      keys[pos] = static_cast<uint32_t>(((la & outer_mask) << pt.inner_shift) | (lb & inner_mask));
+      keys[pos] = static_cast<uint32_t>(((la & outer_mask) << inner_shift) | (lb & inner_mask));
       sorted_values[pos] = values[t * values_s];
       if (sorted_weights) sorted_weights[pos] = weights[t * weights_s];
       if (positions) positions[pos] = t;

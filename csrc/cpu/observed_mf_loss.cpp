@@ -17,7 +17,7 @@
 //
 // Units and determinism (bucketing.h). The inner side is cut into G groups and the outer side
 // into K·G, at fixed fractions of nnz; unit (outer group, inner group) holds the tiles of their
-// indices, K·G² units in all (4,096 on an ML-20M-sized problem). They run in Latin-square
+// indices, K·G² units in all (2,312 on an ML-20M-sized problem). They run in Latin-square
 // rounds (latin_rounds.h): an outer group's units run one after the other, and so do the units
 // of one lane (G outer groups) that share an inner group, so each unit adds straight into its
 // outer gradient rows and its lane's inner gradient rows. Groups, tiles and all orders
