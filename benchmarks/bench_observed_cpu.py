@@ -132,8 +132,9 @@ def main() -> None:
     print(f"| implementation | {header} | GFLOP/s at (6r+4)·nnz, {thread_counts[-1]} thr. |")
     print("| --- |" + " ---: | ---: |" * len(thread_counts) + " ---: |")
     for name, by_threads in times.items():
-        cells = " | ".join(f"{by_threads[t] * 1e3:.2f} | {by_threads[t] / times[fused_name][t]:.2f}×"
-                           for t in thread_counts)
+        cells = " | ".join(
+            f"{by_threads[t] * 1e3:.2f} | {by_threads[t] / times[fused_name][t]:.2f}×"
+            for t in thread_counts)
         print(f"| {name} | {cells} | {flops / by_threads[thread_counts[-1]] / 1e9:.1f} |")
     cells = " | ".join(f"{flops / gemm_rate[t] * 1e3:.2f} | fused is "
                        f"{times[fused_name][t] * gemm_rate[t] / flops:.1f}× the floor"

@@ -68,8 +68,11 @@ struct Sides {
   bool rows_outer;
   int64_t outer_size, inner_size;          // m and n, or n and m
   int64_t outer_bin_shift, inner_bin_shift;
-  int64_t outer_bins() const { return outer_size > 0 ? ((outer_size - 1) >> outer_bin_shift) + 1 : 0; }
-  int64_t inner_bins() const { return inner_size > 0 ? ((inner_size - 1) >> inner_bin_shift) + 1 : 0; }
+  int64_t outer_bins() const { return bins(outer_size, outer_bin_shift); }
+  int64_t inner_bins() const { return bins(inner_size, inner_bin_shift); }
+  static int64_t bins(int64_t size, int64_t shift) {
+    return size > 0 ? ((size - 1) >> shift) + 1 : 0;
+  }
 };
 
 inline Sides plan_sides(int64_t m, int64_t n) {
@@ -176,7 +179,8 @@ inline void plan_units(int64_t nnz, const std::vector<int64_t>& outer_bins,
   const int64_t G = pt.groups;
   pt.unit_tile.assign(pt.units() + 1, 0);
   for (int64_t u = 0; u < pt.units(); ++u) {
-    pt.unit_tile[u + 1] = pt.unit_tile[u] + pt.outer_group_blocks[u / G] * pt.inner_group_blocks[u % G];
+    pt.unit_tile[u + 1] =
+        pt.unit_tile[u] + pt.outer_group_blocks[u / G] * pt.inner_group_blocks[u % G];
   }
 }
 

@@ -58,11 +58,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <limits>
-#include <map>
-#include <mutex>
 
 #include "../observed_mf_loss_common.h"
 #include "common.cuh"
+#include "index_report.cuh"
 #include "row_layout.cuh"
 #include "segment_sums.cuh"
 
@@ -74,7 +73,6 @@ namespace {
 constexpr int kTargetVecsPerLane = 2;
 // Beyond 4 (r > 512 float, > 256 double) the registers spill: the wide-rank kernel instead.
 constexpr int kMaxVecsPerLane = 4;
-constexpr unsigned long long kNoBadIndex = std::numeric_limits<long long>::max();
 
 // Everything the kernels read and write, as raw pointers taken once on the host.
 template <typename scalar_t, typename acc_t>
@@ -346,24 +344,6 @@ __global__ void __launch_bounds__(kThreads)
   store_block_loss(loss, pb.loss_parts);
 }
 
-// The index report's words: position (−1: none), bad value, range, 1 if a column.
-constexpr int kReportWords = 4;
-
-// The first bad triple of a call, if any, into `report` (host memory), unless it already holds
-// one: the position last, since the host reads it first.
-__device__ void record_bad_index(unsigned long long first_bad, const void* rows, bool rows_64,
-                                 int64_t rows_s, const void* cols, bool cols_64, int64_t cols_s,
-                                 int64_t m, int64_t n, volatile int64_t* report) {
-  if (first_bad == kNoBadIndex || report[0] >= 0) return;
-  const int64_t t = static_cast<int64_t>(first_bad);
-  const int64_t i = load_index(rows, rows_64, t * rows_s);
-  const bool row_bad = static_cast<uint64_t>(i) >= static_cast<uint64_t>(m);
-  report[1] = row_bad ? i : load_index(cols, cols_64, t * cols_s);
-  report[2] = row_bad ? m : n;
-  report[3] = row_bad ? 0 : 1;
-  report[0] = t;
-}
-
 // Sums the blocks' losses in a fixed order and divides by `divisor` (nnz for "mean", else 1);
 // a call with a bad index gets a NaN loss and its report recorded.
 template <typename scalar_t, typename acc_t>
@@ -374,45 +354,11 @@ __global__ void __launch_bounds__(kThreads)
   const double total = sum_parts(parts, count, sums);
   if (threadIdx.x == 0) {
     const unsigned long long first_bad = *pb.first_bad;
-    *out = static_cast<scalar_t>(first_bad == kNoBadIndex ? total / divisor
-                                                          : std::numeric_limits<double>::quiet_NaN());
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    *out = static_cast<scalar_t>(first_bad == kNoBadIndex ? total / divisor : nan);
     record_bad_index(first_bad, pb.rows, pb.rows_64, pb.rows_s, pb.cols, pb.cols_64, pb.cols_s,
                      pb.m, pb.n, report);
   }
-}
-
-// This device's index report: pinned host memory, mapped into the device's address space, that
-// the kernels write and the host reads without synchronizing (a CPU tensor, as under the
-// emulator, is host memory already). One per device, for the life of the process.
-at::Tensor index_report(const at::Tensor& like) {
-  static std::mutex mutex;
-  static std::map<int, at::Tensor> reports;
-  const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& report = reports[like.device().index()];
-  if (!report.defined()) {
-    report = at::empty({kReportWords}, at::TensorOptions().dtype(at::kLong).pinned_memory(
-                                           like.is_cuda()));
-    report.fill_(-1);
-  }
-  return report;
-}
-
-// Raises the IndexError an earlier call on this device recorded, if any (and forgets it).
-void raise_recorded_bad_index(const at::Tensor& like) {
-  const at::Tensor report = index_report(like);
-  volatile int64_t* words = report.mutable_data_ptr<int64_t>();
-  const int64_t position = words[0];
-  if (position < 0) return;
-  // The error path only: wait for this stream's work, so the words written before the position
-  // are in host memory too.
-  (void)at::zeros({}, like.options().dtype(at::kLong)).item<int64_t>();
-  const int64_t value = words[1], size = words[2];
-  const bool is_col = words[3] == 1;
-  words[0] = -1;
-  const std::string where = std::string(" [found on ") + like.device().str() +
-                            " by an earlier call, whose loss was set to NaN]";
-  observed_index_error(is_col ? "cols" : "rows", position, value, size,
-                       is_col ? "n, the columns of Q" : "m, the columns of P", where.c_str());
 }
 
 // Lanes per triple and vectors per lane for `nvec` vectors per row; kVecs 0: the wide kernel.
