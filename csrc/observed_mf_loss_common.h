@@ -1,6 +1,7 @@
 // What the CPU and CUDA kernels of mf_ext::observed_mf_loss_and_grads share: the argument checks
 // (so both reject bad input with the same message) and the outputs' allocation. (Index ranges
-// are checked by the kernels, in their pass over the triples; see observed_index_error.)
+// are checked by the kernels, in their pass over the triples; see observed_index_error: the
+// CPU kernel raises before it computes, the CUDA one at the device's next call.)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -80,11 +81,14 @@ inline void check_observed_mf_loss_args(const at::Tensor& rows, const at::Tensor
   }
 }
 
-// Raised by the kernels for the first (lowest position) index out of [0, size).
+// Raised by the kernels for the first (lowest position) index out of [0, size); `context`
+// follows the message (the CUDA kernel says which call found it).
 [[noreturn]] inline void observed_index_error(const char* name, int64_t position, int64_t value,
-                                              int64_t size, const char* what) {
+                                              int64_t size, const char* what,
+                                              const char* context = "") {
   TORCH_CHECK_INDEX(false, "mf_ext.observed_mf_loss: ", name, "[", position, "] = ", value,
-                    " is out of range: ", name, " must lie in [0, ", size, ") (", what, ")");
+                    " is out of range: ", name, " must lie in [0, ", size, ") (", what, ")",
+                    context);
   __builtin_unreachable();
 }
 

@@ -10,7 +10,8 @@
 """
 
 from mf_ext import ops as _ops  # noqa: F401  (loads the kernels, registers autograd/fake)
-from mf_ext.ops import implicit_mf_loss, masked_mf_loss, observed_mf_loss
+from mf_ext.ops import (check_observed_indices, implicit_mf_loss, masked_mf_loss,
+                        observed_mf_loss)
 from mf_ext.reference import (implicit_mf_loss_reference, masked_mf_loss_reference,
                               observed_mf_loss_reference)
 from mf_ext.data import IdMap, Ratings, load_ratings, train_test_split
@@ -23,7 +24,7 @@ from mf_ext.metrics import evaluate_ranking, leave_out_split
 
 __all__ = [
     "masked_mf_loss", "masked_mf_loss_reference", "observed_mf_loss", "observed_mf_loss_reference",
-    "implicit_mf_loss", "implicit_mf_loss_reference",
+    "implicit_mf_loss", "implicit_mf_loss_reference", "check_observed_indices",
     "factorize", "Factorization", "MatrixFactorization", "ImplicitMatrixFactorization",
     "load_ratings", "load_matrix",
     "train_test_split", "Ratings", "IdMap", "metrics", "evaluate_ranking", "leave_out_split",

@@ -380,7 +380,10 @@ def observed_mf_loss(
     """Σ_t w_t (values_t − P[:, i]ᵀQ[:, j] − row_bias[i] − col_bias[j])², i = rows_t, j = cols_t,
     computed with its gradients in one fused pass over the triples.
 
-    rows, cols: (nnz,) int32 or int64, each in [0, m) / [0, n) (out of range raises IndexError);
+    rows, cols: (nnz,) int32 or int64, each in [0, m) / [0, n). Out of range raises IndexError:
+    on the CPU from this call; on CUDA, with no host sync, from the next call on the same device
+    that starts after the GPU has finished this one (this call's loss is NaN and the bad triples
+    are skipped); check_observed_indices raises it at once.
     values: (nnz,); P: (r, m); Q: (r, n); row_bias: (m,) or None; col_bias: (n,) or None;
     weights: (nnz,) or None (all 1). Floats are float32 or float64 (on CUDA also float16 and
     bfloat16, accumulated in float32), all of one dtype and device; any strides. The triples
@@ -405,26 +408,58 @@ def observed_mf_loss(
     return loss
 
 
+def check_observed_indices(rows: torch.Tensor, cols: torch.Tensor, m: int, n: int) -> None:
+    """Raises the IndexError observed_mf_loss raises for these indices (the lowest bad position;
+    its row when both are bad), at once on any device, with one host sync. For triples that did
+    not come through MatrixFactorization's id maps (in range by construction): on CUDA the op
+    itself reports a bad index only at the device's next call. rows, cols: (nnz,) int tensors;
+    m, n: the columns of P and of Q."""
+    bad_rows = (rows < 0) | (rows >= m)
+    bad = bad_rows | (cols < 0) | (cols >= n)
+    positions = torch.nonzero(bad).flatten()  # the one sync
+    if positions.numel() == 0:
+        return
+    t = int(positions[0])
+    name, value, size, what = (("rows", rows, m, "m, the columns of P") if bool(bad_rows[t])
+                               else ("cols", cols, n, "n, the columns of Q"))
+    raise IndexError(f"mf_ext.observed_mf_loss: {name}[{t}] = {int(value[t])} is out of range: "
+                     f"{name} must lie in [0, {size}) ({what})")
+
+
 # ---------------------------------------------------------------- partitions (internal, for tests)
 
 def _observed_partition(rows: torch.Tensor, cols: torch.Tensor, P: torch.Tensor,
                         Q: torch.Tensor) -> dict:
     """How the CPU kernel of observed_mf_loss cuts the triples (rows, cols) for P (r, m), Q (r, n)
-    (their shapes and dtype): {"outer": "rows" or "cols", "outer_block_size",
-    "inner_block_size" (indices per block), "outer_blocks", "inner_blocks", "tiles" (ints),
-    "segments" (triples per bucketing segment), "chunks" (triples per chunk, the units of
-    parallel work)}, computed by the kernel's own code. Out-of-range indices raise IndexError."""
+    (their shapes and dtype), computed by the kernel's own code: {"outer": "rows" or "cols" (the
+    side cut into K·G groups; the other, "inner", into G), "outer_block_size",
+    "inner_block_size" (indices per tile side), "outer_blocks", "inner_blocks" (summed over the
+    groups), "tiles", "groups" (G), "lanes" (K: inner gradient accumulators),
+    "segments" (triples per segment of the passes over the triples), "outer_starts",
+    "inner_starts" (where each group begins, then the side's size), "units" (triples per unit,
+    the units of parallel work, in unit order outer group · G + inner group), "concurrent" (how
+    many units can run at once: K·G)}. Out-of-range indices raise IndexError."""
     flat = torch.ops.mf_ext._observed_partition(rows, cols, P, Q)
-    rows_outer, outer_size, inner_size, outer_blocks, inner_blocks, segments, chunks = flat[:7]
+    (rows_outer, outer_size, inner_size, outer_blocks, inner_blocks, tiles, groups, lanes,
+     segments) = flat[:9]
+    outer_groups, units = lanes * groups, lanes * groups * groups
+    starts = 9 + segments
+    inner_starts = starts + (outer_groups + 1 if units else 0)
+    unit_start = inner_starts + (groups + 1 if units else 0)
     return {
         "outer": "rows" if rows_outer else "cols",
         "outer_block_size": outer_size,
         "inner_block_size": inner_size,
         "outer_blocks": outer_blocks,
         "inner_blocks": inner_blocks,
-        "tiles": outer_blocks * inner_blocks,
-        "segments": list(flat[7:7 + segments]),
-        "chunks": list(flat[7 + segments:7 + segments + chunks]),
+        "tiles": tiles,
+        "groups": groups,
+        "lanes": lanes,
+        "segments": list(flat[9:starts]),
+        "outer_starts": list(flat[starts:inner_starts]),
+        "inner_starts": list(flat[inner_starts:unit_start]),
+        "units": list(flat[unit_start:unit_start + units]),
+        "concurrent": outer_groups,
     }
 
 

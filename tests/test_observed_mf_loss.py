@@ -214,9 +214,27 @@ def test_deterministic_and_atomic_paths_agree(backend):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def raises_index_error(backend, call, match):
+    """`call` (returning the op's loss) has a bad index. The CPU kernel raises from the call; the
+    CUDA kernel (no host sync) gives the call a NaN loss and raises from the device's next call
+    once the GPU has finished this one (at once after torch.cuda.synchronize()), naming the
+    earlier call. check_observed_indices is the sync check that raises at once anywhere."""
+    if backend.name == "cpu":
+        with pytest.raises(IndexError, match=match):
+            call()
+        return
+    assert torch.isnan(call())
+    if backend.name == "cuda":
+        torch.cuda.synchronize()
+    with pytest.raises(IndexError, match=match + r".* \[found on \w+(:\d+)? by an earlier call, "
+                                                 r"whose loss was set to NaN\]"):
+        backend.observed_mf_loss(**random_triples(3, 4, 2, 5, device=backend.device))
+
+
 def test_index_error_reports_the_first_bad_position(backend, mode):
-    """Raised on the host (a device assert would leave the GPU unusable), with the first bad
-    position; the row first where both are bad. The CPU checks in parallel: 1 and 2 threads."""
+    """The first bad position (the row first where both are bad), raised on the host (a device
+    assert would leave the GPU unusable). The CPU checks in parallel: 1 and 2 threads. After
+    the error, the next call runs."""
     args = random_triples(30, 20, 4, 40000, biases=True, device=backend.device)
     args["rows"][35000] = 99
     args["cols"][20001] = 20
@@ -224,20 +242,27 @@ def test_index_error_reports_the_first_bad_position(backend, mode):
     args["cols"][30000] = -5
     for threads in (1, 2) if backend.name == "cpu" else (torch.get_num_threads(),):
         torch.set_num_threads(threads)
-        with pytest.raises(IndexError, match=re.escape("cols[20001] = 20 is out of range: "
-                                                       "cols must lie in [0, 20)")):
-            loss_and_grads(backend.observed_mf_loss, args)
+        message = re.escape("cols[20001] = 20 is out of range: cols must lie in [0, 20)")
+        raises_index_error(backend, lambda: loss_and_grads(backend.observed_mf_loss, args)[0],
+                           message)
+        with pytest.raises(IndexError, match=message):
+            mf_ext.check_observed_indices(args["rows"], args["cols"], 30, 20)
     args["cols"][20001] = 3
-    with pytest.raises(IndexError, match=re.escape("rows[30000] = -3 is out of range: "
-                                                   "rows must lie in [0, 30)")):
-        loss_and_grads(backend.observed_mf_loss, args)
+    message = re.escape("rows[30000] = -3 is out of range: rows must lie in [0, 30)")
+    raises_index_error(backend, lambda: loss_and_grads(backend.observed_mf_loss, args)[0],
+                       message)
+    with pytest.raises(IndexError, match=message):
+        mf_ext.check_observed_indices(args["rows"], args["cols"], 30, 20)
     check(backend, random_triples(30, 20, 4, 400, device=backend.device))
+    good = random_triples(30, 20, 4, 400, device=backend.device)
+    assert mf_ext.check_observed_indices(good["rows"], good["cols"], 30, 20) is None
 
 
 def test_index_error_with_no_rows(backend):
-    with pytest.raises(IndexError, match=re.escape("rows[0] = 0 is out of range: rows must lie "
-                                                   "in [0, 0)")):
-        backend.observed_mf_loss(**random_triples(0, 3, 2, 2, device=backend.device))
+    raises_index_error(
+        backend, lambda: backend.observed_mf_loss(**random_triples(0, 3, 2, 2,
+                                                                   device=backend.device)),
+        re.escape("rows[0] = 0 is out of range: rows must lie in [0, 0)"))
 
 
 @cases(lambda backend, **_: backend != "emulated")
@@ -358,8 +383,16 @@ def _good(device="cpu", **overrides):
 
 @pytest.mark.parametrize("overrides,exc,match", ERRORS)
 def test_error_messages(backend, overrides, exc, match):
-    """On the CPU also the fake kernel's (meta tensors, torch.compile), but the index checks."""
-    fake = ("meta",) if backend.name == "cpu" and exc is not IndexError else ()
+    """On the CPU also the fake kernel's (meta tensors, torch.compile), but the index checks;
+    those also through check_observed_indices, and on CUDA from the next call."""
+    if exc is IndexError:
+        args = _good(backend.device, **overrides)
+        raises_index_error(backend, lambda: backend.observed_mf_loss(**args),
+                           "mf_ext.observed_mf_loss: " + match)
+        with pytest.raises(IndexError, match="mf_ext.observed_mf_loss: " + match):
+            mf_ext.check_observed_indices(args["rows"], args["cols"], 5, 4)
+        return
+    fake = ("meta",) if backend.name == "cpu" else ()
     for device in (backend.device, *fake):
         with pytest.raises(exc, match="mf_ext.observed_mf_loss: " + match):
             backend.observed_mf_loss(**_good(device, **overrides))

@@ -34,15 +34,17 @@
 // warp (segment_sums.cuh), so results are bitwise repeatable. The loss is always reduced in a
 // fixed order (per-block partials, then one block), so it is bitwise repeatable in both modes.
 //
-// Index ranges. A triple whose row or column is out of range is never read through: it is
-// skipped, and the lowest such position is recorded on the device (atomicMin). After every kernel
-// of the op has been queued, the op reads that one number back — its only host synchronization,
-// needed because raising IndexError (with the position and value, as the CPU kernel does) needs
-// the answer on the host. Taking it after the whole op is queued, rather than validating the
-// indices up front, costs no extra pass over the indices and keeps the GPU busy while the host
-// waits. Under CUDA graph capture a host sync is illegal, so there the kernel instead traps
-// (printing the position) on the first bad index — a sticky CUDA error, as torch's own indexing
-// kernels raise with device-side asserts.
+// Index ranges, with no host synchronization. A triple whose row or column is out of range is
+// never read through: it is skipped, and the lowest such position is recorded on the device
+// (atomicMin). The kernel that finishes the loss then, if there was one, sets the loss to NaN
+// and writes the position, the bad value and the range into this device's index report: a few
+// words of pinned host memory the kernel writes directly (kept until raised; the first one
+// wins). Every call of the op on the device reads that report first, on the host, at no cost,
+// and raises the IndexError it holds. So a bad index is raised by the first call on the same
+// device whose host code runs after the GPU has finished the bad call (in a training loop, the
+// next step or one soon after; right away after torch.cuda.synchronize()), and the bad call's
+// own loss is NaN. mf_ext.check_observed_indices validates indices up front, with one sync
+// (a direct check, for data that did not come through MatrixFactorization's id maps).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -59,6 +61,7 @@
 
 #include "../observed_mf_loss_common.h"
 #include "common.cuh"
+#include "index_report.cuh"
 #include "row_layout.cuh"
 #include "segment_sums.cuh"
 
@@ -70,7 +73,6 @@ namespace {
 constexpr int kTargetVecsPerLane = 2;
 // Beyond 4 (r > 512 float, > 256 double) the registers spill: the wide-rank kernel instead.
 constexpr int kMaxVecsPerLane = 4;
-constexpr unsigned long long kNoBadIndex = std::numeric_limits<long long>::max();
 
 // Everything the kernels read and write, as raw pointers taken once on the host.
 template <typename scalar_t, typename acc_t>
@@ -104,7 +106,6 @@ struct ObservedProblem {
   acc_t* dcol_bias;        // (n,)
   double* loss_parts;      // (blocks,): each block's Σ w e²
   unsigned long long* first_bad;  // lowest position with an out-of-range index
-  bool trap_on_bad;               // under graph capture: trap instead (no host check possible)
 };
 
 // One triple's indices and scalars, as loaded by one lane and shared through shared memory.
@@ -116,19 +117,6 @@ struct Triple {
 };
 
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void report_bad_index(const ObservedProblem<scalar_t, acc_t>& pb,
-                                                 int64_t t, int64_t i, int64_t j) {
-  if (pb.trap_on_bad) {
-    printf("mf_ext.observed_mf_loss: out-of-range index at position %lld (row %lld of %lld, "
-           "column %lld of %lld) during CUDA graph capture\n",
-           static_cast<long long>(t), static_cast<long long>(i), static_cast<long long>(pb.m),
-           static_cast<long long>(j), static_cast<long long>(pb.n));
-    __trap();
-  }
-  atomicMin(pb.first_bad, static_cast<unsigned long long>(t));
-}
-
-template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ Triple<acc_t> load_triple(const ObservedProblem<scalar_t, acc_t>& pb,
                                                      int64_t t, bool report) {
   Triple<acc_t> tr;
@@ -136,7 +124,7 @@ __device__ __forceinline__ Triple<acc_t> load_triple(const ObservedProblem<scala
   tr.j = load_index(pb.cols, pb.cols_64, t * pb.cols_s);
   tr.valid = static_cast<uint64_t>(tr.i) < static_cast<uint64_t>(pb.m) &&
              static_cast<uint64_t>(tr.j) < static_cast<uint64_t>(pb.n);
-  if (!tr.valid && report) report_bad_index(pb, t, tr.i, tr.j);
+  if (!tr.valid && report) atomicMin(pb.first_bad, static_cast<unsigned long long>(t));
   tr.value = static_cast<acc_t>(pb.values[t * pb.values_s]);
   tr.weight = pb.weights ? static_cast<acc_t>(pb.weights[t * pb.weights_s]) : acc_t(1);
   // A missing bias adds 0, which leaves the prediction bitwise unchanged.
@@ -356,13 +344,21 @@ __global__ void __launch_bounds__(kThreads)
   store_block_loss(loss, pb.loss_parts);
 }
 
-// Sums the blocks' losses in a fixed order and divides by `divisor` (nnz for "mean", else 1).
-template <typename scalar_t>
+// Sums the blocks' losses in a fixed order and divides by `divisor` (nnz for "mean", else 1);
+// a call with a bad index gets a NaN loss and its report recorded.
+template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    finalize_loss_kernel(const double* parts, int64_t count, double divisor, scalar_t* out) {
+    finalize_loss_kernel(const double* parts, int64_t count, double divisor, scalar_t* out,
+                         const ObservedProblem<scalar_t, acc_t> pb, int64_t* report) {
   __shared__ double sums[kThreads];
   const double total = sum_parts(parts, count, sums);
-  if (threadIdx.x == 0) *out = static_cast<scalar_t>(total / divisor);
+  if (threadIdx.x == 0) {
+    const unsigned long long first_bad = *pb.first_bad;
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    *out = static_cast<scalar_t>(first_bad == kNoBadIndex ? total / divisor : nan);
+    record_bad_index(first_bad, pb.rows, pb.rows_64, pb.rows_s, pb.cols, pb.cols_64, pb.cols_s,
+                     pb.m, pb.n, report);
+  }
 }
 
 // Lanes per triple and vectors per lane for `nvec` vectors per row; kVecs 0: the wide kernel.
@@ -399,9 +395,6 @@ void observed_mf_loss_launch(const at::Tensor& rows, const at::Tensor& cols,
   const auto acc_opts = values.options().dtype(acc_type);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  const bool capturing = capture != cudaStreamCaptureStatusNone;
 
   // Row layout, r padded to whole vectors (at least one, so that r = 0 needs no special case).
   const int64_t r_pad = std::max<int64_t>(W, (r + W - 1) / W * W);
@@ -475,7 +468,6 @@ void observed_mf_loss_launch(const at::Tensor& rows, const at::Tensor& cols,
   const at::Tensor first_bad = at::full({}, static_cast<int64_t>(kNoBadIndex),
                                         values.options().dtype(at::kLong));
   pb.first_bad = reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>());
-  pb.trap_on_bad = capturing;
 
   const int64_t groups = (nnz + pb.chunk - 1) / pb.chunk;
   const int64_t blocks = (groups * pb.lanes + kThreads - 1) / kThreads;
@@ -490,9 +482,9 @@ void observed_mf_loss_launch(const at::Tensor& rows, const at::Tensor& cols,
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  finalize_loss_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+  finalize_loss_kernel<scalar_t, acc_t><<<1, kThreads, 0, stream>>>(
       pb.loss_parts, blocks, reduction == Reduction::Mean ? static_cast<double>(nnz) : 1.0,
-      out.loss.mutable_data_ptr<scalar_t>());
+      out.loss.mutable_data_ptr<scalar_t>(), pb, index_report(values).mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (deterministic) {
@@ -522,16 +514,6 @@ void observed_mf_loss_launch(const at::Tensor& rows, const at::Tensor& cols,
   if (want_drb && !drb.is_same(out.grad_row_bias)) out.grad_row_bias.copy_(drb);
   if (want_dcb && !dcb.is_same(out.grad_col_bias)) out.grad_col_bias.copy_(dcb);
 
-  // The op's one host synchronization (see the header): raise for the first bad index.
-  if (!capturing) {
-    const int64_t bad = first_bad.item<int64_t>();
-    if (bad != static_cast<int64_t>(kNoBadIndex)) {
-      const int64_t i = rows.select(0, bad).item<int64_t>();
-      const int64_t j = cols.select(0, bad).item<int64_t>();
-      if (i < 0 || i >= m) observed_index_error("rows", bad, i, m, "m, the columns of P");
-      observed_index_error("cols", bad, j, n, "n, the columns of Q");
-    }
-  }
 }
 
 ObservedResult observed_mf_loss_and_grads_cuda(
@@ -547,8 +529,9 @@ ObservedResult observed_mf_loss_and_grads_cuda(
   const Reduction red =
       check_observed_call(rows, cols, values, P, Q, row_bias, col_bias, weights, reduction, want);
   const c10::cuda::CUDAGuard guard(values.device());
+  raise_recorded_bad_index(values);
   const ObservedOutputs all = allocate_observed_outputs(values, P, Q, want);
-  if (values.size(0) == 0) {  // nothing observed: zero loss and gradients, no kernel, no sync
+  if (values.size(0) == 0) {  // nothing observed: zero loss and gradients, no kernel
     for (const at::Tensor* t : {&all.loss, &all.grad_P, &all.grad_Q, &all.grad_row_bias,
                                 &all.grad_col_bias}) {
       t->zero_();
