@@ -119,8 +119,9 @@ class MatrixFactorization(TopN, Estimator):
     enter as n^β (β = factor_count_exponent, default 0.75): β = 1 is the penalty per rating
     that SGD recommenders (Surprise's SVD) apply, which keeps rare users' factors small; 0.75
     shrinks frequent users and items relatively more and fitted both MovieLens sizes better
-    (tuning splits: ML-100K 0.9021 → 0.8990, the ML-1M half 0.8513 → 0.8476). On the biases the counts enter as n^α (α = bias_count_exponent, default 0.5):
-    α = 1 is the per-rating penalty, which shrinks every bias by the same factor whatever its
+    (tuning splits: ML-100K 0.9021 → 0.8990, the ML-1M half 0.8513 → 0.8476; with reg's
+    default refitted). On the biases the counts enter as n^α (α = bias_count_exponent, default
+    0.5): α = 1 is the per-rating penalty, which shrinks every bias by the same factor whatever its
     count; α = 0 is the classic baseline shrinkage b_u ≈ Σ residuals / (n_u + bias_reg); 0.5
     lies between and fitted MovieLens-100K best (benchmarks/results/movielens_100k.md).
     A mini-batch step takes the batch's mean squared error plus the same penalty (over all N
