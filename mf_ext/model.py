@@ -143,7 +143,8 @@ class MatrixFactorization(TopN, Estimator):
     Args (the fields of MatrixFactorizationConfig, which holds their defaults and checks):
         rank: latent dimension r. epochs: maximum passes. lr: Adam's learning rate.
         reg, bias_reg: the L2 weights above (reg None: default_reg). bias_count_exponent: α
-        above, in [0, 1]. factor_count_exponent: β above, in [0, 1]. implicit: the SVD++ term (None: on unless shard_factors).
+        above, in [0, 1]. factor_count_exponent: β above, in [0, 1]. implicit: the SVD++ term
+        (None: on unless shard_factors).
         implicit_reg_scale: y_j's penalty over q_j's.
         batch_size: None for full-batch Adam (the notebook's optimizer), else mini-batches of
         that many ratings, reshuffled each epoch.
