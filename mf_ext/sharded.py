@@ -36,7 +36,8 @@ from mf_ext.distributed import _WHO, DataParallel, _block
 # The settings sharded training is written for. A setting added to the model later is refused
 # (named in the error) unless it is off (None, False or 0) until someone adds it here.
 SUPPORTED_SETTINGS = frozenset({
-    "rank", "epochs", "lr", "reg", "bias_reg", "bias_count_exponent", "batch_size",
+    "rank", "epochs", "lr", "reg", "bias_reg", "bias_count_exponent", "factor_count_exponent",
+    "batch_size",
     "validation_fraction", "patience", "init_std", "lr_schedule", "clip", "seed", "device",
     "dtype", "shard_factors", "implicit_reg_scale"})  # the last: no effect without implicit
 

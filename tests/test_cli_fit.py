@@ -85,7 +85,8 @@ def test_fit_options_are_the_config_fields():
     args = build_parser().parse_args(["fit", "r.csv"])
     options = MatrixFactorizationConfig.options()
     assert [f.name for f in options] == ["rank", "epochs", "lr", "reg", "bias_reg",
-                                         "bias_count_exponent", "batch_size",
+                                         "bias_count_exponent", "factor_count_exponent",
+                                         "batch_size",
                                          "validation_fraction", "seed", "device",
                                          "shard_factors"]
     for f in fields(MatrixFactorizationConfig):

@@ -106,15 +106,16 @@ def test_bias_penalty_weighs_counts_by_the_exponent(alpha):
                                atol=1e-3)
 
 
-def test_save_load_keeps_bias_count_exponent(tmp_path):
+@pytest.mark.parametrize("name", ["bias_count_exponent", "factor_count_exponent"])
+def test_save_load_keeps_the_count_exponents(tmp_path, name):
     users, items, ratings = synthetic()
     path = str(tmp_path / "model.pt")
-    small_model(epochs=2, bias_count_exponent=0.25).fit(users, items, ratings).save(path)
-    assert MatrixFactorization.load(path).bias_count_exponent == 0.25
+    small_model(epochs=2, **{name: 0.25}).fit(users, items, ratings).save(path)
+    assert getattr(MatrixFactorization.load(path), name) == 0.25
     state = torch.load(path, weights_only=False)  # a file from before the option existed
-    del state["config"]["bias_count_exponent"]
+    del state["config"][name]
     torch.save(state, path)
-    assert MatrixFactorization.load(path).bias_count_exponent == 1.0
+    assert getattr(MatrixFactorization.load(path), name) == 1.0  # the penalty then was n^1
 
 
 def test_load_refuses_other_versions_and_junk(tmp_path):
@@ -149,6 +150,8 @@ def test_load_refuses_other_versions_and_junk(tmp_path):
     (dict(bias_count_exponent=-0.1), ValueError,
      r"bias_count_exponent must be a number in \[0, 1\], got -0.1"),
     (dict(bias_count_exponent=True), TypeError, r"bias_count_exponent must be a number, got True"),
+    (dict(factor_count_exponent=1.5), ValueError,
+     r"factor_count_exponent must be a number in \[0, 1\], got 1.5"),
     (dict(lr_schedule="step"), ValueError,
      r"lr_schedule must be \"cosine\" or \"constant\", got 'step'"),
     (dict(seed=-1), ValueError, r"seed must be an integer in \[0, 2\*\*64\), got -1"),
@@ -270,12 +273,13 @@ def test_ctrl_c_restores_the_best_epochs_parameters():
 
 # ---------------------------------------------------------------- mini-batches: the documented objective
 
-def reference_fit(users, items, ratings, rank, epochs, lr, reg, bias_reg, alpha, batch_size,
-                  seed, init_std, implicit, implicit_reg_scale):
+def reference_fit(users, items, ratings, rank, epochs, lr, reg, bias_reg, alpha, beta,
+                  batch_size, seed, init_std, implicit, implicit_reg_scale):
     """The class docstring's objective minimized with Adam in plain PyTorch (float64), drawing
     the initial factors and the batch order as fit does. users, items: indices 0..m-1, 0..n-1.
     With `implicit`, the user vectors are P + Y Sᵀ with a dense S[u, j] = |N(u)|^-½ over the
-    distinct rated pairs, Y starting at 0. Returns P (with the term), Q, b_u, b_i."""
+    distinct rated pairs, Y starting at 0. alpha, beta: bias_count_exponent,
+    factor_count_exponent. Returns P (with the term), Q, b_u, b_i."""
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     m, n, N = users.max() + 1, items.max() + 1, len(ratings)
     P = (torch.randn(rank, m, generator=generator, dtype=torch.float64) * init_std).requires_grad_()
@@ -300,7 +304,7 @@ def reference_fit(users, items, ratings, rank, epochs, lr, reg, bias_reg, alpha,
             prediction = r.mean() + b_u[ub] + b_i[ib] + (user_vectors()[:, ub] * Q[:, ib]).sum(0)
             data = ((r[batch] - prediction) ** 2).mean()
             item_norms = (Q ** 2).sum(0) + implicit * implicit_reg_scale * (Y ** 2).sum(0)
-            penalty = (reg * ((P ** 2).sum(0) @ n_u + item_norms @ n_i)
+            penalty = (reg * ((P ** 2).sum(0) @ n_u ** beta + item_norms @ n_i ** beta)
                        + bias_reg * (b_u ** 2 @ n_u ** alpha + b_i ** 2 @ n_i ** alpha)) / N
             optimizer.zero_grad()
             (data + penalty).backward()
@@ -308,20 +312,23 @@ def reference_fit(users, items, ratings, rank, epochs, lr, reg, bias_reg, alpha,
     return user_vectors().detach(), Q.detach(), b_u.detach(), b_i.detach()
 
 
-@pytest.mark.parametrize("batch_size, implicit", [(7, True), (64, True), (7, False)])
-def test_minibatch_steps_minimize_the_documented_objective(batch_size, implicit):
+@pytest.mark.parametrize("batch_size, implicit, factor_exponent",
+                         [(7, True, 0.75), (64, True, 1.0), (7, False, 0.3)])
+def test_minibatch_steps_minimize_the_documented_objective(batch_size, implicit,
+                                                           factor_exponent):
     rng = np.random.default_rng(3)
     m, n = 12, 9
     users = np.concatenate([np.arange(m), rng.integers(0, m, 60)])  # every id rated
     items = np.concatenate([np.arange(n) % n, rng.integers(0, n, 60 + m - n)])
     ratings = rng.uniform(1, 5, len(users))
     settings = dict(rank=3, epochs=4, lr=0.05, reg=0.3, bias_reg=0.7, bias_count_exponent=0.5,
-                    batch_size=batch_size, seed=5, init_std=0.3, implicit=implicit,
-                    implicit_reg_scale=2.0)
+                    factor_count_exponent=factor_exponent, batch_size=batch_size, seed=5,
+                    init_std=0.3, implicit=implicit, implicit_reg_scale=2.0)
     model = MatrixFactorization(**settings, clip=False, dtype=torch.float64).fit(
         users, items, ratings)
+    short = {"bias_count_exponent": "alpha", "factor_count_exponent": "beta"}
     expected = reference_fit(users, items, ratings, **{
-        k if k != "bias_count_exponent" else "alpha": v for k, v in settings.items()})
+        short.get(k, k): v for k, v in settings.items()})
     for name, want in zip(("P", "Q", "user_bias", "item_bias"), expected):
         torch.testing.assert_close(getattr(model, name), want, rtol=1e-9, atol=1e-12)
 
@@ -365,7 +372,8 @@ def test_saved_files_keep_the_format(tmp_path):
     new = torch.load(path, weights_only=True)
     # Version 2 added the SVD++ term (Y, its settings) and the reg the fit used.
     assert new.keys() == old.keys() | {"Y", "effective_reg"}
-    assert new["config"].keys() == old["config"].keys() | {"implicit", "implicit_reg_scale"}
+    assert new["config"].keys() == old["config"].keys() | {"implicit", "implicit_reg_scale",
+                                                           "factor_count_exponent"}
     assert (old["format_version"], new["format_version"]) == (1, FORMAT_VERSION) == (1, 2)
 
 

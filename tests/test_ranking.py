@@ -204,7 +204,8 @@ def ridge_by_least_squares(model, item_index, values):
     Z = np.vstack([Q, np.ones(c)])
     t = model.Y.numpy()[:, item_index].sum(1) / np.sqrt(c) if model.Y is not None else np.zeros(r)
     y = values - model.global_mean - model.item_bias.numpy()[item_index] - t @ Q
-    penalty = np.sqrt(np.r_[[model.reg * c] * r, model.bias_reg * c ** model.bias_count_exponent])
+    penalty = np.sqrt(np.r_[[model.reg * c ** model.factor_count_exponent] * r,
+                            model.bias_reg * c ** model.bias_count_exponent])
     x = np.linalg.lstsq(np.vstack([Z.T, np.diag(penalty)]), np.r_[y, np.zeros(r + 1)],
                         rcond=None)[0]
     return x[:r] + t, x[r]
