@@ -431,35 +431,21 @@ def check_observed_indices(rows: torch.Tensor, cols: torch.Tensor, m: int, n: in
 def _observed_partition(rows: torch.Tensor, cols: torch.Tensor, P: torch.Tensor,
                         Q: torch.Tensor) -> dict:
     """How the CPU kernel of observed_mf_loss cuts the triples (rows, cols) for P (r, m), Q (r, n)
-    (their shapes and dtype), computed by the kernel's own code: {"outer": "rows" or "cols" (the
-    side cut into K·G groups; the other, "inner", into G), "outer_block_size",
-    "inner_block_size" (indices per tile side), "outer_blocks", "inner_blocks" (summed over the
-    groups), "tiles", "groups" (G), "lanes" (K: inner gradient accumulators),
-    "segments" (triples per segment of the passes over the triples), "outer_starts",
-    "inner_starts" (where each group begins, then the side's size), "units" (triples per unit,
-    the units of parallel work, in unit order outer group · G + inner group), "concurrent" (how
-    many units can run at once: K·G)}. Out-of-range indices raise IndexError."""
+    (their shapes and dtype): {"outer": "rows" or "cols", "outer_block_size",
+    "inner_block_size" (indices per block), "outer_blocks", "inner_blocks", "tiles" (ints),
+    "segments" (triples per bucketing segment), "chunks" (triples per chunk, the units of
+    parallel work)}, computed by the kernel's own code. Out-of-range indices raise IndexError."""
     flat = torch.ops.mf_ext._observed_partition(rows, cols, P, Q)
-    (rows_outer, outer_size, inner_size, outer_blocks, inner_blocks, tiles, groups, lanes,
-     segments) = flat[:9]
-    outer_groups, units = lanes * groups, lanes * groups * groups
-    starts = 9 + segments
-    inner_starts = starts + (outer_groups + 1 if units else 0)
-    unit_start = inner_starts + (groups + 1 if units else 0)
+    rows_outer, outer_size, inner_size, outer_blocks, inner_blocks, segments, chunks = flat[:7]
     return {
         "outer": "rows" if rows_outer else "cols",
         "outer_block_size": outer_size,
         "inner_block_size": inner_size,
         "outer_blocks": outer_blocks,
         "inner_blocks": inner_blocks,
-        "tiles": tiles,
-        "groups": groups,
-        "lanes": lanes,
-        "segments": list(flat[9:starts]),
-        "outer_starts": list(flat[starts:inner_starts]),
-        "inner_starts": list(flat[inner_starts:unit_start]),
-        "units": list(flat[unit_start:unit_start + units]),
-        "concurrent": outer_groups,
+        "tiles": outer_blocks * inner_blocks,
+        "segments": list(flat[7:7 + segments]),
+        "chunks": list(flat[7 + segments:7 + segments + chunks]),
     }
 
 

@@ -1,7 +1,7 @@
-"""The CPU kernels on problems they cut into several units of work: several units, outer and
-inner groups, lanes, tiles per unit and segments (observed op); several row and column groups,
-on each of the dense op's paths (rowwise and tiled, chosen by the kernel and forced). The cuts
-are read from the kernels' own partition functions (mf_ext.ops._observed_partition,
+"""The CPU kernels on problems they cut into several units of work: several chunks, bucketing
+segments, outer and inner blocks (observed op); several row and column groups, on each of the
+dense op's paths (rowwise and tiled, chosen by the kernel and forced). The
+cuts are read from the kernels' own partition functions (mf_ext.ops._observed_partition,
 _dense_partition) and asserted, so a shape that stops reaching these paths fails here instead of
 passing silently. Loss and every gradient are checked against mf_ext/reference.py, and 1 and 2
 threads must agree bitwise."""
@@ -20,16 +20,10 @@ OBSERVED = torch.ops.mf_ext.observed_mf_loss_and_grads
 DENSE = torch.ops.mf_ext.masked_mf_loss_and_grads
 NAMES = ("loss", *(f"d_{name}" for name in GRADS["observed"]))
 
-# id: (m, n, r, nnz, outer side, lanes >= 2). 140,000 triples make 2 segments (a segment holds
-# at least 65,536) and 8 x 8 units; r = 70 makes tiles of 256 (float32) / 128 (float64) indices
-# a side, so the units of the first two (groups of ~560 x ~290 indices) span several tiles both
-# ways, ending part-way; the third's small inner side (40 columns) gives it 4 lanes of 5 x 5
-# units. Asserted below.
-OBSERVED_CASES = {
-    "rows-outer": (4500, 2300, 70, 140_000, "rows", False),
-    "cols-outer": (2300, 4500, 70, 140_000, "cols", False),
-    "lanes": (3000, 40, 70, 140_000, "rows", True),
-}
+# (m, n, r, nnz): 140,000 triples make 2 bucketing segments (a segment holds at least 65,536);
+# the larger side spans 3 blocks of 2,048 indices, the smaller 2. Asserted below.
+ROWS_OUTER = (4500, 2300, 5, 140_000)
+COLS_OUTER = (2300, 4500, 5, 140_000)
 
 
 def observed_problem(m, n, r, nnz, dtype, seed=0):
@@ -37,42 +31,23 @@ def observed_problem(m, n, r, nnz, dtype, seed=0):
     return random_triples(m, n, r, nnz, dtype=dtype, seed=seed, biases=True, weights=True)
 
 
-def observed_partition(args):
-    return _observed_partition(args["rows"], args["cols"], args["P"], args["Q"])
-
-
 def run_observed(args, reduction, threads):
     torch.set_num_threads(threads)
     return OBSERVED(*(args[k] for k in OBSERVED_ORDER), reduction, *([True] * 6))
 
 
-def assert_observed_cuts(part, nnz, outer, lanes):
-    """Several units that can run at once, several groups of each side (and lanes if asked),
-    units spanning several tiles when the blocks are smaller than the groups, the units holding
-    every triple once, balanced."""
-    G, K = part["groups"], part["lanes"]
-    assert part["outer"] == outer
-    assert len(part["segments"]) >= 2 and sum(part["segments"]) == nnz, part["segments"]
-    assert G >= 2 and part["concurrent"] == K * G >= 2, (G, K)
-    assert (K >= 2) == lanes, K
-    assert len(part["outer_starts"]) == K * G + 1 and len(part["inner_starts"]) == G + 1
-    for starts in (part["outer_starts"], part["inner_starts"]):
-        assert starts[0] == 0 and starts == sorted(starts)
-    assert len(part["units"]) == K * G * G and sum(part["units"]) == nnz
-    assert max(part["units"]) <= 1.5 * min(part["units"]), part["units"]
-    assert part["outer_blocks"] >= K * G and part["inner_blocks"] >= G
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", OBSERVED_CASES)
-def test_observed_several_units_groups_and_tiles(case, dtype):
-    m, n, r, nnz, outer, lanes = OBSERVED_CASES[case]
-    args = observed_problem(m, n, r, nnz, dtype)
-    part = observed_partition(args)
-    assert_observed_cuts(part, nnz, outer, lanes)
-    if not lanes:  # several tiles per unit, both ways
-        assert part["outer_blocks"] >= 2 * part["concurrent"], part["outer_blocks"]
-        assert part["inner_blocks"] >= 2 * part["groups"], part["inner_blocks"]
+@pytest.mark.parametrize("shape,outer", [(ROWS_OUTER, "rows"), (COLS_OUTER, "cols")],
+                         ids=["rows-outer", "cols-outer"])
+def test_observed_several_chunks_segments_and_blocks(shape, outer, dtype):
+    args = observed_problem(*shape, dtype)
+    part = _observed_partition(args["rows"], args["cols"], args["P"], args["Q"])
+    assert part["outer"] == outer
+    assert len(part["segments"]) >= 2 and len(part["chunks"]) >= 2, part
+    assert part["outer_blocks"] >= 2 and part["inner_blocks"] >= 2, part
+    assert part["tiles"] == part["outer_blocks"] * part["inner_blocks"]
+    assert sum(part["segments"]) == sum(part["chunks"]) == shape[3]
+    assert min(part["chunks"]) > 0
 
     got = run_observed(args, "sum", threads=1)
     assert_close_to_reference(got, args, "sum")
@@ -80,58 +55,35 @@ def test_observed_several_units_groups_and_tiles(case, dtype):
         assert torch.equal(a, b), f"{name}: 1 and 2 threads differ"
 
 
-@pytest.mark.parametrize("case", OBSERVED_CASES)
-def test_observed_several_units_mean(case):
-    m, n, r, nnz, outer, lanes = OBSERVED_CASES[case]
-    args = observed_problem(m, n, r, nnz, torch.float64, seed=1)
-    assert_observed_cuts(observed_partition(args), nnz, outer, lanes)
+@pytest.mark.parametrize("shape", [ROWS_OUTER, COLS_OUTER], ids=["rows-outer", "cols-outer"])
+def test_observed_several_units_mean(shape):
+    args = observed_problem(*shape, torch.float64, seed=1)
+    assert len(_observed_partition(args["rows"], args["cols"], args["P"], args["Q"])["chunks"]) >= 2
     assert_close_to_reference(run_observed(args, "mean", threads=2), args, "mean")
 
 
-def test_observed_partition_has_work_for_many_threads():
-    """An ML-20M-sized problem (138,493 x 26,744, 20M uniformly random triples, r = 64): at
-    least 256 balanced units, 64 of them able to run at once, from the partition function alone
-    (the kernel does not run)."""
-    m, n, nnz = 138_493, 26_744, 20_000_000
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randint(0, m, (nnz,), generator=g, dtype=torch.int32)
-    cols = torch.randint(0, n, (nnz,), generator=g, dtype=torch.int32)
-    P, Q = torch.empty(64, m), torch.empty(64, n)
-    part = _observed_partition(rows, cols, P, Q)
-    assert part["outer"] == "rows"
-    assert len(part["units"]) >= 256 and part["concurrent"] >= 64, (part["groups"], part["lanes"])
-    assert sum(part["units"]) == nnz
-    assert max(part["units"]) <= 1.15 * min(part["units"]), (min(part["units"]),
-                                                             max(part["units"]))
-
-
-def test_observed_partition_follows_the_data():
-    """The partition depends on the shapes and the data only, never the thread count; groups are
-    cut where the triples are, so units stay balanced when the triples crowd into a few rows."""
-    m, n, r, nnz, _, _ = OBSERVED_CASES["rows-outer"]
-    args = observed_problem(m, n, r, nnz, torch.float32)
+def test_observed_partition_ignores_threads():
+    """The partition, hence the order of every sum, depends on the shapes and the data only."""
+    args = observed_problem(*ROWS_OUTER, torch.float32)
     parts = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        parts.append(observed_partition(args))
+        parts.append(_observed_partition(args["rows"], args["cols"], args["P"], args["Q"]))
     assert parts[0] == parts[1]
-    args["rows"] = args["rows"] % 450  # every triple in the first tenth of the rows
-    crowded = observed_partition(args)
-    assert crowded["groups"] == parts[0]["groups"] and crowded["segments"] == parts[0]["segments"]
-    assert all(start <= 450 for start in crowded["outer_starts"][:-1]), crowded["outer_starts"]
-    assert max(crowded["units"]) <= 1.5 * min(crowded["units"]), crowded["units"]
-    assert_close_to_reference(run_observed(args, "sum", threads=2), args, "sum")
+    # The data decides where the chunks end: with every triple in the first outer block, the
+    # first chunk takes them all.
+    args["rows"] = args["rows"] % parts[0]["outer_block_size"]
+    crowded = _observed_partition(args["rows"], args["cols"], args["P"], args["Q"])
+    assert crowded["chunks"][0] == ROWS_OUTER[3] and crowded["segments"] == parts[0]["segments"]
 
 
 def test_observed_partition_checks_indices():
     args = observed_problem(50, 40, 3, 100, torch.float64)
     args["cols"][17] = 40
     with pytest.raises(IndexError, match=r"cols\[17\] = 40 is out of range"):
-        observed_partition(args)
-    args["cols"] = args["cols"][:0]
-    args["rows"] = args["rows"][:0]
-    empty = observed_partition(args)
-    assert empty["segments"] == [] and empty["units"] == [] and empty["concurrent"] == 0
+        _observed_partition(args["rows"], args["cols"], args["P"], args["Q"])
+    empty = _observed_partition(args["rows"][:0], args["cols"][:0], args["P"], args["Q"])
+    assert empty["segments"] == [] and empty["chunks"] == []
 
 
 # The dense op. Its kernel picks a unit kernel ("path") by rank and shape: rowwise for small

@@ -63,20 +63,18 @@ MF_EXT_INLINE void finish_run_wide(float* dp, double* wide, Vec<float>::type* ac
   }
 }
 
-// A lane's inner gradient row takes one term per triple of that inner index, and one index
+// A chunk's inner gradient row takes one term per triple of that inner index, and one index
 // can hold most of the triples (m = 1, say). For float32, a row that reaches kRunFlush terms is
 // added into a double copy and zeroed, so its error grows with kRunFlush + terms/kRunFlush
-// rather than with its terms; finish() writes the double sums back. The double rows are
-// allocated up front, one per inner index (the hot loop makes no calls, which would cost it its
-// registers), but each is written only once its index gets hot, so only hot rows take memory
-// pages. Rows of different inner groups may be flushed at once by different units (each row by
-// one unit at a time). For float64, or size 0, it does nothing.
+// rather than with its terms; finish() writes the double sums back. Double rows exist only for
+// such hot indices (at most triples/kRunFlush of them, so allocated up front: the hot loop makes
+// no calls, which would cost it its registers). For float64, or size 0, it does nothing.
 template <typename T>
 class InnerRowFlusher {
  public:
-  InnerRowFlusher(int64_t size, int64_t r_pad)
-      : r_pad_(r_pad), terms_(kWide ? size : 0, 0), has_wide_(kWide ? size : 0, 0) {
-    if (kWide && size > 0) wide_.reset(new double[size * r_pad]);
+  InnerRowFlusher(int64_t size, int64_t r_pad, int64_t triples)
+      : r_pad_(r_pad), terms_(kWide ? size : 0, 0), slot_(kWide ? size : 0, -1) {
+    if (kWide && size > 0) wide_.reset(new double[(triples / kRunFlush + 1) * r_pad]);
   }
 
   // Term counters of the rows from `first` on, or nullptr when there is nothing to count.
@@ -84,13 +82,13 @@ class InnerRowFlusher {
     return terms_.empty() ? nullptr : terms_.data() + first;
   }
 
-  // wide[b] += row, row = 0, counter = 0 (row: the lane's gradient row b, r_pad entries).
+  // wide[b] += row, row = 0, counter = 0 (row: the chunk's gradient row b, r_pad entries).
   MF_EXT_INLINE void flush(int64_t b, T* row) {
-    double* w = wide_.get() + b * r_pad_;
-    if (!has_wide_[b]) {
-      has_wide_[b] = 1;
-      std::fill(w, w + r_pad_, 0.0);
+    if (slot_[b] < 0) {
+      slot_[b] = hot_++;
+      std::fill(wide_.get() + slot_[b] * r_pad_, wide_.get() + (slot_[b] + 1) * r_pad_, 0.0);
     }
+    double* w = wide_.get() + slot_[b] * r_pad_;
     for (int64_t k = 0; k < r_pad_; ++k) {
       w[k] += static_cast<double>(row[k]);
       row[k] = T(0);
@@ -100,9 +98,9 @@ class InnerRowFlusher {
 
   // grad (size, r_pad): each hot row becomes its double sum plus what is left in it.
   void finish(T* grad) {
-    for (int64_t b = 0; b < static_cast<int64_t>(has_wide_.size()); ++b) {
-      if (!has_wide_[b]) continue;
-      const double* w = wide_.get() + b * r_pad_;
+    for (int64_t b = 0; b < static_cast<int64_t>(slot_.size()); ++b) {
+      if (slot_[b] < 0) continue;
+      const double* w = wide_.get() + slot_[b] * r_pad_;
       T* row = grad + b * r_pad_;
       for (int64_t k = 0; k < r_pad_; ++k) {
         row[k] = static_cast<T>(w[k] + static_cast<double>(row[k]));
@@ -114,8 +112,9 @@ class InnerRowFlusher {
   static constexpr bool kWide = std::is_same_v<T, float>;
   int64_t r_pad_;
   std::vector<uint8_t> terms_;  // since the last flush (≤ 64; 16-bit counters cost the loop 30%)
-  std::vector<uint8_t> has_wide_;   // row b's double row holds a sum
-  std::unique_ptr<double[]> wide_;  // (size, r_pad), row b written from its first flush on
+  std::vector<int64_t> slot_;          // row b's double row in wide_, −1: none yet
+  std::unique_ptr<double[]> wide_;     // (triples / kRunFlush + 1, r_pad), rows taken in order
+  int64_t hot_ = 0;
 };
 
 }  // namespace

@@ -15,26 +15,17 @@
 // the factor and its gradient sized to stay in L2. Inside a tile the triples are sorted once
 // more by outer index, so p and its gradient stay in registers along each run of one outer index.
 //
-// Units and determinism (bucketing.h). The inner side is cut into G groups and the outer side
-// into K·G, at fixed fractions of nnz; unit (outer group, inner group) holds the tiles of their
-// indices, K·G² units in all (2,312 on an ML-20M-sized problem). They run in Latin-square
-// rounds (latin_rounds.h): an outer group's units run one after the other, and so do the units
-// of one lane (G outer groups) that share an inner group, so each unit adds straight into its
-// outer gradient rows and its lane's inner gradient rows. Groups, tiles and all orders
-// depend on the shapes and the data only: results are bitwise the same whatever the thread
-// count. Extra memory besides the outputs: the padded copies of P and Q and the outer gradient
-// rows ((m + n + outer size)·r_pad), K ≤ 4 lanes of inner gradient rows (K·inner size·r_pad) and,
-// float32, of double inner bias sums (K·inner size) plus double rows for the inner indices that
-// get hot (≤ K·inner size·r_pad doubles, only hot rows touched); the bucketed triples
-// (nnz × (4 + sizeof(T)), + sizeof(T) with weights, + 8 with grad_values or grad_weights); per
-// pass ≤ 8 segments × (2^16 bins + tiles) counters; K·G² loss partials and flags.
+// Determinism: tiles, chunks and all orders depend on the shapes and the data only. A chunk is a
+// run of outer blocks, cut at fixed fractions of nnz; it owns those outer gradient rows outright
+// and writes the inner gradients into its own partial (O(r·inner)), summed in chunk order at the
+// end. Results are therefore bitwise the same whatever the thread count.
 //
-// Indices are checked by the first pass over the triples (the histogram), before anything is
-// read through them; the lowest bad position is reported (its row if both are bad).
+// Indices are checked by the bucketing pass, before anything is read through them; the lowest
+// bad position is reported (its row if both are bad).
 //
-// Partition and bucketing: bucketing.h; the rounds: latin_rounds.h; float32 accuracy over long
-// sums: compensated_sums.h; vector helpers: simd.h. This file holds the fused pass (run_unit:
-// its hot loop is kept whole, see its comments) and the op.
+// Tiling, bucketing and chunks: bucketing.h; float32 accuracy over long sums:
+// compensated_sums.h; vector helpers: simd.h. This file holds the fused pass (run_chunk: its
+// hot loop is kept whole, see its comments) and the op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -43,14 +34,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <numeric>
 #include <type_traits>
 #include <vector>
 
 #include "../observed_mf_loss_common.h"
 #include "bucketing.h"
 #include "compensated_sums.h"
-#include "latin_rounds.h"
 #include "simd.h"
 
 namespace mf_ext {
@@ -68,88 +57,75 @@ struct Side {
   const T* factor;     // (size, r_pad)
   const T* bias;       // nullptr: none
   int64_t bias_s;
-  T* grad;             // outer: (size, r_pad); inner: (lanes, size, r_pad); or nullptr
+  T* grad;             // outer: (size, r_pad); inner: (chunks, size, r_pad); or nullptr
+  T* grad_bias;        // outer: (size,); inner: (chunks, size); or nullptr
 };
 
 template <typename T>
 struct ObservedProblem {
   int64_t nnz, r_pad;
   Side<T> outer, inner;
-  T* grad_outer_bias;           // (outer size,): the output, or nullptr
-  double* inner_bias_sums;      // (lanes, inner size), or nullptr
-  InnerRowFlusher<T>* flushers;  // (lanes,)
   T scale;          // 1, or 1/nnz for "mean"
   T* grad_values;   // (nnz,) or nullptr
   T* grad_weights;  // (nnz,) or nullptr
+  std::vector<int64_t> chunk_blocks;  // chunk c: outer blocks [chunk_blocks[c], [c + 1])
 };
 
 // The triples of inner block positions kPrefetchAhead on are fetched while this one computes
 // (their rows are in L2 by then, most of the time; this brings them to L1).
 constexpr int64_t kPrefetchAhead = 4;
 
-// Per-thread buffers of the units: one tile's triples sorted by outer index.
-template <typename T>
-struct UnitScratch {
-  std::unique_ptr<uint32_t[]> run_b;
-  std::unique_ptr<T[]> run_v, run_w;
-  std::unique_ptr<int64_t[]> run_pos;
-  std::vector<int64_t> run_end;
-  std::vector<double> run_wide;  // float32 runs longer than kRunFlush add into this double row
-
-  UnitScratch(const Bucketed<T>& bk, int64_t max_tile, int64_t r_pad)
-      : run_b(new uint32_t[max_tile]),
-        run_v(new T[max_tile]),
-        run_w(bk.weights ? new T[max_tile] : nullptr),
-        run_pos(bk.positions ? new int64_t[max_tile] : nullptr),
-        run_end((int64_t(1) << bk.outer_shift) + 1),
-        run_wide(std::is_same_v<T, float> ? r_pad : 0, 0.0) {}
-};
-
-// Unit (ga, gb): the tiles of outer group ga × inner group gb. In its first round (gb = ga mod
-// G) it zeroes what its group's units add into: the outer group's gradient rows and bias
-// entries, and its lane's inner gradient rows and bias sums of group gb.
+// One chunk: zeroes its outer gradient rows and its inner partials, then runs its tiles.
 template <typename T, int NV>
-MF_EXT_INLINE double run_unit(const ObservedProblem<T>& pb, const Bucketed<T>& bk, int64_t ga,
-                              int64_t gb, UnitScratch<T>& scratch) {
+MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& bk,
+                               int64_t chunk) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::width;
   const int64_t r_pad = NV > 0 ? NV * W : pb.r_pad;
   const int64_t nv = r_pad / W;
   const Side<T>& A = pb.outer;
   const Side<T>& B = pb.inner;
-  const int64_t G = bk.groups, lane = ga / G;
-  const int64_t a_begin = bk.outer_start[ga], a_end = bk.outer_start[ga + 1];
-  const int64_t b_begin = bk.inner_start[gb], b_end = bk.inner_start[gb + 1];
+  const int64_t block0 = pb.chunk_blocks[chunk], block1 = pb.chunk_blocks[chunk + 1];
+  const int64_t a_begin = std::min(block0 << bk.outer_shift, A.size);
+  const int64_t a_end = std::min(block1 << bk.outer_shift, A.size);
   T* dA = A.grad;
-  T* dbA = pb.grad_outer_bias;
-  T* dB = B.grad ? B.grad + lane * B.size * r_pad : nullptr;
-  // The inner bias gradient takes one term per triple: summed in double (per lane), stored at
-  // the end, so float32 keeps its accuracy however many triples share an inner index.
-  double* dbB_sum = pb.inner_bias_sums ? pb.inner_bias_sums + lane * B.size : nullptr;
-  if (gb == ga % G) {
-    if (dA) std::fill(dA + a_begin * r_pad, dA + a_end * r_pad, T(0));
-    if (dbA) std::fill(dbA + a_begin, dbA + a_end, T(0));
-    if (dB) std::fill(dB + b_begin * r_pad, dB + b_end * r_pad, T(0));
-    if (dbB_sum) std::fill(dbB_sum + b_begin, dbB_sum + b_end, 0.0);
-  }
-  // Inner terms are counted only where the lane's flusher counts (see its construction).
-  InnerRowFlusher<T>& dB_wide = pb.flushers[lane];
+  T* dbA = A.grad_bias;
+  T* dB = B.grad ? B.grad + chunk * B.size * r_pad : nullptr;
+  T* dbB = B.grad_bias ? B.grad_bias + chunk * B.size : nullptr;
+  if (dA) std::fill(dA + a_begin * r_pad, dA + a_end * r_pad, T(0));
+  if (dbA) std::fill(dbA + a_begin, dbA + a_end, T(0));
+  if (dB) std::fill(dB, dB + B.size * r_pad, T(0));
+  // The inner bias gradient takes one term per triple of the chunk: summed in double, then
+  // stored, so float32 keeps its accuracy however many triples share an inner index.
+  std::vector<double> dbB_sum(dbB ? B.size : 0, 0.0);
+  // Counting costs the hot loop 5-25%, so it is on only where the chunk's triples average at
+  // least kRunFlush per inner index (tiny or very dense inner sides: thousands of terms per row).
+  // Rating data averages ~35 (MovieLens): its popular rows keep float chains of a few hundred.
+  const int64_t chunk_triples = bk.tile_begin[block1 * bk.inner_blocks] -
+                                bk.tile_begin[block0 * bk.inner_blocks];
+  const bool count_inner_terms = dB && chunk_triples >= kRunFlush * B.size;
+  InnerRowFlusher<T> dB_wide(count_inner_terms ? B.size : 0, r_pad, chunk_triples);
 
-  const int64_t inner_shift = bk.inner_shift;
+  const int64_t ib = bk.inner_blocks, inner_shift = bk.inner_shift;
   const uint32_t inner_mask = (uint32_t(1) << inner_shift) - 1;
+  int64_t max_tile = 0;
+  for (int64_t tile = block0 * ib; tile < block1 * ib; ++tile) {
+    max_tile = std::max(max_tile, bk.tile_begin[tile + 1] - bk.tile_begin[tile]);
+  }
   const uint32_t* keys = bk.keys.get();
   const T* values = bk.values.get();
   const T* weights = bk.weights.get();
   const int64_t* positions = bk.positions.get();
-  uint32_t* const run_b = scratch.run_b.get();
-  T* const run_v = scratch.run_v.get();
-  T* const run_w = scratch.run_w.get();
-  int64_t* const run_pos = scratch.run_pos.get();
-  std::vector<int64_t>& run_end = scratch.run_end;
-  std::vector<double>& run_wide = scratch.run_wide;
+  std::unique_ptr<uint32_t[]> run_b(new uint32_t[max_tile]);
+  std::unique_ptr<T[]> run_v(new T[max_tile]);
+  std::unique_ptr<T[]> run_w(weights ? new T[max_tile] : nullptr);
+  std::unique_ptr<int64_t[]> run_pos(positions ? new int64_t[max_tile] : nullptr);
   const int64_t block_size = int64_t(1) << bk.outer_shift;
+  std::vector<int64_t> run_end(block_size + 1);
   RowVectors<V, NV> p_vec(nv), acc_vec(nv);
+  // float32 runs longer than kRunFlush add their register sums into this double row.
   constexpr bool kWideRuns = std::is_same_v<T, float>;
+  std::vector<double> run_wide(kWideRuns ? r_pad : 0, 0.0);
   V* pv = p_vec.data();
   V* acc = acc_vec.data();
 
@@ -163,12 +139,14 @@ MF_EXT_INLINE double run_unit(const ObservedProblem<T>& pb, const Bucketed<T>& b
   const int64_t B_bias_s = B.bias_s;
   const int64_t row_bytes = r_pad * static_cast<int64_t>(sizeof(T));
   double loss = 0;
-  int64_t tile = bk.unit_tile[ga * G + gb];
-  for (int64_t a0 = a_begin; a0 < a_end; a0 += block_size) {
-    const int64_t a_count = std::min(block_size, a_end - a0);
-    for (int64_t b0 = b_begin; b0 < b_end; b0 += int64_t(1) << inner_shift, ++tile) {
+  for (int64_t block = block0; block < block1; ++block) {
+    const int64_t a0 = block << bk.outer_shift;
+    const int64_t a_count = std::min(block_size, A.size - a0);
+    for (int64_t bb = 0; bb < ib; ++bb) {
+      const int64_t tile = block * ib + bb;
       const int64_t s = bk.tile_begin[tile], e = bk.tile_begin[tile + 1];
       if (s == e) continue;
+      const int64_t b0 = bb << inner_shift;
       // Counting sort of the tile by outer index (stable), into the run_* buffers.
       std::fill(run_end.begin(), run_end.begin() + a_count + 1, 0);
       for (int64_t t = s; t < e; ++t) ++run_end[(keys[t] >> inner_shift) + 1];
@@ -185,7 +163,7 @@ MF_EXT_INLINE double run_unit(const ObservedProblem<T>& pb, const Bucketed<T>& b
       const T* const Bf = B.factor + b0 * r_pad;
       T* const dBt = dB ? dB + b0 * r_pad : nullptr;
       const T* const B_bias_t = B_bias ? B_bias + b0 * B_bias_s : nullptr;
-      double* const dbB_sum_t = dbB_sum ? dbB_sum + b0 : nullptr;
+      double* const dbB_sum_t = dbB ? dbB_sum.data() + b0 : nullptr;
       uint8_t* const dB_terms_t = dB_wide.terms(b0);
       int64_t u = 0;
       for (int64_t al = 0; al < a_count; ++al) {
@@ -258,56 +236,61 @@ MF_EXT_INLINE double run_unit(const ObservedProblem<T>& pb, const Bucketed<T>& b
       }
     }
   }
+  for (int64_t b = 0; b < static_cast<int64_t>(dbB_sum.size()); ++b) {
+    dbB[b] = static_cast<T>(dbB_sum[b]);
+  }
+  dB_wide.finish(dB);
   return loss;
 }
 
 template <typename T>
-MF_EXT_INLINE double run_unit_nv(const ObservedProblem<T>& pb, const Bucketed<T>& bk, int64_t ga,
-                                 int64_t gb, UnitScratch<T>& scratch) {
+MF_EXT_INLINE void run_chunks(const ObservedProblem<T>& pb, const Bucketed<T>& bk, int64_t begin,
+                              int64_t end, double* losses) {
   constexpr int W = Vec<T>::width;
-  switch (pb.r_pad / W) {  // whole rows in registers up to 8 vectors (r ≤ 128 float, 64 double)
-    case 1: return run_unit<T, 1>(pb, bk, ga, gb, scratch);
-    case 2: return run_unit<T, 2>(pb, bk, ga, gb, scratch);
-    case 3: return run_unit<T, 3>(pb, bk, ga, gb, scratch);
-    case 4: return run_unit<T, 4>(pb, bk, ga, gb, scratch);
-    case 5: return run_unit<T, 5>(pb, bk, ga, gb, scratch);
-    case 6: return run_unit<T, 6>(pb, bk, ga, gb, scratch);
-    case 7: return run_unit<T, 7>(pb, bk, ga, gb, scratch);
-    case 8: return run_unit<T, 8>(pb, bk, ga, gb, scratch);
-    default: return run_unit<T, 0>(pb, bk, ga, gb, scratch);
+  for (int64_t c = begin; c < end; ++c) {
+    switch (pb.r_pad / W) {  // whole rows in registers up to 8 vectors (r ≤ 128 float, 64 double)
+      case 1: losses[c] = run_chunk<T, 1>(pb, bk, c); break;
+      case 2: losses[c] = run_chunk<T, 2>(pb, bk, c); break;
+      case 3: losses[c] = run_chunk<T, 3>(pb, bk, c); break;
+      case 4: losses[c] = run_chunk<T, 4>(pb, bk, c); break;
+      case 5: losses[c] = run_chunk<T, 5>(pb, bk, c); break;
+      case 6: losses[c] = run_chunk<T, 6>(pb, bk, c); break;
+      case 7: losses[c] = run_chunk<T, 7>(pb, bk, c); break;
+      case 8: losses[c] = run_chunk<T, 8>(pb, bk, c); break;
+      default: losses[c] = run_chunk<T, 0>(pb, bk, c); break;
+    }
   }
 }
 
 // Non-template entry points, so that each can be cloned per instruction set.
-MF_EXT_TARGET_CLONES double run_unit_float(const ObservedProblem<float>& pb,
-                                           const Bucketed<float>& bk, int64_t ga, int64_t gb,
-                                           UnitScratch<float>& scratch) {
-  return run_unit_nv(pb, bk, ga, gb, scratch);
+MF_EXT_TARGET_CLONES void run_chunks_float(const ObservedProblem<float>& pb,
+                                           const Bucketed<float>& bk, int64_t begin,
+                                           int64_t end, double* losses) {
+  run_chunks(pb, bk, begin, end, losses);
 }
-MF_EXT_TARGET_CLONES double run_unit_double(const ObservedProblem<double>& pb,
-                                            const Bucketed<double>& bk, int64_t ga, int64_t gb,
-                                            UnitScratch<double>& scratch) {
-  return run_unit_nv(pb, bk, ga, gb, scratch);
+MF_EXT_TARGET_CLONES void run_chunks_double(const ObservedProblem<double>& pb,
+                                            const Bucketed<double>& bk, int64_t begin,
+                                            int64_t end, double* losses) {
+  run_chunks(pb, bk, begin, end, losses);
 }
-inline double run_unit_any(const ObservedProblem<float>& pb, const Bucketed<float>& bk,
-                           int64_t ga, int64_t gb, UnitScratch<float>& scratch) {
-  return run_unit_float(pb, bk, ga, gb, scratch);
+inline void run_chunks_any(const ObservedProblem<float>& pb, const Bucketed<float>& bk,
+                           int64_t b, int64_t e, double* losses) {
+  run_chunks_float(pb, bk, b, e, losses);
 }
-inline double run_unit_any(const ObservedProblem<double>& pb, const Bucketed<double>& bk,
-                           int64_t ga, int64_t gb, UnitScratch<double>& scratch) {
-  return run_unit_double(pb, bk, ga, gb, scratch);
+inline void run_chunks_any(const ObservedProblem<double>& pb, const Bucketed<double>& bk,
+                           int64_t b, int64_t e, double* losses) {
+  run_chunks_double(pb, bk, b, e, losses);
 }
 
-// out (r, count) = Σ_c parts[c] (count, r_pad)ᵀ, parts (lanes) summed in order: back to P's
-// layout.
+// out (r, count) = Σ_c parts[c] (count, r_pad)ᵀ, chunks summed in order: back to P's layout.
 template <typename T>
-void reduce_rows_transposed(const T* parts, int64_t lanes, int64_t count, int64_t r,
+void reduce_rows_transposed(const T* parts, int64_t chunks, int64_t count, int64_t r,
                             int64_t r_pad, T* out) {
   at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(r_pad);
     for (int64_t i = begin; i < end; ++i) {
       std::copy(parts + i * r_pad, parts + (i + 1) * r_pad, acc.begin());
-      for (int64_t c = 1; c < lanes; ++c) {
+      for (int64_t c = 1; c < chunks; ++c) {
         const T* part = parts + (c * count + i) * r_pad;
         for (int64_t k = 0; k < r_pad; ++k) acc[k] += part[k];
       }
@@ -316,14 +299,14 @@ void reduce_rows_transposed(const T* parts, int64_t lanes, int64_t count, int64_
   });
 }
 
-// out (count,) = Σ_lane sums[lane] (count,), in double, lanes in order, rounded once.
+// out (count,) = Σ_c parts[c] (count,), chunks summed in order.
 template <typename T>
-void reduce_bias_sums(const double* sums, int64_t lanes, int64_t count, T* out) {
+void reduce_vectors(const T* parts, int64_t chunks, int64_t count, T* out) {
   at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      double s = sums[i];
-      for (int64_t lane = 1; lane < lanes; ++lane) s += sums[lane * count + i];
-      out[i] = static_cast<T>(s);
+      T s = parts[i];
+      for (int64_t c = 1; c < chunks; ++c) s += parts[c * count + i];
+      out[i] = s;
     }
   });
 }
@@ -335,11 +318,12 @@ at::Tensor to_padded_rows(const at::Tensor& X, int64_t r_pad) {
   return rows_layout;
 }
 
-// The padded rank of P, Q of rank r, type T.
+// The padded rank and the tiling of a problem of nnz triples, P (r, m), Q (r, n) of type T.
 template <typename T>
-int64_t padded_rank(int64_t r) {
+Tiling plan_observed_tiling(int64_t nnz, int64_t r, int64_t m, int64_t n, int64_t& r_pad) {
   constexpr int64_t W = Vec<T>::width;
-  return (r + W - 1) / W * W;
+  r_pad = (r + W - 1) / W * W;
+  return plan_tiling(nnz, m, n, r_pad * static_cast<int64_t>(sizeof(T)));
 }
 
 [[noreturn]] void raise_bad_index(const BadIndex& bad, int64_t m, int64_t n) {
@@ -363,21 +347,20 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
     }
     return 0.0;
   }
-  const int64_t r_pad = padded_rank<T>(r);
+  int64_t r_pad = 0;
   Bucketed<T> bk;
-  static_cast<Sides&>(bk) = plan_sides(m, n);
+  static_cast<Tiling&>(bk) = plan_observed_tiling<T>(nnz, r, m, n, r_pad);
   const bool rows_outer = bk.rows_outer;
   const int64_t na = bk.outer_size, nb = bk.inner_size;
   const bool keep_positions = out.grad_values.defined() || out.grad_weights.defined();
-  const BadIndex bad = bucket_triples<T>(rows, cols, values, weights, m, n,
-                                         r_pad * static_cast<int64_t>(sizeof(T)), keep_positions,
-                                         bk);
+  const BadIndex bad = bucket_triples<T>(rows, cols, values, weights, m, n, keep_positions, bk);
   if (bad.position >= 0) raise_bad_index(bad, m, n);
-  const int64_t G = bk.groups, lanes = bk.lanes;
 
   ObservedProblem<T> pb{};
   pb.nnz = nnz;
   pb.r_pad = r_pad;
+  pb.chunk_blocks = plan_chunks(nnz, bk, bk.tile_begin);
+  const int64_t chunks = static_cast<int64_t>(pb.chunk_blocks.size()) - 1;
   const at::Tensor P_rows = to_padded_rows(P, r_pad);
   const at::Tensor Q_rows = to_padded_rows(Q, r_pad);
   const at::Tensor& A_rows = rows_outer ? P_rows : Q_rows;
@@ -389,8 +372,8 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
   const at::Tensor& A_grad_bias_out = rows_outer ? out.grad_row_bias : out.grad_col_bias;
   const at::Tensor& B_grad_bias_out = rows_outer ? out.grad_col_bias : out.grad_row_bias;
 
-  pb.outer = Side<T>{na, A_rows.const_data_ptr<T>(), nullptr, 0, nullptr};
-  pb.inner = Side<T>{nb, B_rows.const_data_ptr<T>(), nullptr, 0, nullptr};
+  pb.outer = Side<T>{na, A_rows.const_data_ptr<T>(), nullptr, 0, nullptr, nullptr};
+  pb.inner = Side<T>{nb, B_rows.const_data_ptr<T>(), nullptr, 0, nullptr, nullptr};
   if (A_bias.has_value()) {
     pb.outer.bias = A_bias->const_data_ptr<T>();
     pb.outer.bias_s = A_bias->stride(0);
@@ -403,63 +386,42 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
   if (out.grad_values.defined()) pb.grad_values = out.grad_values.mutable_data_ptr<T>();
   if (out.grad_weights.defined()) pb.grad_weights = out.grad_weights.mutable_data_ptr<T>();
 
-  at::Tensor dA_rows, dB_lanes;  // zeroed by the units of their first round
+  at::Tensor dA_rows, dB_parts, dbB_parts;  // zeroed by their chunks
   if (A_grad_out.defined() && r > 0) {
     dA_rows = at::empty({na, r_pad}, P.options());
     pb.outer.grad = dA_rows.mutable_data_ptr<T>();
   }
   if (B_grad_out.defined() && r > 0) {
-    dB_lanes = at::empty({lanes, nb, r_pad}, P.options());
-    pb.inner.grad = dB_lanes.mutable_data_ptr<T>();
+    dB_parts = at::empty({chunks, nb, r_pad}, P.options());
+    pb.inner.grad = dB_parts.mutable_data_ptr<T>();
   }
   // The outer bias gradient has one writer per entry: straight into the output.
-  if (A_grad_bias_out.defined()) pb.grad_outer_bias = A_grad_bias_out.mutable_data_ptr<T>();
-  std::vector<double> inner_bias_sums(B_grad_bias_out.defined() ? lanes * nb : 0);
-  if (B_grad_bias_out.defined()) pb.inner_bias_sums = inner_bias_sums.data();
-  // Counting inner terms costs the hot loop 5-25%, so a lane counts only where its triples
-  // average at least kRunFlush per inner index (tiny or very dense inner sides: thousands of
-  // terms per row). Rating data averages ~35 (MovieLens): its popular rows keep float chains
-  // of a few hundred.
-  std::vector<InnerRowFlusher<T>> flushers;
-  for (int64_t lane = 0; lane < lanes; ++lane) {
-    int64_t lane_triples = 0;
-    for (int64_t u = lane * G * G; u < (lane + 1) * G * G; ++u) lane_triples += bk.unit_triples(u);
-    const bool count = pb.inner.grad && lane_triples >= kRunFlush * nb;
-    flushers.emplace_back(count ? nb : 0, r_pad);
+  if (A_grad_bias_out.defined()) pb.outer.grad_bias = A_grad_bias_out.mutable_data_ptr<T>();
+  if (B_grad_bias_out.defined()) {
+    dbB_parts = at::empty({chunks, nb}, values.options());
+    pb.inner.grad_bias = dbB_parts.mutable_data_ptr<T>();
   }
-  pb.flushers = flushers.data();
 
-  int64_t max_tile = 1;
-  for (int64_t t = 0; t < bk.tiles(); ++t) {
-    max_tile = std::max(max_tile, bk.tile_begin[t + 1] - bk.tile_begin[t]);
-  }
-  std::vector<double> losses(bk.units());
-  run_units(
-      G, lanes, [&] { return UnitScratch<T>(bk, max_tile, r_pad); },
-      [&](int64_t ga, int64_t gb, UnitScratch<T>& scratch) {
-        losses[ga * G + gb] = run_unit_any(pb, bk, ga, gb, scratch);
-      });
+  std::vector<double> losses(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    run_chunks_any(pb, bk, begin, end, losses.data());
+  });
 
   double loss = 0;
-  for (const double l : losses) loss += l;  // unit order
+  for (const double l : losses) loss += l;
   if (pb.outer.grad) {
     reduce_rows_transposed<T>(pb.outer.grad, 1, na, r, r_pad, A_grad_out.mutable_data_ptr<T>());
   } else if (A_grad_out.defined()) {
     A_grad_out.zero_();  // r == 0
   }
   if (pb.inner.grad) {
-    at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t lane = begin; lane < end; ++lane) {
-        flushers[lane].finish(pb.inner.grad + lane * nb * r_pad);
-      }
-    });
-    reduce_rows_transposed<T>(pb.inner.grad, lanes, nb, r, r_pad,
+    reduce_rows_transposed<T>(pb.inner.grad, chunks, nb, r, r_pad,
                               B_grad_out.mutable_data_ptr<T>());
   } else if (B_grad_out.defined()) {
     B_grad_out.zero_();
   }
-  if (pb.inner_bias_sums) {
-    reduce_bias_sums<T>(pb.inner_bias_sums, lanes, nb, B_grad_bias_out.mutable_data_ptr<T>());
+  if (pb.inner.grad_bias) {
+    reduce_vectors<T>(pb.inner.grad_bias, chunks, nb, B_grad_bias_out.mutable_data_ptr<T>());
   }
   return reduction == Reduction::Mean ? loss / static_cast<double>(nnz) : loss;
 }
@@ -489,11 +451,9 @@ ObservedResult observed_mf_loss_and_grads_cpu(
 
 // mf_ext::_observed_partition: how the kernel above cuts the problem (rows, cols) of P, Q's
 // shapes and dtype, computed by its own planning and counting code, for tests. Flattened:
-// [rows_outer, outer block size, inner block size, outer blocks, inner blocks (summed over the
-// groups), tiles, G, K, segments, the triples of each segment..., the K·G + 1 outer group
-// starts..., the G + 1 inner group starts..., the triples of each of the K·G² units (unit
-// order: outer group · G + inner group)...]; no segments, groups or units when there are no
-// triples (the kernel does no pass then). Out-of-range indices raise as the op does.
+// [rows_outer, outer block size, inner block size, outer_blocks, inner_blocks, segments, chunks,
+//  the triples of each segment..., the triples of each chunk...]; no segments or chunks when
+// there are no triples (the kernel does no pass then). Out-of-range indices raise as the op does.
 std::vector<int64_t> observed_partition_cpu(const at::Tensor& rows, const at::Tensor& cols,
                                             const at::Tensor& P, const at::Tensor& Q) {
   check_observed_index_tensor(rows, "rows");
@@ -508,32 +468,31 @@ std::vector<int64_t> observed_partition_cpu(const at::Tensor& rows, const at::Te
                    "mf_ext._observed_partition: P and Q must both be float32 or float64, got ",
                    P.scalar_type(), " and ", Q.scalar_type());
   const int64_t nnz = rows.size(0), r = P.size(0), m = P.size(1), n = Q.size(1);
-  const Sides sides = plan_sides(m, n);
-  if (nnz == 0) return {sides.rows_outer, 0, 0, 0, 0, 0, 0, 0, 0};
   std::vector<int64_t> out;
   AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "observed_partition_cpu", [&] {
-    Partition pt;
-    static_cast<Sides&>(pt) = sides;
-    std::vector<int64_t> offsets, tile_begin;
-    const int64_t row_bytes = padded_rank<scalar_t>(r) * static_cast<int64_t>(sizeof(scalar_t));
-    const BadIndex bad =
-        count_triples<scalar_t>(rows, cols, m, n, row_bytes, pt, offsets, tile_begin);
-    if (bad.position >= 0) raise_bad_index(bad, m, n);
-    const int64_t segments = segment_count(nnz);
-    const int64_t sum_outer = std::accumulate(pt.outer_group_blocks.begin(),
-                                              pt.outer_group_blocks.end(), int64_t(0));
-    const int64_t sum_inner = std::accumulate(pt.inner_group_blocks.begin(),
-                                              pt.inner_group_blocks.end(), int64_t(0));
-    out = {pt.rows_outer, int64_t(1) << pt.outer_shift, int64_t(1) << pt.inner_shift, sum_outer,
-           sum_inner, pt.tiles(), pt.groups, pt.lanes, segments};
-    for (int64_t s = 0; s < segments; ++s) {
-      out.push_back(segment_begin(nnz, segments, s + 1) - segment_begin(nnz, segments, s));
+    int64_t r_pad = 0;
+    const Tiling tl = plan_observed_tiling<scalar_t>(nnz, r, m, n, r_pad);
+    std::vector<int64_t> segment_triples, chunk_triples;
+    if (nnz > 0) {
+      std::vector<int64_t> offsets, tile_begin;
+      const BadIndex bad = count_triples<scalar_t>(rows, cols, m, n, tl, offsets, tile_begin);
+      if (bad.position >= 0) raise_bad_index(bad, m, n);
+      const int64_t segments = segment_count(nnz);
+      for (int64_t s = 0; s < segments; ++s) {
+        segment_triples.push_back(segment_begin(nnz, segments, s + 1) -
+                                  segment_begin(nnz, segments, s));
+      }
+      const std::vector<int64_t> chunk_blocks = plan_chunks(nnz, tl, tile_begin);
+      for (size_t c = 0; c + 1 < chunk_blocks.size(); ++c) {
+        chunk_triples.push_back(tile_begin[chunk_blocks[c + 1] * tl.inner_blocks] -
+                                tile_begin[chunk_blocks[c] * tl.inner_blocks]);
+      }
     }
-    out.insert(out.end(), pt.outer_start.begin(), pt.outer_start.end());
-    out.insert(out.end(), pt.inner_start.begin(), pt.inner_start.end());
-    for (int64_t u = 0; u < pt.units(); ++u) {
-      out.push_back(tile_begin[pt.unit_tile[u + 1]] - tile_begin[pt.unit_tile[u]]);
-    }
+    out = {tl.rows_outer, int64_t(1) << tl.outer_shift, int64_t(1) << tl.inner_shift,
+           tl.outer_blocks, tl.inner_blocks, static_cast<int64_t>(segment_triples.size()),
+           static_cast<int64_t>(chunk_triples.size())};
+    out.insert(out.end(), segment_triples.begin(), segment_triples.end());
+    out.insert(out.end(), chunk_triples.begin(), chunk_triples.end());
   });
   return out;
 }
