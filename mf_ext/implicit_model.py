@@ -4,7 +4,6 @@ half-steps or by full-batch Adam."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from mf_ext.checks import NONNEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Device, FloatDType, \
-    Integer, OneOf, check_int
+    Integer, OneOf
 from mf_ext.config import Config, setting
 from mf_ext.data import IdMap
 from mf_ext.estimator import EpochRecord, Estimator, ids_from_file, ids_to_file
@@ -169,25 +168,6 @@ class ImplicitMatrixFactorization(TopN, Estimator):
             dots = (self.P[:, u.clamp_min(0)] * self.Q[:, i.clamp_min(0)]).sum(0)
             dots = torch.where((u >= 0) & (i >= 0), dots, 0)
         return dots.cpu().numpy().astype(np.float64)
-
-    def recommend(self, user: Any, k: int = 10, exclude: Any = None) -> list:
-        """The k highest-scoring items for `user` that it did not interact with in training (nor
-        in `exclude`), as [(item id, score), …], best first (fewer when fewer are left); ranked
-        as recommend_batch ranks, equal scores by item id."""
-        self._check_fitted()
-        k = check_int(self._who, "k", k, 1)
-        index = int(self.user_map.index(np.asarray([user]))[0])
-        if index < 0:
-            raise KeyError(f"{self._who}.recommend: unknown user {user!r}")
-        _, scores = next(self._score_chunks(np.array([index]), exclude_seen=True))
-        if exclude is not None:
-            ex = self.item_map.index(np.asarray(exclude))
-            scores[0, torch.as_tensor(ex[ex >= 0], device=scores.device)] = -math.inf
-        k = min(k, int(torch.isfinite(scores).sum()))
-        if k == 0:
-            return []
-        items, values = self._finish(scores, k)
-        return [(self.item_map.raw(j).item(), float(v)) for j, v in zip(items[0], values[0])]
 
     def _score_parts(self) -> Tuple[torch.Tensor, torch.Tensor, None, None]:
         """For mf_ext.ranking.TopN: score(u, i) = p_uᵀ q_i, no offsets."""

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mf_ext.checks import (FRACTION, NONNEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Bool, Device,
-                           Flag, FloatDType, Integer, Number, OneOf, check_int)
+                           Flag, FloatDType, Integer, Number, OneOf)
 from mf_ext.config import Config, setting
 from mf_ext.data import IdMap, Ratings, as_ratings
 from mf_ext.distributed import TrainingGroup, draw_normal, training_group
@@ -371,26 +371,6 @@ class MatrixFactorization(TopN, Estimator):
             raise ValueError("mf_ext.MatrixFactorization.evaluate: no ratings given")
         error = self.predict(data.users, data.items) - data.ratings
         return {"rmse": float(np.sqrt(np.mean(error ** 2))), "mae": float(np.mean(np.abs(error)))}
-
-    def recommend(self, user: Any, k: int = 10, exclude: Any = None) -> list:
-        """The k items with the highest predicted rating for `user` that it has not rated in
-        training (nor in `exclude`), as [(item id, predicted rating), …], best first (fewer
-        when fewer are left). Ranked as recommend_batch ranks: by the unclipped prediction,
-        equal ones by item id; the ratings are reported as predict() gives them."""
-        self._check_fitted()
-        k = check_int(self._who, "k", k, 1)
-        index = int(self.user_map.index(np.asarray([user]))[0])
-        if index < 0:
-            raise KeyError(f"mf_ext.MatrixFactorization.recommend: unknown user {user!r}")
-        _, scores = next(self._score_chunks(np.array([index]), exclude_seen=True))
-        if exclude is not None:
-            ex = self.item_map.index(np.asarray(exclude))
-            scores[0, torch.as_tensor(ex[ex >= 0], device=scores.device)] = -math.inf
-        k = min(k, int(torch.isfinite(scores).sum()))
-        if k == 0:
-            return []
-        items, ratings = self._finish(scores, k)
-        return [(self.item_map.raw(j).item(), float(s)) for j, s in zip(items[0], ratings[0])]
 
     def _implicit_on(self) -> bool:
         """implicit resolved: None means on, except with shard_factors."""

@@ -54,6 +54,26 @@ class TopN:
 
     # ------------------------------------------------------------------ public API
 
+    def recommend(self, user: Any, k: int = 10, exclude: Any = None) -> list:
+        """The k best items for `user` that it did not have in training (nor in `exclude`), as
+        [(item id, score), …], best first (fewer when fewer are left). Ranked as recommend_batch
+        ranks, equal scores by item id; the scores are reported as recommend_batch reports them
+        (for the explicit model, the predicted ratings as predict() gives them)."""
+        self._check_fitted()
+        k = check_int(self._who, "k", k, 1)
+        index = int(self.user_map.index(np.asarray([user]))[0])
+        if index < 0:
+            raise KeyError(f"{self._who}.recommend: unknown user {user!r}")
+        _, scores = next(self._score_chunks(np.array([index]), exclude_seen=True))
+        if exclude is not None:
+            ex = self.item_map.index(np.asarray(exclude))
+            scores[0, torch.as_tensor(ex[ex >= 0], device=scores.device)] = -math.inf
+        k = min(k, int(torch.isfinite(scores).sum()))
+        if k == 0:
+            return []
+        items, values = self._finish(scores, k)
+        return [(self.item_map.raw(j).item(), float(v)) for j, v in zip(items[0], values[0])]
+
     def recommend_batch(self, users: Any, k: int = 10, exclude_seen: bool = True
                         ) -> Tuple[np.ndarray, np.ndarray]:
         """The k best items for each of `users` (1-D array-like of raw user ids, repeats
