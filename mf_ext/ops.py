@@ -46,6 +46,35 @@ except ImportError as exc:  # pragma: no cover - exercised only by broken instal
 _REDUCTIONS = ("sum", "mean")
 
 
+def _register_autograd(op: str, grad_inputs, first_flag: int, num_inputs: int,
+                       namespace: str = "mf_ext") -> None:
+    """Autograd for <namespace>::<op>_and_grads (the tests' emulated CUDA ops use another namespace), whose outputs are (loss, *gradients): the forward
+    pass computes the gradient of each input of `grad_inputs` ((position, name) pairs, in the
+    order of the op's grad_* flags, which start at input `first_flag`) when its flag is set, an
+    empty tensor otherwise; the backward only scales the saved gradients by the incoming one."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.grad_flags = tuple(inputs[first_flag:first_flag + len(grad_inputs)])
+        ctx.save_for_backward(*output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    @once_differentiable  # the saved gradients are constants: a second derivative would be wrong
+    def backward(ctx, grad_loss, *_grad_outputs):
+        grads = [None] * num_inputs
+        for (index, name), flag, g in zip(grad_inputs, ctx.grad_flags, ctx.saved_tensors):
+            if not ctx.needs_input_grad[index]:
+                continue
+            if not flag:
+                raise RuntimeError(
+                    f"mf_ext.{op}: {name} requires grad but the op was called with "
+                    f"grad_{name}=False; call mf_ext.{op}, which sets the flags")
+            grads[index] = grad_loss * g
+        return tuple(grads)
+
+    torch.library.register_autograd(f"{namespace}::{op}_and_grads", backward,
+                                    setup_context=setup_context)
+
+
 # ---------------------------------------------------------------- masked_mf_loss (dense form)
 
 def _check_masked_mf_loss_args(R, P, Q, mask, reduction) -> None:
@@ -96,32 +125,9 @@ def _masked_mf_loss_and_grads_fake(R, P, Q, mask, reduction, grad_R, grad_P, gra
     )
 
 
-def _masked_mf_loss_setup_context(ctx, inputs, output):
-    _, _, _, _, _, grad_R, grad_P, grad_Q = inputs
-    _, dR, dP, dQ = output
-    ctx.grad_flags = (grad_R, grad_P, grad_Q)
-    ctx.save_for_backward(dR, dP, dQ)
-    ctx.mark_non_differentiable(dR, dP, dQ)
-
-
-@once_differentiable  # the saved gradients are constants: a second derivative would be wrong
-def _masked_mf_loss_backward(ctx, grad_loss, _grad_dR, _grad_dP, _grad_dQ):
-    saved = ctx.saved_tensors
-    grads = []
-    for index, (name, flag, g) in enumerate(zip("RPQ", ctx.grad_flags, saved)):
-        if ctx.needs_input_grad[index] and not flag:
-            raise RuntimeError(
-                f"mf_ext.masked_mf_loss: {name} requires grad but the op was called with "
-                f"grad_{name}=False; call mf_ext.masked_mf_loss, which sets the flags")
-        grads.append(grad_loss * g if flag and ctx.needs_input_grad[index] else None)
-    return (*grads, None, None, None, None, None)
-
-
-torch.library.register_autograd(
-    "mf_ext::masked_mf_loss_and_grads",
-    _masked_mf_loss_backward,
-    setup_context=_masked_mf_loss_setup_context,
-)
+_MASKED_AUTOGRAD = dict(op="masked_mf_loss", grad_inputs=((0, "R"), (1, "P"), (2, "Q")),
+                        first_flag=5, num_inputs=8)
+_register_autograd(**_MASKED_AUTOGRAD)
 
 
 def masked_mf_loss(
@@ -333,37 +339,11 @@ def _observed_mf_loss_and_grads_fake(rows, cols, values, P, Q, row_bias, col_bia
     )
 
 
-# Inputs of the op that can carry a gradient, by position, with the flag that computes it.
-_OBSERVED_GRAD_INPUTS = (
-    (2, "values"), (3, "P"), (4, "Q"), (5, "row_bias"), (6, "col_bias"), (7, "weights"))
-
-
-def _observed_mf_loss_setup_context(ctx, inputs, output):
-    ctx.grad_flags = tuple(inputs[9:15])
-    grads = output[1:]
-    ctx.save_for_backward(*grads)
-    ctx.mark_non_differentiable(*grads)
-
-
-@once_differentiable  # the saved gradients are constants: a second derivative would be wrong
-def _observed_mf_loss_backward(ctx, grad_loss, *_grad_outputs):
-    grads = [None] * 15
-    for (index, name), flag, g in zip(_OBSERVED_GRAD_INPUTS, ctx.grad_flags, ctx.saved_tensors):
-        if not ctx.needs_input_grad[index]:
-            continue
-        if not flag:
-            raise RuntimeError(
-                f"mf_ext.observed_mf_loss: {name} requires grad but the op was called with "
-                f"grad_{name}=False; call mf_ext.observed_mf_loss, which sets the flags")
-        grads[index] = grad_loss * g
-    return tuple(grads)
-
-
-torch.library.register_autograd(
-    "mf_ext::observed_mf_loss_and_grads",
-    _observed_mf_loss_backward,
-    setup_context=_observed_mf_loss_setup_context,
-)
+# The inputs that can carry a gradient, by position, in the order of their grad_* flags.
+_OBSERVED_AUTOGRAD = dict(op="observed_mf_loss", grad_inputs=(
+    (2, "values"), (3, "P"), (4, "Q"), (5, "row_bias"), (6, "col_bias"), (7, "weights")),
+    first_flag=9, num_inputs=15)
+_register_autograd(**_OBSERVED_AUTOGRAD)
 
 
 def observed_mf_loss(
@@ -550,36 +530,8 @@ def _implicit_mf_loss_and_grads_fake(rows, cols, P, Q, values, weights, unobserv
             maybe(grad_Q, (r, n)), maybe(grad_weights, (nnz,)))
 
 
-# Inputs of the op that can carry a gradient, by position, with the flag that computes it.
-_IMPLICIT_GRAD_INPUTS = ((4, "values"), (2, "P"), (3, "Q"), (5, "weights"))
-
-
-def _implicit_mf_loss_setup_context(ctx, inputs, output):
-    ctx.grad_flags = tuple(inputs[8:12])
-    grads = output[1:]
-    ctx.save_for_backward(*grads)
-    ctx.mark_non_differentiable(*grads)
-
-
-@once_differentiable  # the saved gradients are constants: a second derivative would be wrong
-def _implicit_mf_loss_backward(ctx, grad_loss, *_grad_outputs):
-    grads = [None] * 12
-    for (index, name), flag, g in zip(_IMPLICIT_GRAD_INPUTS, ctx.grad_flags, ctx.saved_tensors):
-        if not ctx.needs_input_grad[index]:
-            continue
-        if not flag:
-            raise RuntimeError(
-                f"mf_ext.implicit_mf_loss: {name} requires grad but the op was called with "
-                f"grad_{name}=False; call mf_ext.implicit_mf_loss, which sets the flags")
-        grads[index] = grad_loss * g
-    return tuple(grads)
-
-
-torch.library.register_autograd(
-    "mf_ext::implicit_mf_loss_and_grads",
-    _implicit_mf_loss_backward,
-    setup_context=_implicit_mf_loss_setup_context,
-)
+_register_autograd("implicit_mf_loss", ((4, "values"), (2, "P"), (3, "Q"), (5, "weights")),
+                   first_flag=8, num_inputs=12)
 
 
 def implicit_mf_loss(

@@ -77,19 +77,10 @@ def cases(predicate):
 
 
 def register_emulated_autograd(ns):
-    """The real ops' autograd (ops.py) for the emulated ones: the loss's gradient times the
-    gradients the forward pass computed."""
-    for op, inputs, floats in (("masked_mf_loss_and_grads", 8, (0, 1, 2)),
-                               ("observed_mf_loss_and_grads", 15, (2, 3, 4, 5, 6, 7))):
-        def backward(ctx, grad, *_, inputs=inputs, floats=floats):
-            out = [None] * inputs
-            for index, g in zip(floats, ctx.saved_tensors):
-                out[index] = grad * g if ctx.needs_input_grad[index] else None
-            return tuple(out)
-
-        torch.library.register_autograd(
-            f"{ns}::{op}", backward,
-            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*output[1:]))
+    """The real ops' autograd (mf_ext/ops.py) for the emulated ones in namespace `ns`."""
+    from mf_ext import ops
+    for spec in (ops._MASKED_AUTOGRAD, ops._OBSERVED_AUTOGRAD):
+        ops._register_autograd(**spec, namespace=ns)
 
 
 # ------------------------------------------------------------------------------------ problems
