@@ -114,6 +114,7 @@ class TrainingGroup:
     # The ranks that add the L2 penalty (a sum over rows) to their loss: rank 0 alone when every
     # rank holds all the rows, so that the ranks' summed gradients count it once.
     adds_penalty: bool
+    who = _WHO  # the fit that a failed collective's error names
 
     def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
@@ -344,7 +345,7 @@ class DataParallel(TrainingGroup):
             yield
         except RuntimeError as exc:  # DistBackendError and gloo/nccl errors derive from it
             raise RuntimeError(
-                f"{_WHO}: rank {self.rank} of {self.world_size}: the {what} failed; another rank "
+                f"{self.who}: rank {self.rank} of {self.world_size}: the {what} failed; another rank "
                 f"probably raised an error or stopped (see its output), or the process group's "
                 f"timeout expired. ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
             ) from exc

@@ -10,10 +10,11 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from mf_ext.checks import NONNEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Device, FloatDType, \
-    Integer, OneOf
+from mf_ext.checks import NONNEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Bool, Device, \
+    FloatDType, Integer, OneOf
 from mf_ext.config import Config, setting
 from mf_ext.data import IdMap
+from mf_ext.distributed import draw_normal
 from mf_ext.estimator import EpochRecord, Estimator, ids_from_file, ids_to_file
 from mf_ext.implicit_solvers import ImplicitProblem, als_sweep, make_problem, objective
 from mf_ext.interactions import Interactions, as_interactions
@@ -48,6 +49,9 @@ class ImplicitMatrixFactorizationConfig(Config):
     device: Union[str, torch.device] = setting("cpu", Device(), "where to train", cli=True,
                                                saved=False)
     dtype: torch.dtype = setting(torch.float32, FloatDType(), "float32 or float64", saved=False)
+    shard_factors: bool = setting(
+        False, Bool(), "each torch.distributed rank holds a block of the factors' rows (and "
+                       "their Adam state; docs/distributed.md)", cli=True, saved=False)
 
 
 class ImplicitMatrixFactorization(TopN, Estimator):
@@ -77,7 +81,11 @@ class ImplicitMatrixFactorization(TopN, Estimator):
 
     Args (the fields of ImplicitMatrixFactorizationConfig, which holds their defaults and
     checks): rank, solver, epochs, alpha, scaling, epsilon, reg, reg_exponent, cg_steps, lr
-    (Adam only), init_std (the factors start as N(0, init_std²)), seed, device, dtype.
+    (Adam only), init_std (the factors start as N(0, init_std²)), seed, device, dtype,
+    shard_factors (train across the ranks of an initialized torch.distributed process group,
+    each rank holding a block of the user and item rows; the model then holds its rank's rows
+    only (`shard`): save() on every rank writes a file per rank plus a manifest that load()
+    reassembles; mf_ext/sharded_implicit.py, docs/distributed.md).
     After fit, `losses` holds the objective after each epoch (Adam: at the step) and
     history[k].train_rmse is √(losses[k] / N). Bad settings raise TypeError or ValueError.
 
@@ -87,6 +95,9 @@ class ImplicitMatrixFactorization(TopN, Estimator):
 
     Config = ImplicitMatrixFactorizationConfig
     FORMAT_VERSION = FORMAT_VERSION
+    # The saved tensors that a sharded model splits by rows: (which rows, how they join).
+    SHARDED_STATE = {"P": ("users", 1), "Q": ("items", 1), "rated_indptr": ("users", "indptr"),
+                     "rated_indices": ("users", 0)}
 
     # ------------------------------------------------------------------ fitting
 
@@ -98,21 +109,35 @@ class ImplicitMatrixFactorization(TopN, Estimator):
         DataFrame or a scipy.sparse users × items matrix of counts as the first argument (see
         mf_ext.interactions.as_interactions). Ctrl-C stops the fit and keeps the factors so far
         (`interrupted` is then True)."""
-        data = as_interactions(users, items, weights)
+        group = None
+        if self.shard_factors:
+            from mf_ext import sharded_implicit
+
+            group = sharded_implicit.group_of(self.config)
+        data = as_interactions(users, items, weights, allow_empty=group is not None)
         generator = torch.Generator()
         if self.seed is None:
             generator.seed()
         else:
             generator.manual_seed(self.seed)
-        problem = self._prepare(data)
+        if group is None:
+            problem, count = self._prepare(data), len(data)
+            users_held, items_held = range(len(self.user_map)), range(len(self.item_map))
+        else:  # each rank: its block of the users and items, and its users' interactions
+            problem = group.prepare(self, data)
+            count, users_held, items_held = problem.count, group.user_rows, group.item_rows
+        self.shard = None if group is None else group.info
         m, n, dev, dt = len(self.user_map), len(self.item_map), self.device, self.dtype
-        # Drawn on the CPU: the same start on every device.
-        self.P = (torch.randn(self.rank, m, generator=generator, dtype=dt) * self.init_std).to(dev)
-        self.Q = (torch.randn(self.rank, n, generator=generator, dtype=dt) * self.init_std).to(dev)
+        # Drawn on the CPU: the same start on every device (and, of its rows, on every rank).
+        self.P = (draw_normal(generator, self.rank, m, users_held, dt) * self.init_std).to(dev)
+        self.Q = (draw_normal(generator, self.rank, n, items_held, dt) * self.init_std).to(dev)
         self.losses = []
-        count = len(data)
-        step = self._adam_epoch(problem, count) if self.solver == "adam" else self._als_epoch(
-            problem)
+        if group is not None:
+            step = sharded_implicit.epoch(self, group, problem)
+        elif self.solver == "adam":
+            step = self._adam_epoch(problem, count)
+        else:
+            step = self._als_epoch(problem)
 
         def train_epoch() -> float:
             loss = step()

@@ -25,7 +25,7 @@ class Interactions:
 
 
 def as_interactions(users: Any, items: Any = None, weights: Any = None,
-                    who: str = _WHO) -> Interactions:
+                    who: str = _WHO, allow_empty: bool = False) -> Interactions:
     """Interactions from (users, items[, weights]) array-likes, a pandas DataFrame (columns
     user/item, userId/movieId or user_id/item_id, plus an optional weight/count/rating column;
     else the first two or three columns) or a scipy.sparse users × items matrix (row index =
@@ -33,7 +33,8 @@ def as_interactions(users: Any, items: Any = None, weights: Any = None,
 
     Strengths must be finite and >= 0; pairs of strength 0 are dropped (no interaction), and a
     pair given several times counts once with the sum of its strengths. The result is
-    ordered by (user, item), so that the order of the input does not change the model."""
+    ordered by (user, item), so that the order of the input does not change the model. No
+    interaction at all is an error unless `allow_empty` (one rank's share of a sharded fit)."""
     if items is None and weights is None:
         if hasattr(users, "tocoo") and hasattr(users, "shape"):  # scipy.sparse
             coo = users.tocoo()
@@ -55,9 +56,9 @@ def as_interactions(users: Any, items: Any = None, weights: Any = None,
     strengths = _strengths(weights, len(users), who)
     keep = strengths > 0
     users, items, strengths = users[keep], items[keep], strengths[keep]
-    if len(strengths) == 0:
+    if len(strengths) == 0 and not allow_empty:
         raise ValueError(f"{who}: no interactions given (empty input, or every weight is 0)")
-    return _merge_duplicates(users, items, strengths)
+    return merge_duplicates(users, items, strengths)
 
 
 def _strengths(weights: Any, count: int, who: str) -> np.ndarray:
@@ -78,7 +79,7 @@ def _strengths(weights: Any, count: int, who: str) -> np.ndarray:
     return values
 
 
-def _merge_duplicates(users: np.ndarray, items: np.ndarray, strengths: np.ndarray
+def merge_duplicates(users: np.ndarray, items: np.ndarray, strengths: np.ndarray
                       ) -> Interactions:
     """One entry per distinct pair, ordered by (user id, item id): the same interactions in any
     order give the same arrays, hence the same model."""

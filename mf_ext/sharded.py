@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from mf_ext.data import IdMap, Ratings
-from mf_ext.distributed import _WHO, DataParallel, _block
+from mf_ext.distributed import DataParallel, _block
 
 # The settings sharded training is written for. A setting added to the model later is refused
 # (named in the error) unless it is off (None, False or 0) until someone adds it here.
@@ -42,27 +42,32 @@ SUPPORTED_SETTINGS = frozenset({
     "dtype", "shard_factors", "implicit_reg_scale"})  # the last: no effect without implicit
 
 
-def sharded_factors(distributed: Optional[bool], settings) -> "ShardedFactors":
+def sharded_factors(distributed: Optional[bool], settings, kind: Optional[type] = None
+                    ) -> "ShardedFactors":
     """The group of a fit with shard_factors=True: needs an initialized process group (of any
-    size), and settings that sharding supports."""
+    size), and settings that sharding supports. `kind`: the group's class (default
+    ShardedFactors; mf_ext/sharded_implicit.py's for the implicit model), which names the fit
+    in errors (`who`) and lists the settings it supports (`supported_settings`)."""
+    kind = kind or ShardedFactors
+    who = kind.who
     if distributed is False:
-        raise ValueError(f"{_WHO}: shard_factors=True trains across torch.distributed ranks; it "
+        raise ValueError(f"{who}: shard_factors=True trains across torch.distributed ranks; it "
                          f"cannot be combined with distributed=False")
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"{_WHO}: shard_factors=True needs an initialized torch.distributed "
+        raise RuntimeError(f"{who}: shard_factors=True needs an initialized torch.distributed "
                            f"process group; call torch.distributed.init_process_group first (or "
                            f"launch with torchrun)")
     for f in fields(settings):
         value = getattr(settings, f.name)
-        if f.name not in SUPPORTED_SETTINGS and value not in (None, False, 0):
-            raise ValueError(f"{_WHO}: shard_factors=True does not support the setting "
+        if f.name not in kind.supported_settings and value not in (None, False, 0):
+            raise ValueError(f"{who}: shard_factors=True does not support the setting "
                              f"{f.name}={value!r}; turn it off or train with replicated factors "
                              f"(shard_factors=False)")
     device = torch.device(settings.device)
     if dist.get_backend() == "nccl" and device.type != "cuda":
-        raise ValueError(f"{_WHO}: the process group uses nccl, which needs device=\"cuda\"; got "
+        raise ValueError(f"{who}: the process group uses nccl, which needs device=\"cuda\"; got "
                          f"device={str(device)!r} (use gloo for CPU training)")
-    return ShardedFactors(device)
+    return kind(device)
 
 
 @dataclass
@@ -104,6 +109,8 @@ class _Owned:
 class ShardedFactors(DataParallel):
     """The collectives of a fit with row-sharded factors (module docstring). Every method is a
     collective: all ranks call it, in the same order."""
+
+    supported_settings = SUPPORTED_SETTINGS
 
     def __init__(self, device: torch.device, transport: str = "auto"):
         super().__init__(device)
