@@ -113,8 +113,20 @@ def cli_ratings(path: str) -> None:
 
 
 def cli_under_torchrun(rank: int, world: int, out_dir: str) -> str:
-    """`mf-ext fit --shard-factors` as torchrun would start it on each rank (the rendezvous
-    from RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT); returns what it printed."""
+    """`mf-ext fit --shard-factors` as torchrun would start it on each rank; returns what it
+    printed."""
+    ratings = os.path.join(out_dir, f"cli-ratings-{rank}.data")  # the same file on every rank
+    cli_ratings(ratings)
+    # --reg 0.12: the setting this comparison's float32 tolerance was set at
+    return run_under_torchrun(rank, world, out_dir, [
+        "fit", ratings, "--shard-factors", "--epochs", "4", "--rank", "4", "--reg", "0.12",
+        "--no-progress", "--out", os.path.join(out_dir, "cli.pt")])
+
+
+def run_under_torchrun(rank: int, world: int, out_dir: str, argv: list) -> str:
+    """The command line `argv` as torchrun would start it on each rank (the rendezvous from
+    RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT); returns "exit STATUS\n" and what it
+    printed."""
     import contextlib
     import io
     import socket
@@ -136,13 +148,9 @@ def cli_under_torchrun(rank: int, world: int, out_dir: str) -> str:
         port = f.read()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    ratings = os.path.join(out_dir, f"cli-ratings-{rank}.data")  # the same file on every rank
-    cli_ratings(ratings)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        # --reg 0.12: the setting this comparison's float32 tolerance was set at
-        status = cli(["fit", ratings, "--shard-factors", "--epochs", "4", "--rank", "4",
-                      "--reg", "0.12", "--no-progress", "--out", os.path.join(out_dir, "cli.pt")])
+        status = cli(argv)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         del os.environ[name]
     return f"exit {status}\n{printed.getvalue()}"

@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch.distributed as dist
-
 from mf_ext.commands.errors import CliError
 from mf_ext.commands.options import (add_config_options, check_device, config_settings,
                                      fraction, positive_int)
+from mf_ext.commands.torchrun import launch
 from mf_ext import distributed
 from mf_ext.data import FORMATS, load_ratings, train_test_split
 from mf_ext.model import MatrixFactorization, MatrixFactorizationConfig
@@ -33,25 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = check_device(args.device)
     # Under torchrun (RANK, WORLD_SIZE set): every rank reads the file, splits it identically
     # and trains data-parallel on its shard of the training ratings; rank 0 alone prints,
     # tests and writes (docs/distributed.md). With --shard-factors each rank holds a block of
     # the model's rows: the ranks test and write together.
-    if not distributed.launched_by_torchrun():
-        if args.shard_factors:
-            raise CliError("--shard-factors splits the model across processes: launch with "
-                           "torchrun (e.g. torchrun --nproc_per_node 2 -m mf_ext fit ...)")
-        return _run(args, device)
-    device = distributed.init_from_environment(str(device))
-    try:
-        status = _run(args, device, rank=dist.get_rank(), world_size=dist.get_world_size())
-        # Rank 0 may still be testing and saving: tearing the group down while it does made
-        # the early ranks abort at exit now and then ("terminate called ...").
-        dist.barrier()
-        return status
-    finally:
-        dist.destroy_process_group()
+    return launch(_run, args, check_device(args.device), "fit", args.shard_factors)
 
 
 def _run(args: argparse.Namespace, device, rank: int = 0, world_size: int = 1) -> int:

@@ -1,0 +1,148 @@
+"""One rank of the sharded implicit-model tests (tests/test_sharded_implicit.py starts 3 at once):
+
+    python tests/sharded_implicit_worker.py RENDEZVOUS_PREFIX RANK OUT_DIR
+
+As tests/sharded_worker.py: every scenario in turn in a gloo group of 3 ranks, then ranks 0 and
+1 in a group of 2, ending with a rank that raises. Results go to OUT_DIR/rank{RANK}.pt, the
+first unexpected error to OUT_DIR/rank{RANK}.err.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sharded_worker import join, run_under_torchrun, uneven  # noqa: E402
+
+# name -> model settings; the test fits each single-process on all of interactions()
+CASES = {
+    "adam": dict(rank=4, solver="adam", epochs=12, lr=0.05, reg=0.03, seed=3,
+                 dtype=torch.float64),
+    "als": dict(rank=4, solver="als", epochs=4, cg_steps=3, alpha=2.0, scaling="log", reg=0.1,
+                reg_exponent=0.5, seed=3, dtype=torch.float64),
+}
+FLOAT32 = dict(CASES["als"], dtype=torch.float32)
+FAILING_EPOCH = 3
+
+
+def interactions(m=50, n=40, count=700, seed=0):
+    """(users, items, weights) as a Ratings: string user ids, integer item ids, and many pairs
+    given more than once (fit merges them, also across ranks)."""
+    from mf_ext import Ratings
+
+    rng = np.random.default_rng(seed)
+    users = np.array([f"u{k}" for k in rng.integers(0, m, count)])
+    return Ratings(users, rng.integers(0, n, count) + 100, rng.integers(1, 5, count) * 1.0)
+
+
+def tiny():
+    """2 users, 2 items: with 3 ranks, rank 2 holds no row and no interaction."""
+    from mf_ext import Ratings
+
+    return Ratings(np.array(["a", "a", "b"]), np.array([7, 8, 7]), np.array([1.0, 2.0, 3.0]))
+
+
+def fit(settings, share):
+    from mf_ext import ImplicitMatrixFactorization
+
+    return ImplicitMatrixFactorization(shard_factors=True, **settings).fit(
+        share.users, share.items, share.ratings)
+
+
+def state(model) -> dict:
+    return {"P": model.P, "Q": model.Q, "losses": list(model.losses), "shard": model.shard,
+            "rated": (model._rated_indptr, model._rated_indices)}
+
+
+def scenarios_of_three(rank: int, world: int, out_dir: str) -> dict:
+    from mf_ext.distributed import shard_ratings
+
+    out, data = {}, interactions()
+    for name, settings in CASES.items():
+        model = fit(settings, shard_ratings(data, rank, world))
+        out[name] = state(model)
+        model.save(os.path.join(out_dir, f"{name}.pt"))
+        # rank 0 passes 70 % of the interactions, rank 2 none
+        out[f"{name}-uneven"] = state(fit(settings, uneven(data, rank, world)))
+        out[f"{name}-tiny"] = state(fit(dict(settings, rank=2), uneven(tiny(), rank, world)))
+    out["float32"] = state(fit(FLOAT32, shard_ratings(data, rank, world)))
+    try:  # every rank passes nothing
+        fit(CASES["adam"], data.subset(np.arange(0)))
+        out["empty"] = None
+    except ValueError as exc:
+        out["empty"] = str(exc)
+    return out
+
+
+def cli_interactions(path: str) -> None:
+    rng = np.random.default_rng(1)
+    lines = [f"{u}\t{i}\t{rng.integers(1, 4)}\t0" for u in range(1, 41)
+             for i in rng.choice(np.arange(1, 31), size=10, replace=False)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+CLI_OPTIONS = ["--epochs", "3", "--rank", "4", "-k", "5", "--no-progress"]
+
+
+def cli(rank: int, world: int, out_dir: str) -> str:
+    path = os.path.join(out_dir, f"cli-{rank}.data")  # the same file on every rank
+    cli_interactions(path)
+    return run_under_torchrun(rank, world, out_dir, [
+        "fit-implicit", path, "--shard-factors", *CLI_OPTIONS,
+        "--out", os.path.join(out_dir, "cli.pt")])
+
+
+def scenarios_of_two(rank: int, world: int, out_dir: str) -> dict:
+    from mf_ext import ImplicitMatrixFactorization
+    from mf_ext.distributed import shard_ratings
+
+    data = interactions()
+    out = {name: state(fit(settings, shard_ratings(data, rank, world)))
+           for name, settings in CASES.items()}
+
+    def fail(record):
+        if rank == 1 and record.epoch == FAILING_EPOCH:
+            raise ValueError("rank 1 fails on purpose")
+
+    start = time.perf_counter()
+    share = shard_ratings(data, rank, world)
+    try:
+        ImplicitMatrixFactorization(shard_factors=True, **CASES["als"]).fit(
+            share.users, share.items, share.ratings, callback=fail)
+        out["failure"] = None
+    except Exception as exc:  # the test reads what each rank raised, and when
+        out["failure"] = f"{type(exc).__name__}: {exc}"
+    out["failure_seconds"] = time.perf_counter() - start
+    return out
+
+
+def main() -> int:
+    prefix, rank, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        join(prefix, rank, 3)
+        results[3] = scenarios_of_three(rank, 3, out_dir)
+        dist.destroy_process_group()
+        results[3]["cli"] = cli(rank, 3, out_dir)  # it makes its own group
+        if rank < 2:
+            join(prefix, rank, 2)
+            results[2] = scenarios_of_two(rank, 2, out_dir)
+    except Exception as exc:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+        os._exit(1)  # no destroy_process_group: the group may be broken
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    os._exit(0)  # rank 1 leaves at once after failing (rank 0 must notice); the group is broken
+
+
+if __name__ == "__main__":
+    sys.exit(main())
