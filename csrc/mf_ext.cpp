@@ -45,4 +45,10 @@ TORCH_LIBRARY(mf_ext, m) {
   // ints (decoded by mf_ext.ops._observed_partition and _dense_partition). CPU only.
   m.def("_observed_partition(Tensor rows, Tensor cols, Tensor P, Tensor Q) -> int[]");
   m.def("_dense_partition(Tensor R, Tensor P, Tensor Q) -> int[]");
+  // Internal, for the implicit model's ALS solver (mf_ext/implicit_solvers.py), the all-cells
+  // term's pieces as the CPU kernel of implicit_mf_loss_and_grads computes them (same bits, any
+  // thread count): X Xᵀ of X (r, m), an (r, r) float64 tensor; and out += scale · G X for a
+  // symmetric (r, r) G and a contiguous out of X's shape and dtype. CPU only.
+  m.def("_gram(Tensor X) -> Tensor");
+  m.def("_add_gram_product_(Tensor(a!) out, Tensor G, Tensor X, float scale) -> ()");
 }

@@ -7,8 +7,11 @@ The ALS half-step for the users minimizes, with Q fixed, the convex quadratic
 whose normal equations A_u p_u = b_u are, per user,
     A_u = Σ_{t: u_t = u} w_t q_{i_t} q_{i_t}ᵀ + Q Qᵀ + λ_u I,    b_u = Σ_{t: u_t = u} w_t v_t q_{i_t}.
 Half the op's gradient in P is A P − b for all users at once, and with values 0 it is A P without
-b: each CG step is one call of the fused op (the observed corrections in one pass over the
-triples, Q Qᵀ as the r × r Gram term), never a per-user r × r matrix nor an nnz × r temporary.
+b: each CG step is one call of the fused pieces of the op (the observed-entries op for the
+corrections, in one pass over the triples, plus Q Qᵀ P with Q Qᵀ, the r × r Gram of the fixed
+side, computed once per half-step), never a per-user r × r matrix nor an nnz × r temporary.
+On the CPU the pieces are the op's own (torch.ops.mf_ext._gram / _add_gram_product_), so a
+half-step gives the bits that calling the whole op for each step gave, on any thread count.
 """
 
 from __future__ import annotations
@@ -68,15 +71,47 @@ def als_sweep(P: torch.Tensor, Q: torch.Tensor, problem: ImplicitProblem, cg_ste
                          fixed_penalty=float((P * P).sum(0) @ p.user_reg))
 
 
-def _half_gradient(X: torch.Tensor, Y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                   values: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, float]:
-    """(½ ∂/∂X of the op's loss with Y fixed, the loss): the gradient is
-    Σ w (xᵀy − v) y + Y Yᵀ x for every column x of X."""
-    # The op itself, without autograd: it computes ∂/∂X in its forward pass anyway, and the
-    # autograd round trip cost ~20 % of a call at MovieLens-100K size.
-    loss, _, grad, _, _ = torch.ops.mf_ext.implicit_mf_loss_and_grads(
-        rows, cols, X, Y, values, weights, 1.0, "sum", False, True, False, False)
-    return grad * 0.5, float(loss)
+def _gram(X: torch.Tensor) -> torch.Tensor:
+    """X Xᵀ, (r, r) float64: the op's all-cells Gram term."""
+    if X.device.type == "cpu":
+        return torch.ops.mf_ext._gram(X)
+    wide = X.to(torch.promote_types(X.dtype, torch.float32))
+    return (wide @ wide.T).double()
+
+
+class _HalfStepOperator:
+    """One half-step's system with X's side free and Y's fixed, doubled: A' = 2A and b' = 2b, so
+    that A' X − b' is the op's own gradient and needs no halving (CG's iterates are the same for
+    A'x = b' as for Ax = b). Y Yᵀ is computed once per half-step."""
+
+    def __init__(self, Y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 p: ImplicitProblem, reg: torch.Tensor) -> None:
+        self.Y, self.rows, self.cols, self.p = Y, rows, cols, p
+        self.reg2 = 2 * reg
+        self.gram_Y = _gram(Y)
+
+    def _gradient(self, X: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """(∂/∂X of the op's loss with unobserved weight 1 plus the L2 term Σ λ |x|², the observed
+        part of the op's loss): 2 Σ w (xᵀy − v) y + 2 Y Yᵀ x + 2 λ x for every column x of X."""
+        # The observed op without autograd: it computes ∂/∂X in its forward pass anyway.
+        loss, _, grad, _, _, _, _ = torch.ops.mf_ext.observed_mf_loss_and_grads(
+            self.rows, self.cols, values, X, self.Y, None, None, self.p.weights, "sum", False,
+            True, False, False, False, False)
+        if grad.device.type == "cpu":
+            torch.ops.mf_ext._add_gram_product_(grad, self.gram_Y, X, 2.0)
+        else:
+            grad.addmm_(self.gram_Y.to(X.dtype), X, alpha=2.0)
+        return grad.addcmul_(self.reg2, X), float(loss)
+
+    def residual_and_loss(self, X: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """(b' − A' X, the op's loss at X): the op's loss is the observed part plus
+        ⟨X Xᵀ, Y Yᵀ⟩."""
+        gradient, observed = self._gradient(X, self.p.values)
+        return gradient.neg_(), observed + float((_gram(X) * self.gram_Y).sum())
+
+    def apply(self, D: torch.Tensor) -> torch.Tensor:
+        """A' D: the gradient with values 0 has no b' part."""
+        return self._gradient(D, self.p.zeros)[0]
 
 
 @torch.no_grad()
@@ -85,28 +120,29 @@ def _cg_half_step(X: torch.Tensor, Y: torch.Tensor, rows: torch.Tensor, cols: to
                   ) -> float:
     """`steps` CG steps on A_k x_k = b_k for every column k of X at once (one step length per
     column), starting from X; X is updated in place. Returns the objective at the new X (with
-    `fixed_penalty`, the other side's L2 term): the objective is quadratic in X, so
-    f(X0 + δ) = f(X0) + 2⟨δ, A X0 − b⟩ + ⟨δ, A δ⟩, and A δ adds up from the steps' A d."""
-    half_gradient, loss = _half_gradient(X, Y, rows, cols, p.values, p.weights)
+    `fixed_penalty`, the other side's L2 term). The objective is f(X) = ⟨X, A X − 2b⟩ + const,
+    so with δ the update, f(X0 + δ) − f(X0) = ⟨δ, A δ − 2 r0⟩ (r0 = b − A X0), and A δ = r0 − r
+    for the final residual r = r0 − Σ step · A d: the change is −⟨δ, r0 + r⟩ (halved: the
+    residuals here are of the doubled system)."""
+    system = _HalfStepOperator(Y, rows, cols, p, reg)
+    residual, loss = system.residual_and_loss(X)
     start = loss - p.constant + float((X * X).sum(0) @ reg) + fixed_penalty
-    residual = -(half_gradient + reg * X)
     first_residual = residual.clone()
-    delta, a_delta = torch.zeros_like(X), torch.zeros_like(X)
+    delta = torch.zeros_like(X)
     direction = residual.clone()
-    norm = (residual * residual).sum(0)
+    norm = torch.linalg.vecdot(residual, residual, dim=0)
+    tiny = torch.finfo(X.dtype).tiny
     for _ in range(steps):
-        a_direction = _half_gradient(direction, Y, rows, cols, p.zeros, p.weights)[0] \
-            + reg * direction
-        curvature = (direction * a_direction).sum(0)
+        a_direction = system.apply(direction)
+        curvature = torch.linalg.vecdot(direction, a_direction, dim=0)
         # A column that has converged (residual 0) has curvature 0: it takes no step.
-        step = torch.where(curvature > 0, norm / curvature.clamp_min(torch.finfo(X.dtype).tiny),
-                           0)
-        delta.add_(step * direction)
-        a_delta.add_(step * a_direction)
-        residual.sub_(step * a_direction)
-        new_norm = (residual * residual).sum(0)
-        direction = residual + torch.where(norm > 0, new_norm / norm.clamp_min(
-            torch.finfo(X.dtype).tiny), 0) * direction
+        step = torch.where(curvature > 0, norm / curvature.clamp_min(tiny), 0)
+        delta.addcmul_(step, direction)
+        residual.addcmul_(step, a_direction, value=-1)
+        new_norm = torch.linalg.vecdot(residual, residual, dim=0)
+        direction = torch.addcmul(residual, torch.where(norm > 0, new_norm / norm.clamp_min(tiny),
+                                                        0), direction)
         norm = new_norm
     X.add_(delta)
-    return start + float((delta * (a_delta - 2 * first_residual)).sum(dtype=torch.float64))
+    return start - 0.5 * float(torch.linalg.vecdot(
+        delta.double(), first_residual.double().add_(residual.double()), dim=0).sum())

@@ -230,6 +230,39 @@ def test_bitwise_deterministic_across_thread_counts(backend, dtype, embedding):
 
 
 @cases(lambda backend, **_: backend == "cpu")
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+def test_solver_pieces_give_the_ops_bits(backend, dtype):
+    """The ALS solver's _gram / _add_gram_product_ (mf_ext/implicit_solvers.py) are the op's all-
+    cells term: observed-op gradient + 2 (Q Qᵀ) P is the op's ∂/∂P bit for bit, and ⟨P Pᵀ, Q Qᵀ⟩
+    its loss's second term; several Gram blocks (m, n > 256) on 1 and 2 threads."""
+    args = problem(700, 1300, 24, 3000, dtype)
+    P, Q = args["P"], args["Q"].T.contiguous().T  # Q in the embedding layout
+    args = dict(args, Q=Q)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        loss, _, want, _, _ = torch.ops.mf_ext.implicit_mf_loss_and_grads(
+            args["rows"], args["cols"], P, Q, args["values"], args["weights"], 1.0, "sum",
+            False, True, False, False)
+        observed, _, got, *_ = torch.ops.mf_ext.observed_mf_loss_and_grads(
+            args["rows"], args["cols"], args["values"], P, Q, None, None, args["weights"], "sum",
+            False, True, False, False, False, False)
+        gram_P, gram_Q = torch.ops.mf_ext._gram(P), torch.ops.mf_ext._gram(Q)
+        torch.ops.mf_ext._add_gram_product_(got, gram_Q, P, 2.0)
+        assert_equal(got, want)
+        torch.testing.assert_close(gram_P, P.double() @ P.double().T, rtol=1e-6, atol=1e-9)
+        inner = float((gram_P * gram_Q).sum())
+        assert float(loss) == pytest.approx(float(observed) + inner, rel=1e-12 if dtype == F64
+                                            else 1e-6)
+    with pytest.raises(ValueError, match=r"_gram: X must be 2-D \(r, m\), got shape \[3\]"):
+        torch.ops.mf_ext._gram(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"_add_gram_product_: G must be a float64 \(24, 24\)"):
+        torch.ops.mf_ext._add_gram_product_(got, gram_Q.float(), P, 1.0)
+    with pytest.raises(ValueError, match=r"_add_gram_product_: out must be contiguous, of X's "
+                                         r"shape \[24, 700\]"):
+        torch.ops.mf_ext._add_gram_product_(got.T.contiguous().T, gram_Q, P, 1.0)
+
+
+@cases(lambda backend, **_: backend == "cpu")
 def test_cpu_refuses_half(backend):
     args = problem(4, 3, 2, 5, torch.float16)
     with pytest.raises(TypeError, match=r"implicit_mf_loss: the CPU kernel supports float32 and "
