@@ -50,7 +50,15 @@ def make_problem(rows: torch.Tensor, cols: torch.Tensor, confidence_minus_one: t
     values = (w + 1) / w
     return ImplicitProblem(
         rows, cols, w, values, torch.zeros_like(w), float(values.double().sum()),
-        reg * (n + user_mass).pow(reg_exponent), reg * (m + item_mass).pow(reg_exponent))
+        frequency_reg(user_mass, n, reg, reg_exponent),
+        frequency_reg(item_mass, m, reg, reg_exponent))
+
+
+def frequency_reg(mass: torch.Tensor, cells: int, reg: float, reg_exponent: float
+                  ) -> torch.Tensor:
+    """λ = reg · (cells + mass)^reg_exponent for rows of `cells` cells whose observed ones add
+    `mass` (Σ w_t) to their weight (make_problem)."""
+    return reg * (cells + mass).pow(reg_exponent)
 
 
 def objective(P: torch.Tensor, Q: torch.Tensor, problem: ImplicitProblem) -> torch.Tensor:
@@ -66,8 +74,8 @@ def als_sweep(P: torch.Tensor, Q: torch.Tensor, problem: ImplicitProblem, cg_ste
     each `cg_steps` conjugate-gradient steps warm-started at the current factors. Returns the
     objective at the new (P, Q), taken from the items' half-step's own op calls (no extra one)."""
     p = problem
-    _cg_half_step(P, Q, p.rows, p.cols, p, p.user_reg, cg_steps)
-    return _cg_half_step(Q, P, p.cols, p.rows, p, p.item_reg, cg_steps,
+    _cg_half_step(P, _HalfStepOperator(Q, p.rows, p.cols, p, p.user_reg), cg_steps)
+    return _cg_half_step(Q, _HalfStepOperator(P, p.cols, p.rows, p, p.item_reg), cg_steps,
                          fixed_penalty=float((P * P).sum(0) @ p.user_reg))
 
 
@@ -82,32 +90,52 @@ def _gram(X: torch.Tensor) -> torch.Tensor:
 class _HalfStepOperator:
     """One half-step's system with X's side free and Y's fixed, doubled: A' = 2A and b' = 2b, so
     that A' X − b' is the op's own gradient and needs no halving (CG's iterates are the same for
-    A'x = b' as for Ax = b). Y Yᵀ is computed once per half-step."""
+    A'x = b' as for Ax = b). Y Yᵀ is computed once per half-step.
+
+    What the CG loop reads of it: residual_and_loss, apply, `constant` and `reg` (the objective's
+    constant and X's λ) and total (a sum over the processes that hold X's columns: the value
+    itself here; mf_ext/sharded_implicit.py's operators, for row-sharded factors, override
+    gram_Y's source, _observed, total and _cells)."""
 
     def __init__(self, Y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                  p: ImplicitProblem, reg: torch.Tensor) -> None:
         self.Y, self.rows, self.cols, self.p = Y, rows, cols, p
-        self.reg2 = 2 * reg
-        self.gram_Y = _gram(Y)
+        self.reg, self.reg2, self.constant = reg, 2 * reg, p.constant
+        self.gram_Y = self._fixed_gram()
 
-    def _gradient(self, X: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        """(∂/∂X of the op's loss with unobserved weight 1 plus the L2 term Σ λ |x|², the observed
-        part of the op's loss): 2 Σ w (xᵀy − v) y + 2 Y Yᵀ x + 2 λ x for every column x of X."""
+    def _fixed_gram(self) -> torch.Tensor:
+        return _gram(self.Y)
+
+    def total(self, value: float) -> float:
+        return value
+
+    def _observed(self, X: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """(∂/∂X of the observed part Σ w (v − xᵀy)², that part): 2 Σ w (xᵀy − v) y."""
         # The observed op without autograd: it computes ∂/∂X in its forward pass anyway.
         loss, _, grad, _, _, _, _ = torch.ops.mf_ext.observed_mf_loss_and_grads(
             self.rows, self.cols, values, X, self.Y, None, None, self.p.weights, "sum", False,
             True, False, False, False, False)
+        return grad, float(loss)
+
+    def _cells(self, X: torch.Tensor) -> float:
+        """The all-cells part ⟨X Xᵀ, Y Yᵀ⟩ of the op's loss."""
+        return float((_gram(X) * self.gram_Y).sum())
+
+    def _gradient(self, X: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """(∂/∂X of the op's loss with unobserved weight 1 plus the L2 term Σ λ |x|², the observed
+        part of the op's loss): 2 Σ w (xᵀy − v) y + 2 Y Yᵀ x + 2 λ x for every column x of X."""
+        grad, loss = self._observed(X, values)
         if grad.device.type == "cpu":
             torch.ops.mf_ext._add_gram_product_(grad, self.gram_Y, X, 2.0)
         else:
             grad.addmm_(self.gram_Y.to(X.dtype), X, alpha=2.0)
-        return grad.addcmul_(self.reg2, X), float(loss)
+        return grad.addcmul_(self.reg2, X), loss
 
     def residual_and_loss(self, X: torch.Tensor) -> Tuple[torch.Tensor, float]:
         """(b' − A' X, the op's loss at X): the op's loss is the observed part plus
         ⟨X Xᵀ, Y Yᵀ⟩."""
         gradient, observed = self._gradient(X, self.p.values)
-        return gradient.neg_(), observed + float((_gram(X) * self.gram_Y).sum())
+        return gradient.neg_(), self.total(observed) + self._cells(X)
 
     def apply(self, D: torch.Tensor) -> torch.Tensor:
         """A' D: the gradient with values 0 has no b' part."""
@@ -115,18 +143,19 @@ class _HalfStepOperator:
 
 
 @torch.no_grad()
-def _cg_half_step(X: torch.Tensor, Y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                  p: ImplicitProblem, reg: torch.Tensor, steps: int, fixed_penalty: float = 0.0
-                  ) -> float:
-    """`steps` CG steps on A_k x_k = b_k for every column k of X at once (one step length per
-    column), starting from X; X is updated in place. Returns the objective at the new X (with
+def _cg_half_step(X: torch.Tensor, system: _HalfStepOperator, steps: int,
+                  fixed_penalty: float = 0.0) -> float:
+    """`steps` CG steps on A_k x_k = b_k (`system`) for every column k of X at once (one step
+    length per column), starting from X; X is updated in place. Every column's step is its own,
+    so the loop runs on any block of the columns (the rows a process holds); the objective's
+    sums over columns go through system.total. Returns the objective at the new X (with
     `fixed_penalty`, the other side's L2 term). The objective is f(X) = ⟨X, A X − 2b⟩ + const,
     so with δ the update, f(X0 + δ) − f(X0) = ⟨δ, A δ − 2 r0⟩ (r0 = b − A X0), and A δ = r0 − r
     for the final residual r = r0 − Σ step · A d: the change is −⟨δ, r0 + r⟩ (halved: the
     residuals here are of the doubled system)."""
-    system = _HalfStepOperator(Y, rows, cols, p, reg)
     residual, loss = system.residual_and_loss(X)
-    start = loss - p.constant + float((X * X).sum(0) @ reg) + fixed_penalty
+    start = loss - system.constant + system.total(float((X * X).sum(0) @ system.reg)) \
+        + fixed_penalty
     first_residual = residual.clone()
     delta = torch.zeros_like(X)
     direction = residual.clone()
@@ -144,5 +173,5 @@ def _cg_half_step(X: torch.Tensor, Y: torch.Tensor, rows: torch.Tensor, cols: to
                                                         0), direction)
         norm = new_norm
     X.add_(delta)
-    return start - 0.5 * float(torch.linalg.vecdot(
-        delta.double(), first_residual.double().add_(residual.double()), dim=0).sum())
+    return start - 0.5 * system.total(float(torch.linalg.vecdot(
+        delta.double(), first_residual.double().add_(residual.double()), dim=0).sum()))

@@ -23,13 +23,14 @@ process's to rounding (tests/test_sharded_implicit.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from mf_ext.implicit_solvers import ImplicitProblem
+from mf_ext.implicit_solvers import ImplicitProblem, _cg_half_step, _gram, _HalfStepOperator, \
+    frequency_reg
 from mf_ext.interactions import Interactions, merge_duplicates
 from mf_ext.sharded import ShardedFactors, _Plan, sharded_factors
 
@@ -45,6 +46,7 @@ class ShardedProblem:
     #                          interactions' share
     plan: _Plan              # who sends which item rows to whom (once per fit)
     count: int               # N: the interactions of all ranks
+    constant: float          # the objective's constant Σ_t c_t / (c_t − 1) over all ranks
 
 
 class ShardedImplicit(ShardedFactors):
@@ -71,7 +73,7 @@ class ShardedImplicit(ShardedFactors):
         # ordered by (user, item) as a single process orders them
         merged = merge_duplicates(rows, cols, strengths)
         rows, cols = merged.users.astype(np.int64), merged.items.astype(np.int64)
-        count = int(self.sum_floats([len(rows)])[0])
+        count = int(self.sum_floats([len(rows)])[0])  # (exact in float64 below 2^53)
         if count == 0:
             raise ValueError(f"{WHO}: no interactions given on any of the {self.world_size} "
                              f"ranks (empty input, or every weight is 0)")
@@ -87,9 +89,9 @@ class ShardedImplicit(ShardedFactors):
         plan = self._plan("train", cols_t)
         local = ImplicitProblem(
             rows_t, plan.remapped, w, values, torch.zeros_like(w), float(values.double().sum()),
-            model.reg * (n + user_mass).pow(model.reg_exponent),
-            model.reg * (m + item_mass).pow(model.reg_exponent))
-        return ShardedProblem(local, plan, count)
+            frequency_reg(user_mass, n, model.reg, model.reg_exponent),
+            frequency_reg(item_mass, m, model.reg, model.reg_exponent))
+        return ShardedProblem(local, plan, count, self.sum_floats([local.constant])[0])
 
     # ---------------------------------------------------------------- every step
 
@@ -109,17 +111,21 @@ class ShardedImplicit(ShardedFactors):
         return torch.zeros_like(owned).index_add_(1, plan.serve_index, back.T)
 
     def gram(self, *blocks: torch.Tensor) -> List[torch.Tensor]:
-        """Σ over the ranks of X_k X_kᵀ for each of `blocks` (this rank's (r, ·) columns): one
-        all-reduce of r × r matrices."""
-        both = self._all_reduce(torch.stack([X @ X.T for X in blocks]), "Gram")
-        return list(both)
+        """Σ over the ranks of X_k X_kᵀ for each of `blocks` (this rank's (r, ·) columns), in
+        float64 (the op's Gram): one all-reduce of r × r matrices."""
+        return list(self._all_reduce(torch.stack([_gram(X) for X in blocks]), "Gram"))
 
     def sum_floats(self, values: List[float]) -> List[float]:
         """Every rank's `values` summed, in float64."""
         return self._all_reduce(torch.tensor(values, dtype=torch.float64), "loss").tolist()
 
     def _all_reduce(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """Sums `tensor` over the ranks; bytes_sent counts its size (a ring sends about
+        2 (P − 1) / P of it)."""
         out = tensor.to(self.comm_device)
+        key = f"{what} all-reduce"
+        self.info.bytes_sent[key] = self.info.bytes_sent.get(key, 0) + \
+            out.numel() * out.element_size()
         with self._collective(f"{what} all-reduce"):
             dist.all_reduce(out)
         return out.to(tensor.device)
@@ -135,7 +141,7 @@ def epoch(model, group: ShardedImplicit, problem: ShardedProblem) -> Callable[[]
     """One epoch of `model.solver` on the ranks' shares; returns the objective."""
     if model.solver == "adam":
         return adam_epoch(model, group, problem)
-    raise NotImplementedError("sharded ALS: not yet")
+    return lambda: als_sweep(model.P, model.Q, group, problem, model.cg_steps)
 
 
 def adam_epoch(model, group: ShardedImplicit, problem: ShardedProblem
@@ -154,11 +160,66 @@ def adam_epoch(model, group: ShardedImplicit, problem: ShardedProblem
             p.rows, p.cols, P, Q_g, p.values, p.weights, 0.0, "sum", False, True, True, False)
         G_P, G_Q = group.gram(P, Q)
         grad_Q = group.send_back(problem.plan, grad_Qg, Q)
-        P.grad = (grad_P + 2 * (G_Q @ P) + 2 * p.user_reg * P) / N
-        Q.grad = (grad_Q + 2 * (G_P @ Q) + 2 * p.item_reg * Q) / N
+        P.grad = (grad_P + 2 * (G_Q.to(P.dtype) @ P) + 2 * p.user_reg * P) / N
+        Q.grad = (grad_Q + 2 * (G_P.to(Q.dtype) @ Q) + 2 * p.item_reg * Q) / N
         penalty = (P * P).sum(0) @ p.user_reg + (Q * Q).sum(0) @ p.item_reg
         total = group.sum_floats([float(loss) - p.constant + float(penalty)])[0]
         optimizer.step()
         group.info.steps += 1
-        return total + float((G_P * G_Q).sum(dtype=torch.float64))
+        return total + float((G_P * G_Q).sum())
     return step
+
+
+def als_sweep(P: torch.Tensor, Q: torch.Tensor, group: ShardedImplicit, problem: ShardedProblem,
+              cg_steps: int) -> float:
+    """One ALS sweep of mf_ext.implicit_solvers.als_sweep on the ranks' blocks: the users'
+    half-step on the local users with the item rows their interactions touch (fetched once),
+    then the items' half-step, whose every product with A goes through the items' owners
+    (_ShardedHalfStep). Returns the objective over all ranks."""
+    p = problem.local
+    users = _ShardedHalfStep(group, problem, P, Q, group.gather(problem.plan, Q), p.rows, p.cols,
+                             p.user_reg)
+    _cg_half_step(P, users, cg_steps)
+    items = _ShardedHalfStep(group, problem, Q, P, P, p.cols, p.rows, p.item_reg, problem.plan)
+    penalty = group.sum_floats([float((P * P).sum(0) @ p.user_reg)])[0]
+    loss = _cg_half_step(Q, items, cg_steps, fixed_penalty=penalty)
+    group.info.steps += 1
+    return loss
+
+
+class _ShardedHalfStep(_HalfStepOperator):
+    """A half-step's system (mf_ext.implicit_solvers._HalfStepOperator) for the block X of the
+    free side's columns that this rank holds, the other side fixed:
+
+      - the Gram term uses Y Yᵀ summed over the ranks (with X0 Xᵀ0, for the loss: one
+        all-reduce of two r × r matrices per half-step);
+      - the observed part runs on this rank's interactions against `Y_op`: for the users, the
+        local users' rows against the gathered item rows; for the items (`plan` given), the
+        fetched columns of the item-side argument against the local user rows, the result sent
+        back and summed at the items' owners (two all-to-alls per product with A);
+      - the objective's sums over columns and the observed loss are summed over the ranks."""
+
+    def __init__(self, group: ShardedImplicit, problem: ShardedProblem, X: torch.Tensor,
+                 Y_held: torch.Tensor, Y_op: torch.Tensor, rows: torch.Tensor,
+                 cols: torch.Tensor, reg: torch.Tensor, plan: Optional[_Plan] = None) -> None:
+        self.group, self.X0, self.Y_held, self.plan = group, X, Y_held, plan
+        super().__init__(Y_op, rows, cols, problem.local, reg)
+        self.constant = problem.constant
+
+    def _fixed_gram(self) -> torch.Tensor:
+        self.gram_X0, gram_Y = self.group.gram(self.X0, self.Y_held)
+        return gram_Y
+
+    def total(self, value: float) -> float:
+        return self.group.sum_floats([value])[0]
+
+    def _cells(self, X: torch.Tensor) -> float:
+        # asked once, at the half-step's start X0, whose Gram came with Y's
+        return float((self.gram_X0 * self.gram_Y).sum())
+
+    def _observed(self, X: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        if self.plan is None:
+            return super()._observed(X, values)
+        gathered, loss = super()._observed(self.group.gather(self.plan, X, "CG item-row"),
+                                           values)
+        return self.group.send_back(self.plan, gathered, X, "CG item-product"), loss
