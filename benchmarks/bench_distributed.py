@@ -5,6 +5,8 @@ bytes sent per rank and step, seconds per epoch.
     ./dev python benchmarks/bench_distributed.py [--configs 1x1,1x2,2x1] [--ratings N] ...
     ./dev python benchmarks/bench_distributed.py --memory --designs sharded --users 6000000 \
         --items 200000 --ratings 15000000 --rank 32 --epochs 3
+    ./dev python benchmarks/bench_distributed.py --memory --model implicit --solver als \
+        --designs sharded --processes 2 ...   (--processes 1: the whole model in one process)
 
 --memory: P = --processes single-threaded workers, each generating its own share of a uniform
 synthetic set (any input split works: the sharded fit moves ratings to their users' owners) and
@@ -13,6 +15,9 @@ fitting it full-batch. Each reports its resident memory before the fit and at th
 tensors it holds), the most item rows one step gathered, and the bytes it handed to the
 all-to-alls per step (ShardInfo.bytes_sent). The cost models they are set against are in
 docs/distributed.md; the replicated design's figures are also computed for sizes not run.
+--model implicit fits ImplicitMatrixFactorization(shard_factors=True) instead (weights 1), with
+--solver adam or als; it has no replicated multi-process design, so its baseline is one process
+(--processes 1), which holds every row.
 
 For each configuration PxT it starts P workers (this script with --worker, a file:// rendezvous)
 of T threads each, each training full-batch on its shard of one synthetic set. Throughput is
@@ -88,12 +93,35 @@ def worker(args) -> None:
                           "train_rmse": model.history[-1].train_rmse}))
 
 
+# The all-to-alls of every step (ShardInfo.bytes_sent's keys); the small all-reduces (the loss,
+# the implicit model's r × r Grams) are left out, as are the exchanges once per fit.
+STEP_EXCHANGES = ("item-row", "item-gradient", "CG item-row", "CG item-product")
+
+
+def row_values(args) -> int:
+    """Values in one item row that travels: the factor column and, explicit model, the bias."""
+    return args.rank + (0 if args.model == "implicit" else 1)
+
+
+def state_copies(args) -> int:
+    """The copies of the factors a fit keeps: themselves, their gradients and Adam's two
+    moments; ALS keeps no optimizer state (its CG temporaries last one half-step)."""
+    return 1 if args.model == "implicit" and args.solver == "als" else 4
+
+
+def step_rows(args) -> int:
+    """How many times a step sends the rows of the items another rank touches (docs/
+    distributed.md): Adam 2 (rows out, gradients back); an ALS sweep with the default 2 CG steps
+    7 (the users' half-step's rows, then 3 products with A each way)."""
+    return 7 if args.model == "implicit" and args.solver == "als" else 2
+
+
 def memory_worker(args) -> None:
     """One rank of --memory: fit its share of the synthetic set; rank 0 prints every rank's
     figures as JSON."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from common import _status_kib
-    from mf_ext import MatrixFactorization, Ratings
+    from mf_ext import ImplicitMatrixFactorization, MatrixFactorization, Ratings
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{args.rendezvous}",
@@ -106,33 +134,39 @@ def memory_worker(args) -> None:
     data = Ratings(users, items, rng.integers(1, 6, share).astype(np.float64))
     del users, items
     dtype = getattr(torch, args.dtype)
-    model = MatrixFactorization(rank=args.rank, epochs=args.epochs, dtype=dtype, seed=0,
-                                shard_factors=args.design == "sharded")
+    implicit = args.model == "implicit"
+    if implicit:
+        model = ImplicitMatrixFactorization(rank=args.rank, epochs=args.epochs, dtype=dtype,
+                                            seed=0, solver=args.solver, shard_factors=True)
+    else:
+        model = MatrixFactorization(rank=args.rank, epochs=args.epochs, dtype=dtype, seed=0,
+                                    shard_factors=args.design == "sharded")
     rss_before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM from here: the fit's peak
     dist.barrier()
-    model.fit(data)
-    params = (model.P, model.Q, model.user_bias, model.item_bias)
+    model.fit(data.users, data.items) if implicit else model.fit(data)
+    params = (model.P, model.Q) if implicit else (model.P, model.Q, model.user_bias,
+                                                  model.item_bias)
     held = sum(p.numel() * p.element_size() for p in params)
     shard = model.shard
-    row_bytes = (args.rank + 1) * torch.finfo(dtype).bits // 8
+    row_bytes = row_values(args) * torch.finfo(dtype).bits // 8
     figures = {
         "rank": rank, "rss_before_mib": rss_before / 1024,
         "peak_rss_mib": _status_kib("VmHWM") / 1024,
         "factors_mib": held / 2**20,
-        "state_mib": 4 * held / 2**20,  # parameters, gradients, Adam's two moments
+        "state_mib": state_copies(args) * held / 2**20,
         "epoch_s": statistics.median(h.seconds for h in model.history[1:]),
         "train_rmse": model.history[-1].train_rmse,
         "m": len(model.user_map), "n": len(model.item_map), "local_ratings": share,
     }
     if shard is not None:
-        per_step = sum(shard.bytes_sent.get(k, 0) for k in ("item-row", "item-gradient"))
+        per_step = sum(shard.bytes_sent.get(k, 0) for k in STEP_EXCHANGES)
         figures.update(gathered_mib=shard.gathered_rows * row_bytes / 2**20,
                        gathered_rows=shard.gathered_rows,
                        bytes_per_step=per_step / shard.steps,
                        setup_bytes=sum(v for k, v in shard.bytes_sent.items()
-                                       if k not in ("item-row", "item-gradient")))
+                                       if k not in STEP_EXCHANGES))
     rows = [None] * world
     dist.all_gather_object(rows, figures)
     if rank == 0:
@@ -146,26 +180,34 @@ def memory_table(args) -> None:
     from common import machine_line
 
     world, r, b = args.processes, args.rank, torch.finfo(getattr(torch, args.dtype)).bits // 8
-    N = args.ratings
+    N, width = args.ratings, row_values(args)
+    if args.model == "implicit" and "replicated" in args.designs.split(","):
+        raise SystemExit("--model implicit has no replicated multi-process design: run "
+                         "--designs sharded, with --processes 1 for the whole model in one "
+                         "process")
     print(f"Machine: {machine_line()}; load average at start {os.getloadavg()[0]:.1f} (other "
           f"jobs share the cores and the memory)\n", flush=True)
     runs = {design: launch_memory(args, design) for design in args.designs.split(",")}
     m, n = next(iter(runs.values()))[0]["m"], next(iter(runs.values()))[0]["n"]
+    model = "MatrixFactorization" if args.model == "mf" else \
+        f"ImplicitMatrixFactorization(solver={args.solver!r}), weights 1"
     print(f"Synthetic set: N = {N:,} uniform ratings drawn over {args.users:,} users and "
           f"{args.items:,} items, of which m = {m:,} users and n = {n:,} items drew one (the "
           f"model's), r = {r}, {args.dtype}, full batch, {args.epochs} epochs (s/epoch: median "
-          f"of epochs 2…), {world} processes of 1 thread.\n")
-    replicated_state = 4 * b * (r + 1) * (m + n)  # parameters, gradients, two Adam moments
+          f"of epochs 2…), {world} processes of 1 thread; {model}.\n")
+    copies, rows = state_copies(args), step_rows(args)
+    replicated_state = copies * b * width * (m + n)  # parameters (gradients, Adam moments)
     ring = 2 * (world - 1) / world * b * ((r + 1) * (m + n) + 1)
     touched = 1 - math.exp(-N / world / n)  # the share of the items one rank's ratings touch
-    sharded_step = 2 * (r + 1) * b * n * (world - 1) / world * touched
-    print(f"Cost models (docs/distributed.md): replicated factors+gradients+Adam "
-          f"4·{b}·(r+1)·(m+n) = {replicated_state / 2**20:,.0f} MiB per rank, ring all-reduce "
-          f"{ring / 2**20:,.1f} MiB sent per rank and step; sharded "
+    sharded_step = rows * width * b * n * (world - 1) / world * touched
+    print(f"Cost models (docs/distributed.md): replicated factors (+gradients+Adam) "
+          f"{copies}·{b}·{width}·(m+n) = {replicated_state / 2**20:,.0f} MiB per rank"
+          + (f", ring all-reduce {ring / 2**20:,.1f} MiB sent per rank and step"
+             if args.model == "mf" else "") + f"; sharded "
           f"{replicated_state / world / 2**20:,.0f} MiB per rank (1/P) plus the gathered item "
-          f"rows, 2·(r+1)·{b}·n·(P−1)/P·(1−e^(−N/(P·n))) = {sharded_step / 2**20:,.2f} MiB sent "
-          f"per rank and step.\n")
-    print("| design | rank | RSS before fit MiB | peak RSS in fit MiB | factors+grad+Adam MiB "
+          f"rows, {rows}·{width}·{b}·n·(P−1)/P·(1−e^(−N/(P·n))) = {sharded_step / 2**20:,.2f} "
+          f"MiB sent per rank and step.\n")
+    print("| design | rank | RSS before fit MiB | peak RSS in fit MiB | factors (+grad+Adam) MiB "
           "(model) | gathered item rows | MiB sent per step (model) | s/epoch | train RMSE |")
     print("|---|---|---|---|---|---|---|---|---|")
     for design, rows in runs.items():
@@ -188,7 +230,8 @@ def launch_memory(args, design: str) -> list:
                    design, "--worker-rank", "{rank}", "--world", str(args.processes),
                    "--rendezvous", os.path.join(tmp, "rdzv"), "--ratings", str(args.ratings),
                    "--users", str(args.users), "--items", str(args.items), "--rank",
-                   str(args.rank), "--epochs", str(args.epochs), "--dtype", args.dtype]
+                   str(args.rank), "--epochs", str(args.epochs), "--dtype", args.dtype,
+                   "--model", args.model, "--solver", args.solver]
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
         procs = [subprocess.Popen([c.format(rank=r) for c in command], env=env,
                                   stdout=subprocess.PIPE, text=True)
@@ -234,6 +277,10 @@ def main() -> None:
     parser.add_argument("--designs", default="replicated,sharded",
                         help="--memory: which to run, comma-separated")
     parser.add_argument("--processes", type=int, default=2, help="--memory: processes")
+    parser.add_argument("--model", choices=("mf", "implicit"), default="mf",
+                        help="--memory: MatrixFactorization or ImplicitMatrixFactorization")
+    parser.add_argument("--solver", choices=("adam", "als"), default="als",
+                        help="--memory --model implicit: its solver")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--design", help=argparse.SUPPRESS)
     args = parser.parse_args()
