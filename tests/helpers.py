@@ -149,6 +149,16 @@ def random_triples(m, n, r, nnz, dtype=torch.float64, seed=0, biases=False, weig
                      device)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Module-scoped, autouse where a test module imports it: tiny single-process references
+    run on one thread (OpenMP threads would only wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def synthetic_ratings(m=60, n=40, rank=3, density=0.4, seed=0, noise=0.1):
     """Ratings for the model's tests: (users, items, ratings) of about density * m * n ratings
     from a rank-`rank` model plus noise, clipped to [1, 5]; string user ids, integer item ids."""

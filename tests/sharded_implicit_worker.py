@@ -12,14 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sharded_worker import join, run_under_torchrun, uneven  # noqa: E402
+from sharded_worker import main, run_under_torchrun, uneven  # noqa: E402
 
 # name -> model settings; the test fits each single-process on all of interactions()
 CASES = {
@@ -124,25 +122,5 @@ def scenarios_of_two(rank: int, world: int, out_dir: str) -> dict:
     return out
 
 
-def main() -> int:
-    prefix, rank, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    torch.set_num_threads(1)
-    results = {}
-    try:
-        join(prefix, rank, 3)
-        results[3] = scenarios_of_three(rank, 3, out_dir)
-        dist.destroy_process_group()
-        results[3]["cli"] = cli(rank, 3, out_dir)  # it makes its own group
-        if rank < 2:
-            join(prefix, rank, 2)
-            results[2] = scenarios_of_two(rank, 2, out_dir)
-    except Exception as exc:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
-        os._exit(1)  # no destroy_process_group: the group may be broken
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    os._exit(0)  # rank 1 leaves at once after failing (rank 0 must notice); the group is broken
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(scenarios_of_three, cli, scenarios_of_two))

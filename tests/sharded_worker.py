@@ -184,18 +184,49 @@ def join(prefix: str, rank: int, world: int) -> None:
                             timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
 
 
-def main() -> int:
+def launch(worker: str, out_dir, timeout_s: float) -> dict:
+    """Runs 3 processes of `worker` (a script whose main is this file's, with its own
+    scenarios) under a hard timeout; returns {world size: [each rank's results]}."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, worker, os.path.join(out_dir, "rendezvous"),
+                               str(rank), str(out_dir)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in range(3)]
+    start, logs = time.perf_counter(), []
+    try:
+        for p in procs:
+            remaining = max(1.0, timeout_s - (time.perf_counter() - start))
+            logs.append(p.communicate(timeout=remaining)[0])  # TimeoutExpired fails the tests
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    errors = [open(path).read() for path in (os.path.join(out_dir, f"rank{k}.err")
+                                             for k in range(3)) if os.path.exists(path)]
+    assert not errors and [p.returncode for p in procs] == [0, 0, 0], (errors, logs)
+    results = [torch.load(os.path.join(out_dir, f"rank{k}.pt"), weights_only=False)
+               for k in range(3)]
+    return {3: [r[3] for r in results], 2: [r[2] for r in results[:2]]}
+
+
+def main(three=scenarios_of_three, cli=cli_under_torchrun, two=scenarios_of_two) -> int:
+    """One rank (the command line of the module docstring) of `three` in a group of 3, `cli`
+    (which makes its own group), then ranks 0 and 1 of `two` in a group of 2."""
     prefix, rank, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
     results = {}
     try:
         join(prefix, rank, 3)
-        results[3] = scenarios_of_three(rank, 3, out_dir)
+        results[3] = three(rank, 3, out_dir)
         dist.destroy_process_group()
-        results[3]["cli"] = cli_under_torchrun(rank, 3, out_dir)  # it makes its own group
+        results[3]["cli"] = cli(rank, 3, out_dir)  # it makes its own group
         if rank < 2:
             join(prefix, rank, 2)
-            results[2] = scenarios_of_two(rank, 2, out_dir)
+            results[2] = two(rank, 2, out_dir)
     except Exception as exc:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")

@@ -5,9 +5,6 @@ One launch of 3 processes (tests/sharded_worker.py) runs every multi-process sce
 
 import dataclasses
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,8 +14,9 @@ import torch.distributed as dist
 from distributed_worker import synthetic
 from mf_ext import MatrixFactorization, Ratings
 from mf_ext.distributed import draw_normal
+from helpers import one_thread  # noqa: F401  (autouse)
 from sharded_worker import (EARLY_STOPPING, FAILING_EPOCH, FLOAT64, GROUP_TIMEOUT_S,
-                            INTERRUPT_AT, MINIBATCH, TINY, tiny_ratings)
+                            INTERRUPT_AT, MINIBATCH, TINY, launch, tiny_ratings)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sharded_worker.py")
@@ -29,39 +27,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The single-process references are tiny: OpenMP threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """{world size: [each rank's results]} and the folder the ranks saved their models in."""
     out = tmp_path_factory.mktemp("sharded")
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, WORKER, str(out / "rendezvous"), str(rank),
-                               str(out)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in range(3)]
-    start, logs = time.perf_counter(), []
-    try:
-        for p in procs:
-            remaining = max(1.0, HARD_TIMEOUT_S - (time.perf_counter() - start))
-            logs.append(p.communicate(timeout=remaining)[0])  # TimeoutExpired fails the tests
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    errors = [(out / f"rank{k}.err").read_text() for k in range(3)
-              if (out / f"rank{k}.err").exists()]
-    assert not errors and [p.returncode for p in procs] == [0, 0, 0], (errors, logs)
-    results = [torch.load(out / f"rank{k}.pt", weights_only=False) for k in range(3)]
-    return {3: [r[3] for r in results], 2: [r[2] for r in results[:2]]}, out
+    return launch(WORKER, out, HARD_TIMEOUT_S), out
 
 
 def single(settings, data):
