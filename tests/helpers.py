@@ -5,6 +5,7 @@ loss, then the gradient of each floating-point argument (GRADS order; None if no
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +148,34 @@ def random_triples(m, n, r, nnz, dtype=torch.float64, seed=0, biases=False, weig
     return to_device(dict(rows=rows, cols=cols, values=cast(values), P=cast(P), Q=cast(Q),
                           row_bias=cast(row_bias), col_bias=cast(col_bias), weights=cast(w)),
                      device)
+
+
+def launched_ranks(worker: str, timeout_s: float):
+    """A module fixture `ranks`: ({world size: [each rank's results]}, the folder they wrote
+    in), from one launch of tests/`worker` (sharded_worker.launch)."""
+    @pytest.fixture(scope="module")
+    def ranks(tmp_path_factory):
+        from sharded_worker import launch
+
+        out = tmp_path_factory.mktemp(worker.split(".")[0])
+        return launch(os.path.join(os.path.dirname(os.path.abspath(__file__)), worker), out,
+                      timeout_s), out
+    return ranks
+
+
+NEEDS_GLOO = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    """A gloo process group of one rank (this process) for the test."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sharded_worker import main, run_under_torchrun, uneven  # noqa: E402
+from sharded_worker import cli_ratings, main, run_under_torchrun, uneven  # noqa: E402
 
 # name -> model settings; the test fits each single-process on all of interactions()
 CASES = {
@@ -79,20 +79,12 @@ def scenarios_of_three(rank: int, world: int, out_dir: str) -> dict:
     return out
 
 
-def cli_interactions(path: str) -> None:
-    rng = np.random.default_rng(1)
-    lines = [f"{u}\t{i}\t{rng.integers(1, 4)}\t0" for u in range(1, 41)
-             for i in rng.choice(np.arange(1, 31), size=10, replace=False)]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 CLI_OPTIONS = ["--epochs", "3", "--rank", "4", "-k", "5", "--no-progress"]
 
 
 def cli(rank: int, world: int, out_dir: str) -> str:
     path = os.path.join(out_dir, f"cli-{rank}.data")  # the same file on every rank
-    cli_interactions(path)
+    cli_ratings(path)
     return run_under_torchrun(rank, world, out_dir, [
         "fit-implicit", path, "--shard-factors", *CLI_OPTIONS,
         "--out", os.path.join(out_dir, "cli.pt")])

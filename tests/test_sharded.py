@@ -14,24 +14,14 @@ import torch.distributed as dist
 from distributed_worker import synthetic
 from mf_ext import MatrixFactorization, Ratings
 from mf_ext.distributed import draw_normal
-from helpers import one_thread  # noqa: F401  (autouse)
+from helpers import NEEDS_GLOO, group_of_one, launched_ranks, one_thread  # noqa: F401
 from sharded_worker import (EARLY_STOPPING, FAILING_EPOCH, FLOAT64, GROUP_TIMEOUT_S,
-                            INTERRUPT_AT, MINIBATCH, TINY, launch, tiny_ratings)
+                            INTERRUPT_AT, MINIBATCH, TINY, tiny_ratings)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "sharded_worker.py")
-HARD_TIMEOUT_S = 150
 ROWS = ("P", "Q", "user_bias", "item_bias")
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
-
-
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """{world size: [each rank's results]} and the folder the ranks saved their models in."""
-    out = tmp_path_factory.mktemp("sharded")
-    return launch(WORKER, out, HARD_TIMEOUT_S), out
+pytestmark = NEEDS_GLOO
+ranks = launched_ranks("sharded_worker.py", timeout_s=150)
 
 
 def single(settings, data):
@@ -182,15 +172,6 @@ def test_a_failing_rank_fails_the_others_clearly(ranks):
 
 
 # ---------------------------------------------------------------- in this process
-
-@pytest.fixture
-def group_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
-                            world_size=1)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_draw_normal_gives_the_columns_of_one_draw(dtype):

@@ -14,24 +14,12 @@ import torch
 import torch.distributed as dist
 
 from mf_ext import ImplicitMatrixFactorization
-from sharded_implicit_worker import (CASES, CLI_OPTIONS, FAILING_EPOCH, FLOAT32,
-                                     cli_interactions, interactions, tiny)
-from helpers import one_thread  # noqa: F401  (autouse)
-from sharded_worker import GROUP_TIMEOUT_S, launch
+from sharded_implicit_worker import CASES, CLI_OPTIONS, FAILING_EPOCH, FLOAT32, interactions, tiny
+from helpers import NEEDS_GLOO, group_of_one, launched_ranks, one_thread  # noqa: F401
+from sharded_worker import GROUP_TIMEOUT_S, cli_ratings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "sharded_implicit_worker.py")
-HARD_TIMEOUT_S = 150
-
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
-
-
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """{world size: [each rank's results]} and the folder the ranks saved their models in."""
-    out = tmp_path_factory.mktemp("sharded_implicit")
-    return launch(WORKER, out, HARD_TIMEOUT_S), out
+pytestmark = NEEDS_GLOO
+ranks = launched_ranks("sharded_implicit_worker.py", timeout_s=150)
 
 
 def single(settings, data):
@@ -116,7 +104,7 @@ def test_the_cli_under_torchrun_with_three_processes(ranks, tmp_path):
     assert "(a manifest of 3 shard files)" in printed[0]
     # the metrics of the saved model are those of the single-process command
     path = str(tmp_path / "cli.data")
-    cli_interactions(path)
+    cli_ratings(path)
     single_out = io.StringIO()
     with contextlib.redirect_stdout(single_out):
         assert main(["fit-implicit", path, *CLI_OPTIONS]) == 0
@@ -136,15 +124,6 @@ def test_a_failing_rank_fails_the_others_clearly(ranks):
 
 
 # ---------------------------------------------------------------- in this process
-
-@pytest.fixture
-def group_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
-                            world_size=1)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
 
 @pytest.mark.parametrize("solver", ["adam", "als"])
 def test_one_rank_equals_the_plain_fit_and_saves_a_manifest(group_of_one, tmp_path, solver):
@@ -208,7 +187,7 @@ def test_the_cli_option(tmp_path, capsys):
     assert parse(["fit-implicit", "r.csv", "--shard-factors"]).shard_factors is True
     assert parse(["fit-implicit", "r.csv"]).shard_factors is False
     path = str(tmp_path / "u.data")
-    cli_interactions(path)
+    cli_ratings(path)
     assert main(["fit-implicit", path, "--shard-factors"]) == 1
     assert "--shard-factors splits the model across processes: launch with torchrun (e.g. " \
            "torchrun --nproc_per_node 2 -m mf_ext fit-implicit ...)" in capsys.readouterr().err
