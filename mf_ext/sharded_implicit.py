@@ -98,8 +98,8 @@ class ShardedImplicit(ShardedFactors):
     def gather(self, plan: _Plan, X: torch.Tensor, what: str = "item-row") -> torch.Tensor:
         """The columns of the item-side X (r, n_k: this rank's items) that this rank's
         interactions touch, fetched from their owners: (r, g), in the plan's order."""
-        got = self._all_to_all(X[:, plan.serve_index].T, plan.serve_counts, plan.want_counts,
-                               what)
+        # (X.T[index]: the rows as one contiguous block, 3-4x faster than X[:, index].T here)
+        got = self._all_to_all(X.T[plan.serve_index], plan.serve_counts, plan.want_counts, what)
         self.info.gathered_rows = max(self.info.gathered_rows, len(got))
         return got.T
 

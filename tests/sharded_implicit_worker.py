@@ -28,6 +28,12 @@ CASES = {
 }
 FLOAT32 = dict(CASES["als"], dtype=torch.float32)
 FAILING_EPOCH = 3
+INTERRUPT_AT = 2
+
+
+def interrupt(record):
+    if record.epoch == INTERRUPT_AT:
+        raise KeyboardInterrupt
 
 
 def interactions(m=50, n=40, count=700, seed=0):
@@ -47,16 +53,16 @@ def tiny():
     return Ratings(np.array(["a", "a", "b"]), np.array([7, 8, 7]), np.array([1.0, 2.0, 3.0]))
 
 
-def fit(settings, share):
+def fit(settings, share, **kwargs):
     from mf_ext import ImplicitMatrixFactorization
 
     return ImplicitMatrixFactorization(shard_factors=True, **settings).fit(
-        share.users, share.items, share.ratings)
+        share.users, share.items, share.ratings, **kwargs)
 
 
 def state(model) -> dict:
     return {"P": model.P, "Q": model.Q, "losses": list(model.losses), "shard": model.shard,
-            "rated": (model._rated_indptr, model._rated_indices)}
+            "interrupted": model.interrupted}
 
 
 def scenarios_of_three(rank: int, world: int, out_dir: str) -> dict:
@@ -71,6 +77,10 @@ def scenarios_of_three(rank: int, world: int, out_dir: str) -> dict:
         out[f"{name}-uneven"] = state(fit(settings, uneven(data, rank, world)))
         out[f"{name}-tiny"] = state(fit(dict(settings, rank=2), uneven(tiny(), rank, world)))
     out["float32"] = state(fit(FLOAT32, shard_ratings(data, rank, world)))
+    # Ctrl-C on every rank (as torchrun passes it on) in the same epoch: the model so far
+    interrupted = fit(CASES["als"], shard_ratings(data, rank, world), callback=interrupt)
+    out["interrupted"] = state(interrupted)
+    interrupted.save(os.path.join(out_dir, "interrupted.pt"))
     try:  # every rank passes nothing
         fit(CASES["adam"], data.subset(np.arange(0)))
         out["empty"] = None

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from mf_ext import ImplicitMatrixFactorization
-from sharded_implicit_worker import CASES, CLI_OPTIONS, FAILING_EPOCH, FLOAT32, interactions, tiny
+from sharded_implicit_worker import (CASES, CLI_OPTIONS, FAILING_EPOCH, FLOAT32, INTERRUPT_AT,
+                                     interactions, interrupt, tiny)
 from helpers import NEEDS_GLOO, group_of_one, launched_ranks, one_thread  # noqa: F401
 from sharded_worker import GROUP_TIMEOUT_S, cli_ratings
 
@@ -67,6 +68,19 @@ def test_uneven_shards_and_a_rank_that_holds_nothing(ranks, solver):
 def test_float32(ranks):
     assert_rows_equal([g["float32"] for g in ranks[0][3]], single(FLOAT32, interactions()),
                       rtol=1e-4)
+
+
+def test_ctrl_c_keeps_the_model_so_far_and_it_saves_and_loads(ranks):
+    results, folder = ranks
+    data = interactions()
+    ref = ImplicitMatrixFactorization(**CASES["als"]).fit(data.users, data.items, data.ratings,
+                                                          callback=interrupt)
+    got = [g["interrupted"] for g in results[3]]
+    assert all(g["interrupted"] and len(g["losses"]) == INTERRUPT_AT for g in got)
+    assert_rows_equal(got, ref)
+    loaded = ImplicitMatrixFactorization.load(str(folder / "interrupted.pt"))
+    assert_rows_equal([{"P": loaded.P, "Q": loaded.Q}], ref)
+    assert len(loaded.history) == INTERRUPT_AT
 
 
 def test_no_interactions_on_any_rank_is_an_error(ranks):
