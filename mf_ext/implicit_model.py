@@ -108,7 +108,10 @@ class ImplicitMatrixFactorization(TopN, Estimator):
         interaction strengths `weights` (counts, plays; >= 0, 0 meaning no interaction), or a
         DataFrame or a scipy.sparse users × items matrix of counts as the first argument (see
         mf_ext.interactions.as_interactions). Ctrl-C stops the fit and keeps the factors so far
-        (`interrupted` is then True)."""
+        (`interrupted` is then True). With shard_factors=True, a collective: every rank of the
+        process group passes its share of the interactions (any split, possibly empty; e.g.
+        mf_ext.distributed.shard_ratings) and keeps its block of the rows
+        (mf_ext/sharded_implicit.py)."""
         group = None
         if self.shard_factors:
             from mf_ext import sharded_implicit

@@ -1,5 +1,6 @@
 """`mf-ext fit-implicit FILE`: train an ImplicitMatrixFactorization on interactions (user item
-weight lines), report ranking metrics on a per-user hold-out, save the model."""
+weight lines), report ranking metrics on a per-user hold-out, save the model; with
+--shard-factors under torchrun, across processes that each hold a block of the model's rows."""
 
 from __future__ import annotations
 
