@@ -15,9 +15,9 @@ all-reduce of n values. The objective falls into three parts, each computed wher
     an all-reduce of r × r Grams; its gradient in P_k is 2 G_Q P_k, local;
   - the penalties Σ λ |x|²: each rank those of its rows.
 
-Sums over columns (losses, the CG's per-column dot products) are local to the owner of the
-column; the objective is one float64 all-reduce. Full batch, so float64 fits equal the single
-process's to rounding (tests/test_sharded_implicit.py).
+CG's per-column dot products and step lengths are local to the column's owner; the objective's
+sums over the ranks are float64 all-reduces of scalars. Full batch, so float64 fits equal the
+single process's to rounding (tests/test_sharded_implicit.py).
 """
 
 from __future__ import annotations

@@ -194,6 +194,19 @@ def test_a_setting_sharding_does_not_know_is_refused_by_name(group_of_one):
         group_of(WithNewOption(shard_factors=True, new_option=True))
 
 
+def test_the_cli_under_a_one_process_torchrun_without_out(tmp_path):
+    from sharded_worker import run_under_torchrun
+
+    path = str(tmp_path / "u.data")
+    cli_ratings(path)
+    printed = run_under_torchrun(0, 1, str(tmp_path), ["fit-implicit", path, "--shard-factors",
+                                                       *CLI_OPTIONS])
+    assert printed.startswith("exit 0\n") and "(1 processes, sharded factors)" in printed
+    assert "no evaluation: a sharded model is evaluated from its saved file (pass --out)" in \
+        printed and "recall@5" not in printed
+    assert not dist.is_initialized()  # the command took its process group down
+
+
 def test_the_cli_option(tmp_path, capsys):
     from mf_ext.cli import build_parser, main
 
