@@ -17,7 +17,7 @@ half-step gives the bits that calling the whole op for each step gave, on any th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 
@@ -64,11 +64,12 @@ def objective(P: torch.Tensor, Q: torch.Tensor, problem: ImplicitProblem) -> tor
 def als_sweep(P: torch.Tensor, Q: torch.Tensor, problem: ImplicitProblem, cg_steps: int) -> float:
     """One ALS sweep in place: the users' half-step with Q fixed, then the items' with P fixed,
     each `cg_steps` conjugate-gradient steps warm-started at the current factors. Returns the
-    objective at the new (P, Q), taken from the items' half-step's own op calls (no extra one)."""
+    objective at the new (P, Q), taken from the items' half-step's own op calls (no extra one);
+    read on the host once, at the end (on a GPU, the sweep's one synchronization)."""
     p = problem
     _cg_half_step(P, Q, p.rows, p.cols, p, p.user_reg, cg_steps)
-    return _cg_half_step(Q, P, p.cols, p.rows, p, p.item_reg, cg_steps,
-                         fixed_penalty=float((P * P).sum(0) @ p.user_reg))
+    return float(_cg_half_step(Q, P, p.cols, p.rows, p, p.item_reg, cg_steps,
+                               fixed_penalty=(P * P).sum(0) @ p.user_reg))
 
 
 def _gram(X: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,8 @@ class _HalfStepOperator:
         self.reg2 = 2 * reg
         self.gram_Y = _gram(Y)
 
-    def _gradient(self, X: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    def _gradient(self, X: torch.Tensor, values: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(∂/∂X of the op's loss with unobserved weight 1 plus the L2 term Σ λ |x|², the observed
         part of the op's loss): 2 Σ w (xᵀy − v) y + 2 Y Yᵀ x + 2 λ x for every column x of X."""
         # The observed op without autograd: it computes ∂/∂X in its forward pass anyway.
@@ -101,13 +103,13 @@ class _HalfStepOperator:
             torch.ops.mf_ext._add_gram_product_(grad, self.gram_Y, X, 2.0)
         else:
             grad.addmm_(self.gram_Y.to(X.dtype), X, alpha=2.0)
-        return grad.addcmul_(self.reg2, X), float(loss)
+        return grad.addcmul_(self.reg2, X), loss
 
-    def residual_and_loss(self, X: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        """(b' − A' X, the op's loss at X): the op's loss is the observed part plus
+    def residual_and_loss(self, X: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(b' − A' X, the op's loss at X in float64): the op's loss is the observed part plus
         ⟨X Xᵀ, Y Yᵀ⟩."""
         gradient, observed = self._gradient(X, self.p.values)
-        return gradient.neg_(), observed + float((_gram(X) * self.gram_Y).sum())
+        return gradient.neg_(), observed.double() + (_gram(X) * self.gram_Y).sum()
 
     def apply(self, D: torch.Tensor) -> torch.Tensor:
         """A' D: the gradient with values 0 has no b' part."""
@@ -116,17 +118,17 @@ class _HalfStepOperator:
 
 @torch.no_grad()
 def _cg_half_step(X: torch.Tensor, Y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                  p: ImplicitProblem, reg: torch.Tensor, steps: int, fixed_penalty: float = 0.0
-                  ) -> float:
+                  p: ImplicitProblem, reg: torch.Tensor, steps: int,
+                  fixed_penalty: Union[torch.Tensor, float] = 0.0) -> torch.Tensor:
     """`steps` CG steps on A_k x_k = b_k for every column k of X at once (one step length per
     column), starting from X; X is updated in place. Returns the objective at the new X (with
-    `fixed_penalty`, the other side's L2 term). The objective is f(X) = ⟨X, A X − 2b⟩ + const,
+    `fixed_penalty`, the other side's L2 term) as a float64 tensor (no host synchronization). The objective is f(X) = ⟨X, A X − 2b⟩ + const,
     so with δ the update, f(X0 + δ) − f(X0) = ⟨δ, A δ − 2 r0⟩ (r0 = b − A X0), and A δ = r0 − r
     for the final residual r = r0 − Σ step · A d: the change is −⟨δ, r0 + r⟩ (halved: the
     residuals here are of the doubled system)."""
     system = _HalfStepOperator(Y, rows, cols, p, reg)
     residual, loss = system.residual_and_loss(X)
-    start = loss - p.constant + float((X * X).sum(0) @ reg) + fixed_penalty
+    start = loss - p.constant + ((X * X).sum(0) @ reg).double() + fixed_penalty
     first_residual = residual.clone()
     delta = torch.zeros_like(X)
     direction = residual.clone()
@@ -144,5 +146,5 @@ def _cg_half_step(X: torch.Tensor, Y: torch.Tensor, rows: torch.Tensor, cols: to
                                                         0), direction)
         norm = new_norm
     X.add_(delta)
-    return start - 0.5 * float(torch.linalg.vecdot(
-        delta.double(), first_residual.double().add_(residual.double()), dim=0).sum())
+    return start - 0.5 * torch.linalg.vecdot(
+        delta.double(), first_residual.double().add_(residual.double()), dim=0).sum()
