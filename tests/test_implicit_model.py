@@ -169,6 +169,23 @@ def test_string_ids_and_save_load_round_trip(tmp_path):
         f"item {i}" for i in items[users == 3]}
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", ["als", "adam"])
+def test_cuda_fit_matches_the_cpu_fit(solver):
+    """The same seeded float64 fit on the GPU and on the CPU (the CUDA observed op sums with
+    atomics, so the last bits differ), and the GPU model recommends like the CPU one."""
+    users, items, _, _ = planted()
+    strengths = np.random.default_rng(1).integers(1, 4, len(users)).astype(float)
+    cpu = small(solver=solver, dtype=torch.float64).fit(users, items, strengths)
+    gpu = small(solver=solver, dtype=torch.float64, device="cuda").fit(users, items, strengths)
+    assert gpu.P.is_cuda and gpu.Q.is_cuda
+    torch.testing.assert_close(gpu.P.cpu(), cpu.P, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gpu.Q.cpu(), cpu.Q, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(gpu.losses, cpu.losses, rtol=1e-10)
+    got, want = gpu.recommend_batch(np.arange(M), k=5), cpu.recommend_batch(np.arange(M), k=5)
+    np.testing.assert_array_equal(got[0], want[0])
+
+
 def test_bad_inputs_raise_clear_errors():
     users, items, _, _ = planted()
     fit = small(epochs=1).fit
