@@ -27,7 +27,7 @@ class UserHistory:
     def __init__(self, users: np.ndarray, items: np.ndarray, m: int, n: int,
                  device: torch.device, dtype: torch.dtype):
         pairs = np.unique(np.asarray(users, dtype=np.int64) * n + np.asarray(items, np.int64))
-        u, j = pairs // n, pairs % n  # sorted by user, then item: CSR order
+        u, j = np.divmod(pairs, max(n, 1))  # sorted by user, then item: CSR order
         counts = np.bincount(u, minlength=m)
         weights = 1.0 / np.sqrt(np.maximum(counts, 1))[u]
         self.shape = (m, n)
@@ -43,6 +43,11 @@ class UserHistory:
     def user_vectors(self, P: torch.Tensor, Y: Optional[torch.Tensor]) -> torch.Tensor:
         """P + Y Sᵀ, or P itself when there is no implicit term (Y None)."""
         return P if Y is None else P + self.term(Y)
+
+    def columns(self, Y: torch.Tensor) -> torch.Tensor:
+        """The columns of a model's Y that S's columns index: all of Y here (a sharded fit's
+        history indexes the item rows its rank gathers, mf_ext/sharded.py)."""
+        return Y
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, m: int, n: int,
