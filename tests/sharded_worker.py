@@ -100,7 +100,8 @@ def scenarios_of_three(rank: int, world: int, out_dir: str) -> dict:
     interrupted.save(os.path.join(out_dir, "interrupted.pt"))
     out["uneven"] = state(fit(FLOAT64, uneven(data, rank, world)))
     out["tiny"] = state(fit(TINY, uneven(tiny_ratings(), rank, world)))
-    out["minibatch"] = state(fit(dict(MINIBATCH, implicit=False), shard_ratings(data, rank, world)))
+    out["minibatch"] = state(fit(dict(MINIBATCH, implicit=False),
+                                 shard_ratings(data, rank, world)))
     # each rank given its own users' ratings: the sharded fit draws the data-parallel batches
     owned = by_owner(data, rank, world)
     out["minibatch_owned"] = (state(fit(MINIBATCH, owned)),
