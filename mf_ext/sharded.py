@@ -142,8 +142,7 @@ class ShardedFactors(DataParallel):
         return group
 
     # ---------------------------------------------------------------- agreement, once per fit
-
-    # ---- the blocks (balanced in ratings, bounded in rows: mf_ext/shard_blocks.py)
+    # The blocks: balanced in ratings, bounded in rows (mf_ext/shard_blocks.py).
 
     def id_maps(self, train: Ratings) -> Tuple[IdMap, IdMap]:
         """DataParallel's maps; then the global training counts of every user and item (one
@@ -174,8 +173,6 @@ class ShardedFactors(DataParallel):
                               (self.user_rows.start, self.user_rows.stop),
                               (self.item_rows.start, self.item_rows.stop),
                               tuple(self.user_starts.tolist()), tuple(self.item_starts.tolist()))
-
-    # ----
 
     def shard_info(self) -> ShardInfo:
         return self.info
