@@ -256,7 +256,8 @@ class MatrixFactorization(TopN, Estimator):
                         item_counts.pow(self.bias_count_exponent))
         factor_weights = (user_counts.pow(self.factor_count_exponent),
                           item_counts.pow(self.factor_count_exponent))
-        # N(u): the training pairs of every rank (never `data`'s held-out share, nor a test pair)
+        # N(u): the training pairs (never `data`'s held-out share, nor a test pair) of every
+        # rank, or, sharded, of this rank's users (all of their pairs are here)
         history = group.user_history(rows, cols, m, n, dev, dt) if self._implicit_on() else None
         return _TrainingData(rows, cols, values - self.global_mean, user_counts, item_counts,
                              bias_weights, factor_weights, history)

@@ -27,7 +27,7 @@ class UserHistory:
     def __init__(self, users: np.ndarray, items: np.ndarray, m: int, n: int,
                  device: torch.device, dtype: torch.dtype):
         pairs = np.unique(np.asarray(users, dtype=np.int64) * n + np.asarray(items, np.int64))
-        u, j = np.divmod(pairs, max(n, 1))  # sorted by user, then item: CSR order
+        u, j = pairs // n, pairs % n  # sorted by user, then item: CSR order
         counts = np.bincount(u, minlength=m)
         weights = 1.0 / np.sqrt(np.maximum(counts, 1))[u]
         self.shape = (m, n)
