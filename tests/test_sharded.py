@@ -168,9 +168,12 @@ def test_float32_and_minibatches(ranks):
     assert history[-1][0] < 0.5 * history[0][0] and history[-1][0] < 0.5 * np.std(ratings)
     assert len(history) == MINIBATCH["epochs"] and results[0]["minibatch"]["shard"].steps > \
         MINIBATCH["epochs"]
+
+
+def test_minibatches_equal_data_parallel_given_each_rank_its_users_ratings(ranks):
     # given the same ratings on each rank (their users', so that none moves), the sharded fit
     # takes the data-parallel fit's batches and steps, SVD++ term included: the same model
-    owned = [g["minibatch_owned"] for g in results]
+    owned = [g["minibatch_owned"] for g in ranks[0][3]]
     assert owned[0][0]["Y"] is not None and owned[0][0]["shard"].steps > MINIBATCH["epochs"]
     dp = owned[0][1]
     starts = owned[0][0]["shard"]
