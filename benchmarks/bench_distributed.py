@@ -9,10 +9,11 @@ bytes sent per rank and step, seconds per epoch.
 --memory: P = --processes single-threaded workers, each generating its own share of a uniform
 synthetic set (any input split works: the sharded fit moves ratings to their users' owners) and
 fitting it full-batch. Each reports its resident memory before the fit and at the fit's peak
-(VmHWM, reset before the fit), the bytes its factors, gradients and Adam moments take (from the
-tensors it holds), the most item rows one step gathered, and the bytes it handed to the
-all-to-alls per step (ShardInfo.bytes_sent). The cost models they are set against are in
-docs/distributed.md; the replicated design's figures are also computed for sizes not run.
+(VmHWM, reset before the fit), the bytes its factors (with the SVD++ term's y_j unless
+--no-implicit), gradients and Adam moments take (from the tensors it holds), the most item rows
+one step gathered, and the bytes it handed to the all-to-alls per step (ShardInfo.bytes_sent).
+The cost models they are set against are in docs/distributed.md; the replicated design's
+figures are also computed for sizes not run.
 
 For each configuration PxT it starts P workers (this script with --worker, a file:// rendezvous)
 of T threads each, each training full-batch on its shard of one synthetic set. Throughput is
@@ -107,16 +108,17 @@ def memory_worker(args) -> None:
     del users, items
     dtype = getattr(torch, args.dtype)
     model = MatrixFactorization(rank=args.rank, epochs=args.epochs, dtype=dtype, seed=0,
-                                shard_factors=args.design == "sharded")
+                                implicit=args.implicit, shard_factors=args.design == "sharded")
     rss_before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM from here: the fit's peak
     dist.barrier()
     model.fit(data)
-    params = (model.P, model.Q, model.user_bias, model.item_bias)
+    params = [p for p in (model.P, model.Q, model.user_bias, model.item_bias, model.Y)
+              if p is not None]
     held = sum(p.numel() * p.element_size() for p in params)
     shard = model.shard
-    row_bytes = (args.rank + 1) * torch.finfo(dtype).bits // 8
+    row_bytes = (args.rank * (1 + args.implicit) + 1) * torch.finfo(dtype).bits // 8
     figures = {
         "rank": rank, "rss_before_mib": rss_before / 1024,
         "peak_rss_mib": _status_kib("VmHWM") / 1024,
@@ -125,6 +127,7 @@ def memory_worker(args) -> None:
         "epoch_s": statistics.median(h.seconds for h in model.history[1:]),
         "train_rmse": model.history[-1].train_rmse,
         "m": len(model.user_map), "n": len(model.item_map), "local_ratings": share,
+        "users_held": model.P.shape[1], "items_held": model.Q.shape[1],
     }
     if shard is not None:
         per_step = sum(shard.bytes_sent.get(k, 0) for k in ("item-row", "item-gradient"))
@@ -155,30 +158,36 @@ def memory_table(args) -> None:
           f"{args.items:,} items, of which m = {m:,} users and n = {n:,} items drew one (the "
           f"model's), r = {r}, {args.dtype}, full batch, {args.epochs} epochs (s/epoch: median "
           f"of epochs 2…), {world} processes of 1 thread.\n")
-    replicated_state = 4 * b * (r + 1) * (m + n)  # parameters, gradients, two Adam moments
-    ring = 2 * (world - 1) / world * b * ((r + 1) * (m + n) + 1)
+    y = r if args.implicit else 0  # the y_j: r more values an item row
+    replicated_state = 4 * b * ((r + 1) * (m + n) + y * n)  # parameters, gradients, Adam moments
+    ring = 2 * (world - 1) / world * b * ((r + 1) * (m + n) + y * n + 1)
     touched = 1 - math.exp(-N / world / n)  # the share of the items one rank's ratings touch
-    sharded_step = 2 * (r + 1) * b * n * (world - 1) / world * touched
-    print(f"Cost models (docs/distributed.md): replicated factors+gradients+Adam "
-          f"4·{b}·(r+1)·(m+n) = {replicated_state / 2**20:,.0f} MiB per rank, ring all-reduce "
+    sharded_step = 2 * (r + 1 + y) * b * n * (world - 1) / world * touched
+    width = "2r+1" if y else "r+1"
+    print(f"Cost models (docs/distributed.md), the SVD++ term {'on' if y else 'off'}: replicated "
+          f"factors+gradients+Adam 4·{b}·((r+1)·(m+n){' + r·n' if y else ''}) = "
+          f"{replicated_state / 2**20:,.0f} MiB per rank, ring all-reduce "
           f"{ring / 2**20:,.1f} MiB sent per rank and step; sharded "
-          f"{replicated_state / world / 2**20:,.0f} MiB per rank (1/P) plus the gathered item "
-          f"rows, 2·(r+1)·{b}·n·(P−1)/P·(1−e^(−N/(P·n))) = {sharded_step / 2**20:,.2f} MiB sent "
+          f"{replicated_state / world / 2**20:,.0f} MiB per rank (1/P; at most 1.1/P with the "
+          f"blocks balanced in ratings) plus the gathered item rows, "
+          f"2·({width})·{b}·n·(P−1)/P·(1−e^(−N/(P·n))) = {sharded_step / 2**20:,.2f} MiB sent "
           f"per rank and step.\n")
-    print("| design | rank | RSS before fit MiB | peak RSS in fit MiB | factors+grad+Adam MiB "
-          "(model) | gathered item rows | MiB sent per step (model) | s/epoch | train RMSE |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| design | rank | users, items held | RSS before fit MiB | peak RSS in fit MiB | "
+          "factors+grad+Adam MiB (share of replicated) | gathered item rows | "
+          "MiB sent per step (model) | s/epoch | train RMSE |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for design, rows in runs.items():
         for row in rows:
             if design == "sharded":
                 gathered = f"{row['gathered_rows']:,} ({row['gathered_mib']:.1f} MiB)"
                 sent = f"{row['bytes_per_step'] / 2**20:.2f} ({sharded_step / 2**20:.2f})"
-                state = replicated_state / world
             else:
-                gathered, sent, state = "-", f"- ({ring / 2**20:.1f})", replicated_state
-            print(f"| {design} | {row['rank']} | {row['rss_before_mib']:,.0f} | "
+                gathered, sent = "-", f"- ({ring / 2**20:.1f})"
+            share = row["state_mib"] * 2**20 / replicated_state  # the memory target: ≤ 1.1 / P
+            print(f"| {design} | {row['rank']} | {row['users_held']:,}, {row['items_held']:,} | "
+                  f"{row['rss_before_mib']:,.0f} | "
                   f"{row['peak_rss_mib']:,.0f} | {row['state_mib']:,.0f} "
-                  f"({state / 2**20:,.0f}) | {gathered} | {sent} | "
+                  f"({share:.3f} of {replicated_state / 2**20:,.0f}) | {gathered} | {sent} | "
                   f"{row['epoch_s']:.2f} | {row['train_rmse']:.4f} |")
 
 
@@ -188,7 +197,8 @@ def launch_memory(args, design: str) -> list:
                    design, "--worker-rank", "{rank}", "--world", str(args.processes),
                    "--rendezvous", os.path.join(tmp, "rdzv"), "--ratings", str(args.ratings),
                    "--users", str(args.users), "--items", str(args.items), "--rank",
-                   str(args.rank), "--epochs", str(args.epochs), "--dtype", args.dtype]
+                   str(args.rank), "--epochs", str(args.epochs), "--dtype", args.dtype,
+                   "--implicit" if args.implicit else "--no-implicit"]
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
         procs = [subprocess.Popen([c.format(rank=r) for c in command], env=env,
                                   stdout=subprocess.PIPE, text=True)
@@ -234,6 +244,8 @@ def main() -> None:
     parser.add_argument("--designs", default="replicated,sharded",
                         help="--memory: which to run, comma-separated")
     parser.add_argument("--processes", type=int, default=2, help="--memory: processes")
+    parser.add_argument("--implicit", action=argparse.BooleanOptionalAction, default=True,
+                        help="--memory: the SVD++ term (the model's default: on)")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--design", help=argparse.SUPPRESS)
     args = parser.parse_args()
