@@ -4,6 +4,7 @@ torch.compile'd reference, measured in the same run, about half the entries obse
     ./dev bench                                          # the whole sweep (long)
     ./dev bench --sizes 2048 --dtypes float32            # one size, one dtype
     ./dev bench --sizes 4096 --ranks 32,256 --out t.md   # chosen rows, table also to a file
+    ./dev bench --layout embedding                       # P, Q as .T of (m, r) tables
 Prints a Markdown table: time per forward+backward (P and Q require grad), the speed-up of the
 fused op over each reference, GFLOP/s of each at 6·r·m·n flops, the same run's torch.mm rate
 (2·r·m·n flops of the (m × r)(r × m) product), the fused op's path and units (from
@@ -28,19 +29,29 @@ from mf_ext.reference import masked_mf_loss_reference  # noqa: E402
 
 RANKS = {2048: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], 4096: [1, 2, 4, 8, 16, 32, 64, 128, 256]}
 MAX_RANK = {"float32": 512, "float64": 128}
+LAYOUT = "rm"  # of P and Q: (r, m) tensors, or "embedding": (m, r) tables passed as .T
 
 
-def make_problem(m: int, r: int, dtype: torch.dtype, seed: int = 0):
+def make_problem(m: int, r: int, dtype: torch.dtype, seed: int = 0, layout: str = "rm"):
+    """R (m, m) about half observed; P, Q (r, m) leaves, or with layout "embedding" the (r, m)
+    views .T of (m, r) leaf tables, as nn.Embedding weights are used."""
     g = torch.Generator().manual_seed(seed)
     R = torch.rand(m, m, generator=g) * 4 + 1
     R *= torch.rand(m, m, generator=g) < 0.5
-    P = torch.rand(r, m, generator=g).to(dtype).requires_grad_()
-    Q = torch.rand(r, m, generator=g).to(dtype).requires_grad_()
-    return R.to(dtype), P, Q
+    P = torch.rand(r, m, generator=g).to(dtype)
+    Q = torch.rand(r, m, generator=g).to(dtype)
+    if layout == "embedding":
+        return R.to(dtype), P.T.contiguous().requires_grad_(), Q.T.contiguous().requires_grad_()
+    return R.to(dtype), P.requires_grad_(), Q.requires_grad_()
+
+
+def as_rm(P, Q):
+    """The op's (r, m) inputs: the leaves themselves, or the transposes of (m, r) tables."""
+    return (P.T, Q.T) if LAYOUT == "embedding" else (P, Q)
 
 
 def forward_backward(loss_fn, R, P, Q):
-    loss = loss_fn(R, P, Q)
+    loss = loss_fn(R, *as_rm(P, Q))
     loss.backward()
     P.grad = None
     Q.grad = None
@@ -61,8 +72,12 @@ def main() -> None:
                         help="float32 and/or float64 (float64 up to r = 128)")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
+    parser.add_argument("--layout", choices=("rm", "embedding"), default="rm",
+                        help="P, Q as (r, m) tensors, or as the .T of (m, r) embedding tables")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
+    global LAYOUT
+    LAYOUT = args.layout
 
     compiled = torch.compile(masked_mf_loss_reference)
     methods = {"fused": mf_ext.masked_mf_loss, "eager": masked_mf_loss_reference,
@@ -79,7 +94,8 @@ def main() -> None:
         f"Machine: {machine_line()}",
         f"Command: {' '.join(shlex.quote(a) for a in sys.argv)}",
         "",
-        f"{threads} threads; m = n, ~50% observed, forward+backward (P, Q require grad); times are "
+        f"{threads} threads; m = n, ~50% observed, forward+backward (P, Q require grad; layout "
+        f"{LAYOUT}: " + ("(r, m) tensors" if LAYOUT == "rm" else ".T of (m, r) tables") + "); times are "
         "medians of torch.utils.benchmark blocked_autorange; GF/s at 6·r·m·n flops (mm: the same "
         "run's torch.mm, (m × r)(r × m)); units: the fused op's units / how many can run at "
         "once; memory = peak extra RSS of one call (MiB).",
@@ -93,12 +109,12 @@ def main() -> None:
     results = {}
     for m, r, dtype_name in rows:
         dtype = getattr(torch, dtype_name)
-        R, P, Q = make_problem(m, r, dtype)
+        R, P, Q = make_problem(m, r, dtype, layout=LAYOUT)
         t = {name: median_ms(lambda fn=fn: forward_backward(fn, R, P, Q), args.min_time)
              for name, fn in methods.items()}
         A, B = torch.rand(m, r, dtype=dtype), torch.rand(r, m, dtype=dtype)
         mm_ms = median_ms(lambda: torch.mm(A, B), args.min_time)
-        part = _dense_partition(R, P, Q)
+        part = _dense_partition(R, *as_rm(P, Q))
         results[m, r, dtype_name] = (t, 2 * r * m * m / mm_ms / 1e6, part)
         timed = ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
         print(f"# timed {m}² {dtype_name} r={r}: {timed}", file=sys.stderr, flush=True)
@@ -107,7 +123,7 @@ def main() -> None:
     if not args.no_memory:
         fix_mmap_threshold()  # after the timings, which must see torch's normal allocation costs
         for m, r, dtype_name in rows:
-            R, P, Q = make_problem(m, r, getattr(torch, dtype_name))
+            R, P, Q = make_problem(m, r, getattr(torch, dtype_name), layout=LAYOUT)
             mem = {name: peak_rss_delta(lambda fn=fn: forward_backward(fn, R, P, Q))
                    for name, fn in methods.items()}
             emit(lines, m, r, dtype_name, results[m, r, dtype_name], mem)

@@ -11,13 +11,14 @@ bytes sent per rank and step, seconds per epoch.
 --memory: P = --processes single-threaded workers, each generating its own share of a uniform
 synthetic set (any input split works: the sharded fit moves ratings to their users' owners) and
 fitting it full-batch. Each reports its resident memory before the fit and at the fit's peak
-(VmHWM, reset before the fit), the bytes its factors, gradients and Adam moments take (from the
-tensors it holds), the most item rows one step gathered, and the bytes it handed to the
-all-to-alls per step (ShardInfo.bytes_sent). The cost models they are set against are in
-docs/distributed.md; the replicated design's figures are also computed for sizes not run.
---model implicit fits ImplicitMatrixFactorization(shard_factors=True) instead (weights 1), with
---solver adam or als; it has no replicated multi-process design, so its baseline is one process
-(--processes 1), which holds every row.
+(VmHWM, reset before the fit), the bytes its factors (with the SVD++ term's y_j unless
+--no-implicit), gradients and Adam moments take (from the tensors it holds), the most item rows
+one step gathered, and the bytes it handed to the all-to-alls per step (ShardInfo.bytes_sent).
+The cost models they are set against are in docs/distributed.md; the replicated design's
+figures are also computed for sizes not run. --model implicit fits
+ImplicitMatrixFactorization(shard_factors=True) instead (weights 1), with --solver adam or als;
+it has no replicated multi-process design, so its baseline is one process (--processes 1), which
+holds every row.
 
 For each configuration PxT it starts P workers (this script with --worker, a file:// rendezvous)
 of T threads each, each training full-batch on its shard of one synthetic set. Throughput is
@@ -98,22 +99,27 @@ def worker(args) -> None:
 STEP_EXCHANGES = ("item-row", "item-gradient", "CG item-row", "CG item-product")
 
 
+def implicit_als(args) -> bool:
+    return args.model == "implicit" and args.solver == "als"
+
+
 def row_values(args) -> int:
-    """Values in one item row that travels: the factor column and, explicit model, the bias."""
-    return args.rank + (0 if args.model == "implicit" else 1)
+    """Values in one item row that travels: the implicit model's factor column; the explicit
+    model's with the bias (and the y_j column with the SVD++ term)."""
+    return args.rank if args.model == "implicit" else args.rank * (1 + args.implicit) + 1
 
 
 def state_copies(args) -> int:
     """The copies of the factors a fit keeps: themselves, their gradients and Adam's two
-    moments; ALS keeps no optimizer state (its CG temporaries last one half-step)."""
-    return 1 if args.model == "implicit" and args.solver == "als" else 4
+    moments; ALS keeps no optimizer state (its CG vectors last one half-step)."""
+    return 1 if implicit_als(args) else 4
 
 
 def step_rows(args) -> int:
     """How many times a step sends the rows of the items another rank touches (docs/
-    distributed.md): Adam 2 (rows out, gradients back); an ALS sweep with the default 2 CG steps
-    7 (the users' half-step's rows, then 3 products with A each way)."""
-    return 7 if args.model == "implicit" and args.solver == "als" else 2
+    distributed.md): Adam 2 (rows out, gradients back); an implicit ALS sweep with the default 2
+    CG steps 7 (the users' half-step's rows, then 3 products with A each way)."""
+    return 7 if implicit_als(args) else 2
 
 
 def memory_worker(args) -> None:
@@ -134,20 +140,21 @@ def memory_worker(args) -> None:
     data = Ratings(users, items, rng.integers(1, 6, share).astype(np.float64))
     del users, items
     dtype = getattr(torch, args.dtype)
-    implicit = args.model == "implicit"
-    if implicit:
+    if args.model == "implicit":
         model = ImplicitMatrixFactorization(rank=args.rank, epochs=args.epochs, dtype=dtype,
                                             seed=0, solver=args.solver, shard_factors=True)
     else:
         model = MatrixFactorization(rank=args.rank, epochs=args.epochs, dtype=dtype, seed=0,
+                                    implicit=args.implicit,
                                     shard_factors=args.design == "sharded")
     rss_before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM from here: the fit's peak
     dist.barrier()
-    model.fit(data.users, data.items) if implicit else model.fit(data)
-    params = (model.P, model.Q) if implicit else (model.P, model.Q, model.user_bias,
-                                                  model.item_bias)
+    model.fit(data.users, data.items) if args.model == "implicit" else model.fit(data)
+    params = [p for p in (model.P, model.Q, getattr(model, "user_bias", None),
+                          getattr(model, "item_bias", None), getattr(model, "Y", None))
+              if p is not None]
     held = sum(p.numel() * p.element_size() for p in params)
     shard = model.shard
     row_bytes = row_values(args) * torch.finfo(dtype).bits // 8
@@ -159,6 +166,7 @@ def memory_worker(args) -> None:
         "epoch_s": statistics.median(h.seconds for h in model.history[1:]),
         "train_rmse": model.history[-1].train_rmse,
         "m": len(model.user_map), "n": len(model.item_map), "local_ratings": share,
+        "users_held": model.P.shape[1], "items_held": model.Q.shape[1],
     }
     if shard is not None:
         per_step = sum(shard.bytes_sent.get(k, 0) for k in STEP_EXCHANGES)
@@ -180,7 +188,7 @@ def memory_table(args) -> None:
     from common import machine_line
 
     world, r, b = args.processes, args.rank, torch.finfo(getattr(torch, args.dtype)).bits // 8
-    N, width = args.ratings, row_values(args)
+    N = args.ratings
     if args.model == "implicit" and "replicated" in args.designs.split(","):
         raise SystemExit("--model implicit has no replicated multi-process design: run "
                          "--designs sharded, with --processes 1 for the whole model in one "
@@ -189,38 +197,52 @@ def memory_table(args) -> None:
           f"jobs share the cores and the memory)\n", flush=True)
     runs = {design: launch_memory(args, design) for design in args.designs.split(",")}
     m, n = next(iter(runs.values()))[0]["m"], next(iter(runs.values()))[0]["n"]
-    model = "MatrixFactorization" if args.model == "mf" else \
-        f"ImplicitMatrixFactorization(solver={args.solver!r}), weights 1"
     print(f"Synthetic set: N = {N:,} uniform ratings drawn over {args.users:,} users and "
           f"{args.items:,} items, of which m = {m:,} users and n = {n:,} items drew one (the "
           f"model's), r = {r}, {args.dtype}, full batch, {args.epochs} epochs (s/epoch: median "
-          f"of epochs 2…), {world} processes of 1 thread; {model}.\n")
-    copies, rows = state_copies(args), step_rows(args)
-    replicated_state = copies * b * width * (m + n)  # parameters (gradients, Adam moments)
-    ring = 2 * (world - 1) / world * b * ((r + 1) * (m + n) + 1)
+          f"of epochs 2…), {world} processes of 1 thread.\n")
     touched = 1 - math.exp(-N / world / n)  # the share of the items one rank's ratings touch
-    sharded_step = rows * width * b * n * (world - 1) / world * touched
-    print(f"Cost models (docs/distributed.md): replicated factors (+gradients+Adam) "
-          f"{copies}·{b}·{width}·(m+n) = {replicated_state / 2**20:,.0f} MiB per rank"
-          + (f", ring all-reduce {ring / 2**20:,.1f} MiB sent per rank and step"
-             if args.model == "mf" else "") + f"; sharded "
-          f"{replicated_state / world / 2**20:,.0f} MiB per rank (1/P) plus the gathered item "
-          f"rows, {rows}·{width}·{b}·n·(P−1)/P·(1−e^(−N/(P·n))) = {sharded_step / 2**20:,.2f} "
-          f"MiB sent per rank and step.\n")
-    print("| design | rank | RSS before fit MiB | peak RSS in fit MiB | factors (+grad+Adam) MiB "
-          "(model) | gathered item rows | MiB sent per step (model) | s/epoch | train RMSE |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if args.model == "implicit":
+        copies, rows = state_copies(args), step_rows(args)
+        replicated_state = copies * b * r * (m + n)  # P, Q (and gradients, Adam moments)
+        sharded_step = rows * r * b * n * (world - 1) / world * touched
+        print(f"Cost models (docs/distributed.md), ImplicitMatrixFactorization(solver="
+              f"{args.solver!r}), weights 1: one process holds {copies}·{b}·r·(m+n) = "
+              f"{replicated_state / 2**20:,.0f} MiB of factors"
+              f"{'' if copies == 1 else ', gradients and Adam moments'}; sharded 1/P of it (at "
+              f"most 1.1/P with the blocks balanced in interactions) plus the gathered item "
+              f"rows, {rows}·r·{b}·n·(P−1)/P·(1−e^(−N/(P·n))) = {sharded_step / 2**20:,.2f} MiB "
+              f"sent per rank and step.\n")
+    else:
+        y = r if args.implicit else 0  # the y_j: r more values an item row
+        replicated_state = 4 * b * ((r + 1) * (m + n) + y * n)  # parameters, grads, Adam moments
+        ring = 2 * (world - 1) / world * b * ((r + 1) * (m + n) + y * n + 1)
+        sharded_step = 2 * (r + 1 + y) * b * n * (world - 1) / world * touched
+        width = "2r+1" if y else "r+1"
+        print(f"Cost models (docs/distributed.md), the SVD++ term {'on' if y else 'off'}: "
+              f"replicated factors+gradients+Adam 4·{b}·((r+1)·(m+n){' + r·n' if y else ''}) = "
+              f"{replicated_state / 2**20:,.0f} MiB per rank, ring all-reduce "
+              f"{ring / 2**20:,.1f} MiB sent per rank and step; sharded "
+              f"{replicated_state / world / 2**20:,.0f} MiB per rank (1/P; at most 1.1/P with "
+              f"the blocks balanced in ratings) plus the gathered item rows, "
+              f"2·({width})·{b}·n·(P−1)/P·(1−e^(−N/(P·n))) = {sharded_step / 2**20:,.2f} MiB "
+              f"sent per rank and step.\n")
+    print("| design | rank | users, items held | RSS before fit MiB | peak RSS in fit MiB | "
+          "factors (+grad+Adam) MiB (share of replicated) | gathered item rows | "
+          "MiB sent per step (model) | s/epoch | train RMSE |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for design, rows in runs.items():
         for row in rows:
             if design == "sharded":
                 gathered = f"{row['gathered_rows']:,} ({row['gathered_mib']:.1f} MiB)"
                 sent = f"{row['bytes_per_step'] / 2**20:.2f} ({sharded_step / 2**20:.2f})"
-                state = replicated_state / world
             else:
-                gathered, sent, state = "-", f"- ({ring / 2**20:.1f})", replicated_state
-            print(f"| {design} | {row['rank']} | {row['rss_before_mib']:,.0f} | "
+                gathered, sent = "-", f"- ({ring / 2**20:.1f})"
+            share = row["state_mib"] * 2**20 / replicated_state  # the memory target: ≤ 1.1 / P
+            print(f"| {design} | {row['rank']} | {row['users_held']:,}, {row['items_held']:,} | "
+                  f"{row['rss_before_mib']:,.0f} | "
                   f"{row['peak_rss_mib']:,.0f} | {row['state_mib']:,.0f} "
-                  f"({state / 2**20:,.0f}) | {gathered} | {sent} | "
+                  f"({share:.3f} of {replicated_state / 2**20:,.0f}) | {gathered} | {sent} | "
                   f"{row['epoch_s']:.2f} | {row['train_rmse']:.4f} |")
 
 
@@ -231,7 +253,8 @@ def launch_memory(args, design: str) -> list:
                    "--rendezvous", os.path.join(tmp, "rdzv"), "--ratings", str(args.ratings),
                    "--users", str(args.users), "--items", str(args.items), "--rank",
                    str(args.rank), "--epochs", str(args.epochs), "--dtype", args.dtype,
-                   "--model", args.model, "--solver", args.solver]
+                   "--implicit" if args.implicit else "--no-implicit", "--model", args.model,
+                   "--solver", args.solver]
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
         procs = [subprocess.Popen([c.format(rank=r) for c in command], env=env,
                                   stdout=subprocess.PIPE, text=True)
@@ -277,6 +300,8 @@ def main() -> None:
     parser.add_argument("--designs", default="replicated,sharded",
                         help="--memory: which to run, comma-separated")
     parser.add_argument("--processes", type=int, default=2, help="--memory: processes")
+    parser.add_argument("--implicit", action=argparse.BooleanOptionalAction, default=True,
+                        help="--memory: the SVD++ term (the model's default: on)")
     parser.add_argument("--model", choices=("mf", "implicit"), default="mf",
                         help="--memory: MatrixFactorization or ImplicitMatrixFactorization")
     parser.add_argument("--solver", choices=("adam", "als"), default="als",

@@ -2,7 +2,8 @@
 and Q on a MovieLens-1M-sized synthetic problem, against the eager pure-PyTorch reference that
 materializes the m × n prediction (mf_ext.implicit_mf_loss_reference) and its torch.compile'd
 version, all timed in the same run, for a few ranks; the fused op also with P and Q in the
-embedding layout (weight.T of (m, r) tables). Prints a Markdown table.
+embedding layout (weight.T of (m, r) tables). Prints a Markdown table. --device cuda runs the
+same on a GPU (scripts/gpu_check.sh).
 
     .venv/bin/python benchmarks/bench_implicit_op.py [--ranks 16 64 128] [--nnz N] [--threads T]
     .venv/bin/python benchmarks/bench_implicit_op.py --gram-only   # the Gram part vs torch.mm
@@ -23,7 +24,7 @@ from common import machine_line  # noqa: E402
 from mf_ext import implicit_mf_loss, implicit_mf_loss_reference  # noqa: E402
 
 
-def make_problem(m, n, nnz, r, dtype, seed=0):
+def make_problem(m, n, nnz, r, dtype, seed=0, device="cpu"):
     """Uniformly random triples; values and weights as in Hu et al.'s mapping (README): weights
     c − 1 = α·count, values c / (c − 1); P, Q small Gaussians."""
     g = torch.Generator().manual_seed(seed)
@@ -34,7 +35,7 @@ def make_problem(m, n, nnz, r, dtype, seed=0):
     values = (weights + 1) / weights
     P = torch.randn(r, m, generator=g, dtype=dtype) * 0.1
     Q = torch.randn(r, n, generator=g, dtype=dtype) * 0.1
-    return rows, cols, values, weights, P, Q
+    return tuple(x.to(device) for x in (rows, cols, values, weights, P, Q))
 
 
 def median_ms(stmt, env, threads):
@@ -43,8 +44,8 @@ def median_ms(stmt, env, threads):
     return timer.blocked_autorange(min_run_time=2.0).median * 1e3
 
 
-def rank_rows(m, n, nnz, r, dtype, threads, alpha):
-    rows, cols, values, weights, P, Q = make_problem(m, n, nnz, r, dtype)
+def rank_rows(m, n, nnz, r, dtype, threads, alpha, device):
+    rows, cols, values, weights, P, Q = make_problem(m, n, nnz, r, dtype, device=device)
     P_emb = P.t().contiguous().t()  # (r, m) view of an (m, r) table, as nn.Embedding holds it
     Q_emb = Q.t().contiguous().t()
     compiled = torch.compile(implicit_mf_loss_reference)
@@ -93,6 +94,7 @@ def main():
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--alpha", type=float, default=1.0, help="unobserved_weight")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda")
     parser.add_argument("--gram-only", action="store_true",
                         help="time only the Gram part (median / minimum) against torch.mm")
     args = parser.parse_args()
@@ -100,15 +102,17 @@ def main():
     if args.gram_only:
         return gram_only(args.m, args.n, args.ranks, args.threads)
     dtype = torch.float32
-    print("### implicit_mf_loss, forward + backward (P, Q), CPU\n")
-    print(f"{machine_line()}, mf_ext {mf_ext.__version__}, {dtype}; m = {args.m:,}, "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"### implicit_mf_loss, forward + backward (P, Q), {where}\n")
+    print(f"{machine_line()}, {args.device}, mf_ext {mf_ext.__version__}, {dtype}; m = {args.m:,}, "
           f"n = {args.n:,}, nnz = {args.nnz:,} (uniformly random, unsorted), unobserved_weight "
           f"= {args.alpha}, values and weights given. Median of torch.utils.benchmark "
           f"blocked_autorange, {args.threads} threads.\n")
     print("| r | implementation | time (ms) | fused (r, m) is faster by |")
     print("| ---: | --- | ---: | ---: |")
     for r in args.ranks:
-        results = rank_rows(args.m, args.n, args.nnz, r, dtype, args.threads, args.alpha)
+        results = rank_rows(args.m, args.n, args.nnz, r, dtype, args.threads, args.alpha,
+                            args.device)
         fused = results[0][1]
         for name, ms in results:
             print(f"| {r} | {name} | {ms:.2f} | {ms / fused:.2f}× |", flush=True)

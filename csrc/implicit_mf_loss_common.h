@@ -77,10 +77,12 @@ inline Reduction check_implicit_call(const at::Tensor& rows, const at::Tensor& c
   return red;
 }
 
-// Raised for the first (lowest position) weight that is negative or NaN.
-[[noreturn]] inline void implicit_weight_error(int64_t position, double value) {
+// Raised for the first (lowest position) weight that is negative or NaN; `where` is appended
+// (the CUDA kernel says which earlier call it found it in).
+[[noreturn]] inline void implicit_weight_error(int64_t position, double value,
+                                               const char* where = "") {
   TORCH_CHECK_VALUE(false, kImplicitOp, ": weights[", position, "] = ", value,
-                    " is not allowed: weights must be >= 0 (and not NaN)");
+                    " is not allowed: weights must be >= 0 (and not NaN)", where);
   __builtin_unreachable();
 }
 

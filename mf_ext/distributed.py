@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mf_ext.data import IdMap, Ratings
+from mf_ext.user_history import UserHistory
 
 _WHO = "mf_ext.MatrixFactorization.fit"
 
@@ -141,11 +142,18 @@ class TrainingGroup:
         """Held-out ratings (raw ids) in the form prediction_errors takes: here as they are."""
         return ratings
 
-    def gather_items(self, cols: torch.Tensor, Q: torch.Tensor, item_bias: torch.Tensor
-                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(cols, Q, item_bias) for the loss op: the item indices of a batch and the item factor
-        columns and biases they index. Here every item is held: the tensors themselves."""
-        return cols, Q, item_bias
+    def gather_items(self, cols: torch.Tensor, *items: Optional[torch.Tensor]
+                     ) -> Tuple[Optional[torch.Tensor], ...]:
+        """(cols, *items) for the loss op: the item indices of a batch and the item tensors
+        they index (Q, item_bias, and Y or None). Here every item is held: the tensors
+        themselves."""
+        return (cols,) + items
+
+    def user_history(self, rows: torch.Tensor, cols: torch.Tensor, m: int, n: int,
+                     device: torch.device, dtype: torch.dtype) -> UserHistory:
+        """N(u) of the SVD++ term from the training pairs (rows, cols) of every rank."""
+        return UserHistory(*self.rated_pairs(rows.cpu().numpy(), cols.cpu().numpy()), m, n,
+                           device, dtype)
 
     def prediction_errors(self, model, ratings: Ratings) -> np.ndarray:
         """prediction − rating of each held-out rating (to_owners' form) this process holds."""
@@ -345,9 +353,9 @@ class DataParallel(TrainingGroup):
             yield
         except RuntimeError as exc:  # DistBackendError and gloo/nccl errors derive from it
             raise RuntimeError(
-                f"{self.who}: rank {self.rank} of {self.world_size}: the {what} failed; another rank "
-                f"probably raised an error or stopped (see its output), or the process group's "
-                f"timeout expired. ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
+                f"{self.who}: rank {self.rank} of {self.world_size}: the {what} failed; another "
+                f"rank probably raised an error or stopped (see its output), or the process "
+                f"group's timeout expired. ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
             ) from exc
 
 

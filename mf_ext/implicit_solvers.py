@@ -17,7 +17,7 @@ half-step gives the bits that calling the whole op for each step gave, on any th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 
@@ -72,11 +72,12 @@ def objective(P: torch.Tensor, Q: torch.Tensor, problem: ImplicitProblem) -> tor
 def als_sweep(P: torch.Tensor, Q: torch.Tensor, problem: ImplicitProblem, cg_steps: int) -> float:
     """One ALS sweep in place: the users' half-step with Q fixed, then the items' with P fixed,
     each `cg_steps` conjugate-gradient steps warm-started at the current factors. Returns the
-    objective at the new (P, Q), taken from the items' half-step's own op calls (no extra one)."""
+    objective at the new (P, Q), taken from the items' half-step's own op calls (no extra one);
+    read on the host once, at the end (on a GPU, the sweep's one synchronization)."""
     p = problem
     _cg_half_step(P, _HalfStepOperator(Q, p.rows, p.cols, p, p.user_reg), cg_steps)
-    return _cg_half_step(Q, _HalfStepOperator(P, p.cols, p.rows, p, p.item_reg), cg_steps,
-                         fixed_penalty=float((P * P).sum(0) @ p.user_reg))
+    return float(_cg_half_step(Q, _HalfStepOperator(P, p.cols, p.rows, p, p.item_reg), cg_steps,
+                               fixed_penalty=(P * P).sum(0) @ p.user_reg))
 
 
 def _gram(X: torch.Tensor) -> torch.Tensor:
@@ -106,22 +107,24 @@ class _HalfStepOperator:
     def _fixed_gram(self) -> torch.Tensor:
         return _gram(self.Y)
 
-    def total(self, value: float) -> float:
+    def total(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
-    def _observed(self, X: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    def _observed(self, X: torch.Tensor, values: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(∂/∂X of the observed part Σ w (v − xᵀy)², that part): 2 Σ w (xᵀy − v) y."""
         # The observed op without autograd: it computes ∂/∂X in its forward pass anyway.
         loss, _, grad, _, _, _, _ = torch.ops.mf_ext.observed_mf_loss_and_grads(
             self.rows, self.cols, values, X, self.Y, None, None, self.p.weights, "sum", False,
             True, False, False, False, False)
-        return grad, float(loss)
+        return grad, loss
 
-    def _cells(self, X: torch.Tensor) -> float:
-        """The all-cells part ⟨X Xᵀ, Y Yᵀ⟩ of the op's loss."""
-        return float((_gram(X) * self.gram_Y).sum())
+    def _cells(self, X: torch.Tensor) -> torch.Tensor:
+        """The all-cells part ⟨X Xᵀ, Y Yᵀ⟩ of the op's loss, float64."""
+        return (_gram(X) * self.gram_Y).sum()
 
-    def _gradient(self, X: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    def _gradient(self, X: torch.Tensor, values: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(∂/∂X of the op's loss with unobserved weight 1 plus the L2 term Σ λ |x|², the observed
         part of the op's loss): 2 Σ w (xᵀy − v) y + 2 Y Yᵀ x + 2 λ x for every column x of X."""
         grad, loss = self._observed(X, values)
@@ -131,11 +134,11 @@ class _HalfStepOperator:
             grad.addmm_(self.gram_Y.to(X.dtype), X, alpha=2.0)
         return grad.addcmul_(self.reg2, X), loss
 
-    def residual_and_loss(self, X: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        """(b' − A' X, the op's loss at X): the op's loss is the observed part plus
+    def residual_and_loss(self, X: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(b' − A' X, the op's loss at X in float64): the op's loss is the observed part plus
         ⟨X Xᵀ, Y Yᵀ⟩."""
         gradient, observed = self._gradient(X, self.p.values)
-        return gradient.neg_(), self.total(observed) + self._cells(X)
+        return gradient.neg_(), self.total(observed.double()) + self._cells(X)
 
     def apply(self, D: torch.Tensor) -> torch.Tensor:
         """A' D: the gradient with values 0 has no b' part."""
@@ -144,17 +147,18 @@ class _HalfStepOperator:
 
 @torch.no_grad()
 def _cg_half_step(X: torch.Tensor, system: _HalfStepOperator, steps: int,
-                  fixed_penalty: float = 0.0) -> float:
+                  fixed_penalty: Union[torch.Tensor, float] = 0.0) -> torch.Tensor:
     """`steps` CG steps on A_k x_k = b_k (`system`) for every column k of X at once (one step
     length per column), starting from X; X is updated in place. Every column's step is its own,
     so the loop runs on any block of the columns (the rows a process holds); the objective's
     sums over columns go through system.total. Returns the objective at the new X (with
-    `fixed_penalty`, the other side's L2 term). The objective is f(X) = ⟨X, A X − 2b⟩ + const,
+    `fixed_penalty`, the other side's L2 term) as a float64 tensor (no host synchronization).
+    The objective is f(X) = ⟨X, A X − 2b⟩ + const,
     so with δ the update, f(X0 + δ) − f(X0) = ⟨δ, A δ − 2 r0⟩ (r0 = b − A X0), and A δ = r0 − r
     for the final residual r = r0 − Σ step · A d: the change is −⟨δ, r0 + r⟩ (halved: the
     residuals here are of the doubled system)."""
     residual, loss = system.residual_and_loss(X)
-    start = loss - system.constant + system.total(float((X * X).sum(0) @ system.reg)) \
+    start = loss - system.constant + system.total(((X * X).sum(0) @ system.reg).double()) \
         + fixed_penalty
     first_residual = residual.clone()
     delta = torch.zeros_like(X)
@@ -173,5 +177,5 @@ def _cg_half_step(X: torch.Tensor, system: _HalfStepOperator, steps: int,
                                                         0), direction)
         norm = new_norm
     X.add_(delta)
-    return start - 0.5 * system.total(float(torch.linalg.vecdot(
-        delta.double(), first_residual.double().add_(residual.double()), dim=0).sum()))
+    return start - 0.5 * system.total(torch.linalg.vecdot(
+        delta.double(), first_residual.double().add_(residual.double()), dim=0).sum())

@@ -8,6 +8,8 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from mf_ext.data import Ratings
+
 _WHO = "mf_ext.ImplicitMatrixFactorization.fit"
 
 
@@ -28,22 +30,27 @@ def as_interactions(users: Any, items: Any = None, weights: Any = None,
                     who: str = _WHO, allow_empty: bool = False) -> Interactions:
     """Interactions from (users, items[, weights]) array-likes, a pandas DataFrame (columns
     user/item, userId/movieId or user_id/item_id, plus an optional weight/count/rating column;
-    else the first two or three columns) or a scipy.sparse users × items matrix (row index =
-    user, column index = item, stored values = strengths; stored zeros are no interaction).
+    else the first two or three columns), a scipy.sparse users × items matrix (row index =
+    user, column index = item, stored values = strengths; stored zeros are no interaction) or
+    an mf_ext.Ratings (from load_ratings or the splits; its ratings are the strengths, as the
+    fit-implicit command reads a file's third column).
 
     Strengths must be finite and >= 0; pairs of strength 0 are dropped (no interaction), and a
     pair given several times counts once with the sum of its strengths. The result is
     ordered by (user, item), so that the order of the input does not change the model. No
     interaction at all is an error unless `allow_empty` (one rank's share of a sharded fit)."""
     if items is None and weights is None:
-        if hasattr(users, "tocoo") and hasattr(users, "shape"):  # scipy.sparse
+        if isinstance(users, Ratings):
+            users, items, weights = users.users, users.items, users.ratings
+        elif hasattr(users, "tocoo") and hasattr(users, "shape"):  # scipy.sparse
             coo = users.tocoo()
             users, items, weights = coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data
         elif hasattr(users, "columns") and hasattr(users, "iloc"):  # pandas DataFrame
             users, items, weights = _frame_columns(users, who)
         else:
-            raise TypeError(f"{who}: pass users and items (and optional weights), a DataFrame or "
-                            f"a scipy.sparse users x items matrix, got {type(users).__name__}")
+            raise TypeError(f"{who}: pass users and items (and optional weights), a DataFrame, "
+                            f"a scipy.sparse users x items matrix or an mf_ext.Ratings, got "
+                            f"{type(users).__name__}")
     elif items is None:
         raise TypeError(f"{who}: weights given without items")
     users, items = np.asarray(users), np.asarray(items)
@@ -80,7 +87,7 @@ def _strengths(weights: Any, count: int, who: str) -> np.ndarray:
 
 
 def merge_duplicates(users: np.ndarray, items: np.ndarray, strengths: np.ndarray
-                      ) -> Interactions:
+                     ) -> Interactions:
     """One entry per distinct pair, ordered by (user id, item id): the same interactions in any
     order give the same arrays, hence the same model."""
     user_ids, u = np.unique(users, return_inverse=True)

@@ -69,7 +69,7 @@ class MatrixFactorizationConfig(Config):
                              "MatrixFactorization)", cli=True)
     implicit: Optional[bool] = setting(
         None, Flag(), "SVD++ term: add |N(u)|^-1/2 sum of y_j over the user's training items "
-                      "(None: on unless shard_factors, which does not implement it)")
+                      "(None: on)")
     implicit_reg_scale: float = setting(7.0, NONNEGATIVE,
                                         "the L2 on the y_j is reg times this (per count)")
     batch_size: Optional[int] = setting(
@@ -135,8 +135,7 @@ class MatrixFactorization(TopN, Estimator):
     0.928 at 1x, 0.903 at 10x with β = 1; with β = 0.75, 7x and bias_reg 0.8 beat 10x and 0.5
     by 0.0008 on ML-100K and tied on ML-1M). After fit, P holds the whole user vectors
     p_u + |N(u)|^-½ Σ y_j (what predict, recommend, the top-N methods and a saved file use) and
-    Y the y_j. The term is not implemented with shard_factors (implicit=None leaves it off there;
-    fit refuses implicit=True).
+    Y the y_j. With shard_factors the y_j are sharded with Q's rows (docs/distributed.md).
 
     reg (default None) is default_reg(N, n): it shrinks as the items get more ratings each;
     the value a fit used is `effective_reg`.
@@ -145,7 +144,7 @@ class MatrixFactorization(TopN, Estimator):
         rank: latent dimension r. epochs: maximum passes. lr: Adam's learning rate.
         reg, bias_reg: the L2 weights above (reg None: default_reg). bias_count_exponent: α
         above, in [0, 1]. factor_count_exponent: β above, in [0, 1]. implicit: the SVD++ term
-        (None: on unless shard_factors).
+        (None, the default: on).
         implicit_reg_scale: y_j's penalty over q_j's.
         batch_size: None for full-batch Adam (the notebook's optimizer), else mini-batches of
         that many ratings, reshuffled each epoch.
@@ -170,8 +169,8 @@ class MatrixFactorization(TopN, Estimator):
     FORMAT_VERSION = FORMAT_VERSION
     # The saved tensors that a sharded model splits by rows: (which rows, how they join).
     SHARDED_STATE = {"P": ("users", 1), "Q": ("items", 1), "user_bias": ("users", 0),
-                     "item_bias": ("items", 0), "rated_indptr": ("users", "indptr"),
-                     "rated_indices": ("users", 0)}
+                     "item_bias": ("items", 0), "Y": ("items", 1),
+                     "rated_indptr": ("users", "indptr"), "rated_indices": ("users", 0)}
 
     # ------------------------------------------------------------------ fitting
 
@@ -190,9 +189,6 @@ class MatrixFactorization(TopN, Estimator):
         `validation`, and all ranks end with the same model (docs/distributed.md); with
         shard_factors=True, each with its block of the rows."""
         data = as_ratings(users, items, ratings)
-        if self.implicit is True and self.shard_factors:
-            raise ValueError(f"{self._who}.fit: implicit=True (the SVD++ term) is not implemented "
-                             f"with shard_factors=True; pass implicit=False")
         group = training_group(distributed, self.config)
         _check_finite(data)
         generator, rng = self._random_sources()
@@ -260,9 +256,9 @@ class MatrixFactorization(TopN, Estimator):
                         item_counts.pow(self.bias_count_exponent))
         factor_weights = (user_counts.pow(self.factor_count_exponent),
                           item_counts.pow(self.factor_count_exponent))
-        # N(u): the training pairs of every rank (never `data`'s held-out share, nor a test pair)
-        history = UserHistory(*group.rated_pairs(rows.cpu().numpy(), cols.cpu().numpy()), m, n,
-                              dev, dt) if self._implicit_on() else None
+        # N(u): the training pairs (never `data`'s held-out share, nor a test pair) of every
+        # rank, or, sharded, of this rank's users (all of their pairs are here)
+        history = group.user_history(rows, cols, m, n, dev, dt) if self._implicit_on() else None
         return _TrainingData(rows, cols, values - self.global_mean, user_counts, item_counts,
                              bias_weights, factor_weights, history)
 
@@ -279,7 +275,7 @@ class MatrixFactorization(TopN, Estimator):
                   torch.zeros(len(users), dtype=dt, device=dev, requires_grad=True),
                   torch.zeros(len(items), dtype=dt, device=dev, requires_grad=True)]
         self.P, self.Q, self.user_bias, self.item_bias = params
-        self.Y = torch.zeros(r, len(self.item_map), dtype=dt, device=dev, requires_grad=True) \
+        self.Y = torch.zeros(r, len(items), dtype=dt, device=dev, requires_grad=True) \
             if self._implicit_on() else None
         return params if self.Y is None else params + [self.Y]
 
@@ -294,9 +290,10 @@ class MatrixFactorization(TopN, Estimator):
         for batch, count in group.batches(data.residual.numel(), self.batch_size, rng):
             r_, c_, v_ = (data.rows, data.cols, data.residual) if batch is None else (
                 data.rows[batch], data.cols[batch], data.residual[batch])
-            c_, Q, item_bias = group.gather_items(c_, self.Q, self.item_bias)  # sharded: fetched
+            # sharded: fetched from their owners (Y: the rows of every item in N(u))
+            c_, Q, item_bias, Y = group.gather_items(c_, self.Q, self.item_bias, self.Y)
             # The user vectors with the implicit term, for all users: O(|N| r) per step
-            users = data.history.user_vectors(self.P, self.Y) if data.history else self.P
+            users = data.history.user_vectors(self.P, Y) if data.history else self.P
             loss = group.batch_loss(
                 lambda reduction: observed_mf_loss(r_, c_, v_, users, Q, self.user_bias,
                                                    item_bias, reduction=reduction), count)
@@ -373,8 +370,8 @@ class MatrixFactorization(TopN, Estimator):
         return {"rmse": float(np.sqrt(np.mean(error ** 2))), "mae": float(np.mean(np.abs(error)))}
 
     def _implicit_on(self) -> bool:
-        """implicit resolved: None means on, except with shard_factors."""
-        return bool(self.implicit) if self.implicit is not None else not self.shard_factors
+        """implicit resolved: None means on."""
+        return self.implicit is not False
 
     def _user_factors(self) -> torch.Tensor:
         """The user vectors predictions use: P, plus the implicit term during a fit (after it,
@@ -382,8 +379,8 @@ class MatrixFactorization(TopN, Estimator):
         history = getattr(self, "_history", None)
         if history is None:
             return self.P
-        with torch.no_grad():
-            return history.user_vectors(self.P, self.Y)
+        with torch.no_grad():  # sharded: columns() fetches the y_j of N(u), a collective
+            return history.user_vectors(self.P, history.columns(self.Y))
 
     def _set_rated(self, user_index: np.ndarray, item_index: np.ndarray, m: int) -> None:
         """What each user rated, as CSR arrays (for recommend to skip)."""

@@ -109,11 +109,19 @@ def load_shards(manifest: Dict[str, Any], path: str, layout: Dict[str, Tuple[str
                                  f"{reached[kind]}")
             reached[kind] = entry[kind][1]
         for key in layout:
-            parts[key].append(shard[key])
+            parts[key].append(shard.get(key))  # None: a tensor this model has not (Y without
+            # the SVD++ term), or one that shards written before it was sharded did not hold
     if reached != extents:
         raise ValueError(f"{who}: the shards of {path!r} hold {reached} rows, the manifest "
                          f"says {extents}")
     for key, (_, join) in layout.items():
+        missing = [k for k, part in enumerate(parts[key]) if part is None]
+        if len(missing) == len(shards):
+            state.setdefault(key, None)  # the manifest's value (None) if it has the key
+            continue
+        if missing:
+            raise ValueError(f"{who}: the shards {missing} of {path!r} hold no {key!r}, the "
+                             f"others do: they are not of one model")
         state[key] = _join_csr_indptr(parts[key]) if join == "indptr" else \
             torch.cat(parts[key], dim=join)
     return state

@@ -1,15 +1,19 @@
 """Factors sharded row-wise across torch.distributed ranks: MatrixFactorization(shard_factors=True)
 (docs/distributed.md, "Sharded factors").
 
-Rank k of P holds a contiguous block of the user rows and one of the item rows of the factors and
-biases (and, through its optimizer, their Adam state): the users with indices in
-[m·k/P, m·(k+1)/P) of the sorted id map (np.array_split's blocks), the items likewise. The fit
-moves each rating to its user's owner, so user rows are always local. Every step:
+Rank k of P holds a contiguous block of the user rows and one of the item rows of the factors,
+biases and SVD++ item factors y_j (and, through its optimizer, their Adam state): blocks of the
+sorted id maps balanced in training ratings with a bound on rows (mf_ext/shard_blocks.py), agreed
+from the global counts. The fit moves each rating to its user's owner, so user rows are always
+local, and so is each user's history N(u) (its training items). Every step:
 
   1. each rank asks the owners for the item rows its ratings touch (the ids once per fit for the
      full batch, once per step for mini-batches) and receives them: an all-to-all of (r + 1)-wide
-     rows, factor column and bias;
-  2. the fused op runs on the local user block and the gathered item block (indices remapped);
+     rows, factor column and bias, (2r + 1)-wide with the y_j column beside; with the SVD++ term
+     the rows are those of every item of the rank's training ratings (its users' N(u)), every
+     step, the batch's among them;
+  2. the fused op runs on the local user block and the gathered item block (indices remapped),
+     the user vectors being p_u + |N(u)|^-½ Σ y_j over the gathered y_j;
   3. the gathered rows' gradients go back by the reverse all-to-all, summed at the owner (to the
      gradient of the owner's share of the L2 penalty);
   4. every rank applies Adam to all of its rows.
@@ -31,7 +35,9 @@ import torch
 import torch.distributed as dist
 
 from mf_ext.data import IdMap, Ratings
-from mf_ext.distributed import DataParallel, _block
+from mf_ext.distributed import DataParallel
+from mf_ext.shard_blocks import balanced_blocks
+from mf_ext.user_history import UserHistory
 
 # The settings sharded training is written for. A setting added to the model later is refused
 # (named in the error) unless it is off (None, False or 0) until someone adds it here.
@@ -39,7 +45,7 @@ SUPPORTED_SETTINGS = frozenset({
     "rank", "epochs", "lr", "reg", "bias_reg", "bias_count_exponent", "factor_count_exponent",
     "batch_size",
     "validation_fraction", "patience", "init_std", "lr_schedule", "clip", "seed", "device",
-    "dtype", "shard_factors", "implicit_reg_scale"})  # the last: no effect without implicit
+    "dtype", "shard_factors", "implicit", "implicit_reg_scale"})
 
 
 def sharded_factors(distributed: Optional[bool], settings, kind: Optional[type] = None
@@ -81,6 +87,8 @@ class ShardInfo:
     n_items: int
     users: Tuple[int, int]            # [start, stop) of the user indices held here
     items: Tuple[int, int]
+    user_starts: Tuple[int, ...] = ()  # every rank's first user index, then m (the layout)
+    item_starts: Tuple[int, ...] = ()
     steps: int = 0                    # optimizer steps taken
     gathered_rows: int = 0            # the most item rows one step gathered
     bytes_sent: Dict[str, int] = field(default_factory=dict)
@@ -91,6 +99,7 @@ class _Plan:
     """Who sends which item rows to whom for one index set (a batch's item indices)."""
 
     remapped: torch.Tensor        # each index's position in the gathered block (−1 stays −1)
+    needed: torch.Tensor          # the gathered block's item indices, sorted
     want_counts: List[int]        # rows this rank receives from each owner
     serve_counts: List[int]       # rows this rank sends to each rank
     serve_index: torch.Tensor     # the local item index of each row served, in send order
@@ -121,6 +130,7 @@ class ShardedFactors(DataParallel):
         self.info: Optional[ShardInfo] = None
         self._plans: Dict[str, Tuple[Any, _Plan]] = {}  # per purpose: (index tensor, its plan)
         self._pending: Optional[tuple] = None           # the last gather, for its gradients
+        self._history_cols: Optional[torch.Tensor] = None  # the items of N(u) (SVD++ term)
 
     @classmethod
     def of_model(cls, model) -> "ShardedFactors":
@@ -134,26 +144,42 @@ class ShardedFactors(DataParallel):
                                f"{info.world_size}'s shard of the factors, but this process is "
                                f"{here}; save() it on every rank and load() the file")
         group = cls(model.device)
-        group._set_layout(info.n_users, info.n_items)
+        group._set_layout(info.user_starts, info.item_starts)
         group.info = info
         return group
 
     # ---------------------------------------------------------------- agreement, once per fit
+    # The blocks: balanced in ratings, bounded in rows (mf_ext/shard_blocks.py).
 
     def id_maps(self, train: Ratings) -> Tuple[IdMap, IdMap]:
-        """DataParallel's maps; then this rank's blocks of users and items."""
+        """DataParallel's maps; then the global training counts of every user and item (one
+        all-reduce of m + n values) and from them every rank's blocks of users and items. Each
+        rank keeps its blocks' counts (sum_counts), not the m + n."""
         user_map, item_map = super().id_maps(train)
-        self._set_layout(len(user_map), len(item_map))
+        m, n = len(user_map), len(item_map)
+        counts = torch.from_numpy(np.concatenate([
+            np.bincount(user_map.index(train.users), minlength=m),
+            np.bincount(item_map.index(train.items), minlength=n)]).astype(np.int64))
+        with self._collective("count all-reduce"):
+            dist.all_reduce(counts)
+        counts = counts.numpy()
+        self._set_layout(balanced_blocks(counts[:m], self.world_size),
+                         balanced_blocks(counts[m:], self.world_size))
+        self._block_counts = (counts[self.user_rows.start:self.user_rows.stop].copy(),
+                              counts[m + self.item_rows.start:m + self.item_rows.stop].copy())
         return user_map, item_map
 
-    def _set_layout(self, m: int, n: int) -> None:
-        world = self.world_size
-        self.user_starts = np.array([_block(m, k, world)[0] for k in range(world)] + [m])
-        self.item_starts = np.array([_block(n, k, world)[0] for k in range(world)] + [n])
+    def _set_layout(self, user_starts: Sequence[int], item_starts: Sequence[int]) -> None:
+        """Rank k holds users [user_starts[k], user_starts[k + 1]) and the items likewise."""
+        self.user_starts = np.asarray(user_starts, dtype=np.int64)
+        self.item_starts = np.asarray(item_starts, dtype=np.int64)
         self.user_rows = range(*self.user_starts[self.rank:self.rank + 2].tolist())
         self.item_rows = range(*self.item_starts[self.rank:self.rank + 2].tolist())
-        self.info = ShardInfo(self.rank, world, m, n, (self.user_rows.start, self.user_rows.stop),
-                              (self.item_rows.start, self.item_rows.stop))
+        self.info = ShardInfo(self.rank, self.world_size, int(self.user_starts[-1]),
+                              int(self.item_starts[-1]),
+                              (self.user_rows.start, self.user_rows.stop),
+                              (self.item_rows.start, self.item_rows.stop),
+                              tuple(self.user_starts.tolist()), tuple(self.item_starts.tolist()))
 
     def shard_info(self) -> ShardInfo:
         return self.info
@@ -173,11 +199,21 @@ class ShardedFactors(DataParallel):
 
     def sum_counts(self, user_counts: torch.Tensor, item_counts: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """user_counts (this rank's users) are complete, as their ratings are all here;
-        item_counts (all items) are summed over the ranks and cut to this rank's items."""
-        with self._collective("count all-reduce"):
-            dist.all_reduce(item_counts)
-        return user_counts, item_counts[self.item_rows.start:self.item_rows.stop].clone()
+        """The counts of this rank's users and items, summed over the ranks in id_maps (the
+        local bincounts given here are not needed)."""
+        users, items = self._block_counts
+        return (torch.as_tensor(users, device=user_counts.device),
+                torch.as_tensor(items, device=item_counts.device))
+
+    def user_history(self, rows: torch.Tensor, cols: torch.Tensor, m: int, n: int,
+                     device: torch.device, dtype: torch.dtype) -> UserHistory:
+        """N(u) of this rank's users: their training pairs, all here (localize moved them), with
+        the items counted in the block of rows the SVD++ term gathers (those of `cols`, every
+        step). Plans that exchange once per fit (a collective)."""
+        self._history_cols = cols
+        plan = self._plan("train", cols)
+        return _GatheredHistory(self, plan, rows.cpu().numpy(), plan.remapped.cpu().numpy(),
+                                m, len(plan.needed), device, dtype)
 
     def to_owners(self, ratings: Optional[Ratings], model) -> Optional[_Owned]:
         """Ratings (raw ids) moved to their user's owner; those of unknown users stay here."""
@@ -193,33 +229,42 @@ class ShardedFactors(DataParallel):
 
     # ---------------------------------------------------------------- every step
 
-    def gather_items(self, cols: torch.Tensor, Q: torch.Tensor, item_bias: torch.Tensor
-                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gather_items(self, cols: torch.Tensor, *items: Optional[torch.Tensor]
+                     ) -> Tuple[Optional[torch.Tensor], ...]:
         """The item rows the batch's `cols` touch, fetched from their owners: (cols remapped to
-        the gathered block, its factor columns (r, g), its biases (g,)), both leaves that
-        collect the batch's gradients for all_reduce_gradients to send back."""
-        plan = self._plan("train", cols)
-        Q_g, bias_g = self._fetch(plan, Q, item_bias)
-        Q_g.requires_grad_(True)
-        bias_g.requires_grad_(True)
-        self._pending = (plan, Q_g, bias_g, Q, item_bias)
-        self.info.gathered_rows = max(self.info.gathered_rows, len(bias_g))
-        return plan.remapped, Q_g, bias_g
+        the gathered block, then each of `items` (Q (r, n), item_bias (n,), and Y (r, n) or
+        None) at the gathered rows), leaves that collect the batch's gradients for
+        all_reduce_gradients to send back. With the SVD++ term (user_history called) the block
+        is every item of this rank's training ratings, whatever the batch: N(u) needs them."""
+        if self._history_cols is not None:
+            plan = self._plan("train", self._history_cols)
+            remapped = plan.remapped if cols is self._history_cols else \
+                torch.searchsorted(plan.needed, cols)  # a mini-batch's items, all in the block
+        else:
+            plan = self._plan("train", cols)
+            remapped = plan.remapped
+        owned = [t for t in items if t is not None]
+        gathered = self._fetch(plan, owned)
+        for t in gathered:
+            t.requires_grad_(True)
+        self._pending = (plan, gathered, owned)
+        self.info.gathered_rows = max(self.info.gathered_rows, len(plan.needed))
+        found = iter(gathered)
+        return (remapped,) + tuple(None if t is None else next(found) for t in items)
 
     def all_reduce_gradients(self, params: Sequence[torch.Tensor], batch_loss: torch.Tensor,
                              count: int) -> float:
         """Sends the gathered rows' gradients back to their owners, which add them to their
         rows' gradients; returns the step's squared-error sum over all ranks."""
-        plan, Q_g, bias_g, Q, item_bias = self._pending
+        plan, gathered, owned = self._pending
         self._pending = None
-        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in (Q_g, bias_g)]
-        back = self._all_to_all(torch.cat([grads[0].T, grads[1][:, None]], 1),
-                                plan.want_counts, plan.serve_counts, "item-gradient")
-        for param in (Q, item_bias):
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in gathered]
+        back = self._all_to_all(_as_rows(grads), plan.want_counts, plan.serve_counts,
+                                "item-gradient")
+        for param, grad in zip(owned, _from_rows(back, owned)):
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        Q.grad.index_add_(1, plan.serve_index, back[:, :-1].T)
-        item_bias.grad.index_add_(0, plan.serve_index, back[:, -1])
+            param.grad.index_add_(param.dim() - 1, plan.serve_index, grad)
         loss_sum = (batch_loss.detach() * count).to(self.comm_device, torch.float64).reshape(1)
         with self._collective("loss all-reduce"):
             dist.all_reduce(loss_sum)
@@ -228,12 +273,13 @@ class ShardedFactors(DataParallel):
 
     def prediction_errors(self, model, ratings: _Owned) -> np.ndarray:
         """prediction − rating of the held-out ratings this rank holds (to_owners' form), with
-        the item rows fetched from their owners."""
+        the item rows fetched from their owners (and, during a fit with the SVD++ term, the
+        y_j of N(u), by model._user_factors)."""
         plan = self._plan("predict", ratings.items)
-        Q_g, bias_g = self._fetch(plan, model.Q, model.item_bias, "predict")
+        Q_g, bias_g = self._fetch(plan, [model.Q, model.item_bias], "predict")
         # A rank may hold no users, or need no items: one zero row to index stands in (unknown
         # ids index row 0 and are masked out).
-        P, user_bias = _never_empty(model.P, model.user_bias)
+        P, user_bias = _never_empty(model._user_factors(), model.user_bias)
         Q_g, bias_g = _never_empty(Q_g, bias_g)
         predicted = model._predict_indices(ratings.users, plan.remapped, P, Q_g, user_bias,
                                            bias_g)
@@ -256,18 +302,19 @@ class ShardedFactors(DataParallel):
         want = torch.diff(torch.searchsorted(needed, bounds)).tolist()
         serve = self._exchange_counts(want, "item-id")
         requested = self._all_to_all(needed.reshape(-1, 1), want, serve, "item-id").reshape(-1)
-        plan = _Plan(remapped, want, serve,
+        plan = _Plan(remapped, needed, want, serve,
                      requested.to(self.device) - self.item_rows.start)
         self._plans[purpose] = (cols, plan)
         return plan
 
-    def _fetch(self, plan: _Plan, Q: torch.Tensor, item_bias: torch.Tensor,
-               purpose: str = "item-row") -> Tuple[torch.Tensor, torch.Tensor]:
-        """The planned item rows from their owners: (factor columns (r, g), biases (g,))."""
+    def _fetch(self, plan: _Plan, owned: Sequence[torch.Tensor], purpose: str = "item-row"
+               ) -> List[torch.Tensor]:
+        """The planned item rows of each of `owned` (this rank's block of an (r, n) factor or an
+        (n,) bias) from their owners, in the same forms: (r, g) and (g,)."""
         with torch.no_grad():
-            rows = torch.cat([Q[:, plan.serve_index].T, item_bias[plan.serve_index, None]], 1)
+            rows = _as_rows([t.index_select(t.dim() - 1, plan.serve_index) for t in owned])
         got = self._all_to_all(rows, plan.serve_counts, plan.want_counts, purpose)
-        return got[:, :-1].T.contiguous(), got[:, -1].contiguous()
+        return _from_rows(got, owned)
 
     # ---------------------------------------------------------------- transport
 
@@ -325,6 +372,36 @@ def _never_empty(factors: torch.Tensor, bias: torch.Tensor
     if len(bias):
         return factors, bias
     return factors.new_zeros(factors.shape[0], 1), bias.new_zeros(1)
+
+
+def _as_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(r, g) factors and (g,) biases side by side as g rows, one all-to-all's payload."""
+    return torch.cat([t.T if t.dim() == 2 else t[:, None] for t in tensors], 1)
+
+
+def _from_rows(rows: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """_as_rows undone: the columns of `rows` as tensors of the forms of `like`."""
+    out, at = [], 0
+    for t in like:
+        width = t.shape[0] if t.dim() == 2 else 1
+        part = rows[:, at:at + width]
+        out.append(part.T.contiguous() if t.dim() == 2 else part[:, 0].contiguous())
+        at += width
+    return out
+
+
+class _GatheredHistory(UserHistory):
+    """N(u) of a rank's users with the items counted in the gathered block of its training
+    items: its term takes y_j gathered with Q's rows (the step), and `columns` fetches them
+    for the predictions of the fit (a collective)."""
+
+    def __init__(self, group: ShardedFactors, plan: _Plan, users: np.ndarray,
+                 items: np.ndarray, m: int, g: int, device: torch.device, dtype: torch.dtype):
+        super().__init__(users, items, m, g, device, dtype)
+        self._group, self._plan = group, plan
+
+    def columns(self, Y: torch.Tensor) -> torch.Tensor:
+        return self._group._fetch(self._plan, [Y], "implicit-row")[0]
 
 
 def _unsupported(exc: RuntimeError) -> bool:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from mf_ext.implicit_solvers import ImplicitProblem, _cg_half_step, _gram, _HalfStepOperator, \
     frequency_reg
 from mf_ext.interactions import Interactions, merge_duplicates
-from mf_ext.sharded import ShardedFactors, _Plan, sharded_factors
+from mf_ext.sharded import ShardedFactors, _as_rows, _from_rows, _Plan, sharded_factors
 
 WHO = "mf_ext.ImplicitMatrixFactorization.fit"
 
@@ -98,17 +98,16 @@ class ShardedImplicit(ShardedFactors):
     def gather(self, plan: _Plan, X: torch.Tensor, what: str = "item-row") -> torch.Tensor:
         """The columns of the item-side X (r, n_k: this rank's items) that this rank's
         interactions touch, fetched from their owners: (r, g), in the plan's order."""
-        # (X.T[index]: the rows as one contiguous block, 3-4x faster than X[:, index].T here)
-        got = self._all_to_all(X.T[plan.serve_index], plan.serve_counts, plan.want_counts, what)
-        self.info.gathered_rows = max(self.info.gathered_rows, len(got))
-        return got.T
+        self.info.gathered_rows = max(self.info.gathered_rows, len(plan.needed))
+        return self._fetch(plan, [X], what)[0]
 
     def send_back(self, plan: _Plan, gathered: torch.Tensor, owned: torch.Tensor,
                   what: str = "item-gradient") -> torch.Tensor:
         """The reverse of gather: each rank's (r, g) columns go to their owners, which sum them
         into an (r, n_k) tensor like `owned`."""
-        back = self._all_to_all(gathered.T, plan.want_counts, plan.serve_counts, what)
-        return torch.zeros_like(owned).index_add_(1, plan.serve_index, back.T)
+        back = self._all_to_all(_as_rows([gathered]), plan.want_counts, plan.serve_counts, what)
+        return torch.zeros_like(owned).index_add_(1, plan.serve_index,
+                                                   _from_rows(back, [owned])[0])
 
     def gram(self, *blocks: torch.Tensor) -> List[torch.Tensor]:
         """Σ over the ranks of X_k X_kᵀ for each of `blocks` (this rank's (r, ·) columns), in
@@ -118,6 +117,10 @@ class ShardedImplicit(ShardedFactors):
     def sum_floats(self, values: List[float]) -> List[float]:
         """Every rank's `values` summed, in float64."""
         return self._all_reduce(torch.tensor(values, dtype=torch.float64), "loss").tolist()
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """A scalar tensor summed over the ranks, in float64 (a 0-dim tensor)."""
+        return self._all_reduce(value.double().reshape(1), "loss")[0]
 
     def _all_reduce(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         """Sums `tensor` over the ranks; bytes_sent counts its size (a ring sends about
@@ -181,8 +184,8 @@ def als_sweep(P: torch.Tensor, Q: torch.Tensor, group: ShardedImplicit, problem:
                              p.user_reg)
     _cg_half_step(P, users, cg_steps)
     items = _ShardedHalfStep(group, problem, Q, P, P, p.cols, p.rows, p.item_reg, problem.plan)
-    penalty = group.sum_floats([float((P * P).sum(0) @ p.user_reg)])[0]
-    loss = _cg_half_step(Q, items, cg_steps, fixed_penalty=penalty)
+    penalty = group.total((P * P).sum(0) @ p.user_reg)
+    loss = float(_cg_half_step(Q, items, cg_steps, fixed_penalty=penalty))
     group.info.steps += 1
     return loss
 
@@ -210,14 +213,15 @@ class _ShardedHalfStep(_HalfStepOperator):
         self.gram_X0, gram_Y = self.group.gram(self.X0, self.Y_held)
         return gram_Y
 
-    def total(self, value: float) -> float:
-        return self.group.sum_floats([value])[0]
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        return self.group.total(value)
 
-    def _cells(self, X: torch.Tensor) -> float:
+    def _cells(self, X: torch.Tensor) -> torch.Tensor:
         # asked once, at the half-step's start X0, whose Gram came with Y's
-        return float((self.gram_X0 * self.gram_Y).sum())
+        return (self.gram_X0 * self.gram_Y).sum()
 
-    def _observed(self, X: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    def _observed(self, X: torch.Tensor, values: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.plan is None:
             return super()._observed(X, values)
         gathered, loss = super()._observed(self.group.gather(self.plan, X, "CG item-row"),

@@ -44,6 +44,11 @@ class UserHistory:
         """P + Y Sᵀ, or P itself when there is no implicit term (Y None)."""
         return P if Y is None else P + self.term(Y)
 
+    def columns(self, Y: torch.Tensor) -> torch.Tensor:
+        """The columns of a model's Y that S's columns index: all of Y here (a sharded fit's
+        history indexes the item rows its rank gathers, mf_ext/sharded.py)."""
+        return Y
+
 
 def _csr(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, m: int, n: int,
          device: torch.device, dtype: torch.dtype) -> torch.Tensor:

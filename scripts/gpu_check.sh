@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with an NVIDIA GPU where torch, pytest and nvcc are preinstalled
 # and nothing can be downloaded: builds the extension in place (CUDA kernels included), runs the
-# CUDA tests, the GPU benchmarks (dense, then observed entries) and then the rest of the test
-# suite. Logs and result tables go to OUTDIR (7 files). Each step has its own timeout, cut to
+# CUDA tests, the GPU benchmarks (dense, observed entries, implicit) and then the rest of the
+# test suite. Logs and result tables go to OUTDIR (8 files). Each step has its own timeout, cut to
 # what is left of an overall budget (MF_EXT_GPU_CHECK_BUDGET_S, default 470 s), so the whole
 # check ends within 8 minutes and fits one device call. The most valuable steps come first;
 # the CPU suite, last, gets the time that is left (and pytest-xdist workers where installed).
@@ -62,6 +62,10 @@ step "benchmark: benchmarks/bench_observed_cuda.py"
 timeout "$(limit 90)" "$PY" benchmarks/bench_observed_cuda.py --out "$OUT/bench_observed_cuda.md" 2>&1 | tee -a "$OUT/bench.log"
 observed_rc=$?
 
+step "benchmark: benchmarks/bench_implicit_op.py --device cuda"
+timeout "$(limit 60)" "$PY" benchmarks/bench_implicit_op.py --device cuda --ranks 64 128 2>&1 | tee "$OUT/bench_implicit_cuda.md"
+implicit_rc=${PIPESTATUS[0]}
+
 # CI runs these on every change; here they check the GPU machine's other torch version.
 step "the rest of the suite (CPU tests) on this machine's torch"
 timeout "$(limit 600)" "$PY" -m pytest -q -p no:cacheprovider $workers -m "not gpu" tests 2>&1 \
@@ -69,5 +73,5 @@ timeout "$(limit 600)" "$PY" -m pytest -q -p no:cacheprovider $workers -m "not g
 cpu_rc=${PIPESTATUS[0]}
 tail -n 1 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
 
-step "done: CUDA tests rc=$cuda_rc, dense benchmark rc=$dense_rc, observed benchmark rc=$observed_rc, CPU tests rc=$cpu_rc"
-[ "$cuda_rc" -eq 0 ] && [ "$dense_rc" -eq 0 ] && [ "$observed_rc" -eq 0 ] && [ "$cpu_rc" -eq 0 ]
+step "done: CUDA tests rc=$cuda_rc, dense benchmark rc=$dense_rc, observed benchmark rc=$observed_rc, implicit benchmark rc=$implicit_rc, CPU tests rc=$cpu_rc"
+[ "$cuda_rc" -eq 0 ] && [ "$dense_rc" -eq 0 ] && [ "$observed_rc" -eq 0 ] && [ "$implicit_rc" -eq 0 ] && [ "$cpu_rc" -eq 0 ]

@@ -47,10 +47,20 @@ def uneven(data, rank: int, world: int):
     return data.subset(np.arange(cuts[rank], cuts[rank + 1]))
 
 
+def by_owner(data, rank: int, world: int):
+    """The ratings of the users rank `rank` owns in a sharded fit of `data` (no hold-out), in
+    their order in `data`: the fit moves none of them."""
+    from mf_ext.shard_blocks import balanced_blocks
+
+    _, user, counts = np.unique(data.users, return_inverse=True, return_counts=True)
+    starts = balanced_blocks(counts, world)
+    return data.subset(np.flatnonzero((user >= starts[rank]) & (user < starts[rank + 1])))
+
+
 def state(model) -> dict:
     """The rows a rank holds, and what the tests compare."""
     return {"P": model.P, "Q": model.Q, "user_bias": model.user_bias,
-            "item_bias": model.item_bias, "global_mean": model.global_mean,
+            "item_bias": model.item_bias, "Y": model.Y, "global_mean": model.global_mean,
             "shard": model.shard, "interrupted": model.interrupted,
             "history": [(h.train_rmse, h.val_rmse) for h in model.history],
             "best_epoch": model.best_epoch}
@@ -63,14 +73,15 @@ def fit(settings, data, **kwargs):
 
 
 def scenarios_of_three(rank: int, world: int, out_dir: str) -> dict:
-    from mf_ext import Ratings
+    from mf_ext import MatrixFactorization, Ratings
     from mf_ext.distributed import shard_ratings
     from mf_ext.sharded import ShardedFactors
 
     out = {}
     data = Ratings(*synthetic())
-    model = fit(FLOAT64, shard_ratings(data, rank, world))
+    model = fit(FLOAT64, shard_ratings(data, rank, world))  # with the SVD++ term (the default)
     out["float64"] = state(model)
+    out["explicit"] = state(fit(dict(FLOAT64, implicit=False), shard_ratings(data, rank, world)))
     # evaluate, a collective, on any split of other ratings (with unknown users and items)
     test = Ratings(*synthetic(m=70, n=45, seed=5))
     out["evaluate"] = model.evaluate(uneven(test, rank, world))
@@ -89,12 +100,17 @@ def scenarios_of_three(rank: int, world: int, out_dir: str) -> dict:
     interrupted.save(os.path.join(out_dir, "interrupted.pt"))
     out["uneven"] = state(fit(FLOAT64, uneven(data, rank, world)))
     out["tiny"] = state(fit(TINY, uneven(tiny_ratings(), rank, world)))
-    out["minibatch"] = state(fit(MINIBATCH, shard_ratings(data, rank, world)))
+    out["minibatch"] = state(fit(dict(MINIBATCH, implicit=False),
+                                 shard_ratings(data, rank, world)))
+    # each rank given its own users' ratings: the sharded fit draws the data-parallel batches
+    owned = by_owner(data, rank, world)
+    out["minibatch_owned"] = (state(fit(MINIBATCH, owned)),
+                              state(MatrixFactorization(**MINIBATCH).fit(owned)))
     out["float32"] = state(fit(dict(FLOAT64, dtype=torch.float32), shard_ratings(data, rank,
                                                                                 world)))
     # the send/recv transport against all_to_all_single, on rows of uneven counts
     group = ShardedFactors(torch.device("cpu"))
-    group._set_layout(10, 10)
+    group._set_layout([0, 3, 6, 10], [0, 3, 6, 10])
     counts = [[0, 3, 1], [2, 0, 4], [5, 1, 0]]
     send = torch.arange(sum(counts[rank]) * 3, dtype=torch.float64).reshape(-1, 3) + 100 * rank
     receive = [counts[k][rank] for k in range(world)]

@@ -327,6 +327,23 @@ def test_bad_input(backend, overrides, exc, message):
     assert "c10::" not in str(info.value) and "Exception raised from" not in str(info.value)
 
 
+@cases(lambda backend, **_: backend == "cuda")
+@pytest.mark.parametrize("bad", [-2.0, float("nan")])
+def test_cuda_bad_weight_raises_from_the_next_call(backend, bad):
+    """No host synchronization per call: a negative or NaN weight gives the call a NaN loss and is
+    raised, with its position and value, by the device's next call; the call after that runs."""
+    args = problem(4, 3, 2, 5, device=backend.device)
+    args["weights"][3] = bad
+    assert torch.isnan(implicit_mf_loss(**args))
+    torch.cuda.synchronize()
+    good = problem(4, 3, 2, 5, device=backend.device)
+    with pytest.raises(ValueError, match=rf"weights\[3\] = {bad:g} is not allowed.* \[found on "
+                                         r"cuda(:\d+)? by an earlier call, whose loss was set "
+                                         r"to NaN\]"):
+        implicit_mf_loss(**good)
+    assert torch.isfinite(implicit_mf_loss(**good))
+
+
 @cases(lambda backend, **_: backend == "cpu")
 def test_fake_kernel_checks_match_the_kernel(backend):
     """The fake kernel (meta tensors) raises what the CPU kernel raises, for the checks that need

@@ -7,6 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from mf_ext.cli import main
+from mf_ext.data import Ratings
 from mf_ext.implicit_model import ImplicitMatrixFactorization
 from mf_ext.implicit_solvers import als_sweep, make_problem
 from mf_ext.metrics import evaluate_ranking
@@ -128,17 +129,18 @@ def test_seed_reproduces_a_run():
     assert not torch.equal(a.P, small(seed=4).fit(users, items).P)
 
 
-def test_arrays_dataframe_and_sparse_matrix_give_the_same_model():
+def test_arrays_dataframe_sparse_matrix_and_ratings_give_the_same_model():
     users, items, _, _ = planted()
     counts = np.random.default_rng(2).integers(1, 5, len(users)).astype(float)
     a = small(scaling="log").fit(users, items, counts)
     b = small(scaling="log").fit(pd.DataFrame({"user": users, "item": items, "count": counts}))
     c = small(scaling="log").fit(sp.csr_matrix((counts, (users, items)), shape=(M, N)))
+    e = small(scaling="log").fit(Ratings(users, items, counts))  # third column: the weights
     # the same pair twice adds up: (u, i, 1) + (u, i, count - 1) is (u, i, count)
     twice = counts > 1
     d = small(scaling="log").fit(np.r_[users, users[twice]], np.r_[items, items[twice]],
                                  np.r_[np.where(twice, 1, counts), counts[twice] - 1])
-    for other in (b, c, d):
+    for other in (b, c, d, e):
         assert torch.equal(a.P, other.P) and torch.equal(a.Q, other.Q)
 
 
@@ -167,6 +169,23 @@ def test_string_ids_and_save_load_round_trip(tmp_path):
     assert loaded.recommend("u3", k=4) == model.recommend("u3", k=4)
     assert not set(i for i, _ in model.recommend("u3", k=30)) & {
         f"item {i}" for i in items[users == 3]}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", ["als", "adam"])
+def test_cuda_fit_matches_the_cpu_fit(solver):
+    """The same seeded float64 fit on the GPU and on the CPU (the CUDA observed op sums with
+    atomics, so the last bits differ), and the GPU model recommends like the CPU one."""
+    users, items, _, _ = planted()
+    strengths = np.random.default_rng(1).integers(1, 4, len(users)).astype(float)
+    cpu = small(solver=solver, dtype=torch.float64).fit(users, items, strengths)
+    gpu = small(solver=solver, dtype=torch.float64, device="cuda").fit(users, items, strengths)
+    assert gpu.P.is_cuda and gpu.Q.is_cuda
+    torch.testing.assert_close(gpu.P.cpu(), cpu.P, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gpu.Q.cpu(), cpu.Q, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(gpu.losses, cpu.losses, rtol=1e-10)
+    got, want = gpu.recommend_batch(np.arange(M), k=5), cpu.recommend_batch(np.arange(M), k=5)
+    np.testing.assert_array_equal(got[0], want[0])
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -3,8 +3,8 @@
 One launch of 3 processes (tests/sharded_worker.py) runs every multi-process scenario in turn,
 3 ranks then 2, under a hard timeout; the rest runs in this process, in one-rank groups."""
 
-import dataclasses
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,27 +14,30 @@ import torch.distributed as dist
 from distributed_worker import synthetic
 from mf_ext import MatrixFactorization, Ratings
 from mf_ext.distributed import draw_normal
+from mf_ext.shard_blocks import ROW_SLACK, balanced_blocks
 from helpers import NEEDS_GLOO, group_of_one, launched_ranks, one_thread  # noqa: F401
 from sharded_worker import (EARLY_STOPPING, FAILING_EPOCH, FLOAT64, GROUP_TIMEOUT_S,
                             INTERRUPT_AT, MINIBATCH, TINY, tiny_ratings)
 
-ROWS = ("P", "Q", "user_bias", "item_bias")
+ROWS = ("P", "Q", "user_bias", "item_bias", "Y")
 
 pytestmark = NEEDS_GLOO
 ranks = launched_ranks("sharded_worker.py", timeout_s=150)
 
 
 def single(settings, data):
-    # the SVD++ term is off in sharded fits (implicit=None), so off in the reference too
-    return MatrixFactorization(**dict(settings, implicit=False)).fit(data)
+    return MatrixFactorization(**settings).fit(data)
 
 
 def assert_rows_equal(got, ref, rtol=1e-9):
     """The ranks' rows, joined in rank order, equal the single-process model's (relative to the
-    largest entry of each tensor)."""
+    largest entry of each tensor); Y (the SVD++ term's y_j) on both or on neither."""
     for name in ROWS:
-        joined = torch.cat([g[name] for g in got], dim=1 if name in "PQ" else 0)
         want = getattr(ref, name)
+        if name == "Y" and want is None:
+            assert all(g[name] is None for g in got)
+            continue
+        joined = torch.cat([g[name] for g in got], dim=1 if name in "PQY" else 0)
         assert joined.shape == want.shape, name
         scale = want.double().abs().max()
         assert ((joined.double() - want.double()).abs().max() / scale).item() <= rtol, name
@@ -42,18 +45,32 @@ def assert_rows_equal(got, ref, rtol=1e-9):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_full_batch_float64_equals_the_single_process_fit(ranks, world):
-    ref = single(FLOAT64, Ratings(*synthetic()))
+    data = Ratings(*synthetic())
+    ref = single(FLOAT64, data)
+    assert ref.Y is not None  # the SVD++ term is on by default, sharded or not
     got = ranks[0][world]
     assert_rows_equal([g["float64"] for g in got], ref)
     for g in got:
         np.testing.assert_allclose([t for t, _ in g["float64"]["history"]],
                                    [h.train_rmse for h in ref.history], rtol=1e-9)
         assert g["float64"]["global_mean"] == pytest.approx(ref.global_mean, rel=1e-14)
-    # the blocks: contiguous, balanced (np.array_split's), in rank order
+    # the blocks: contiguous, in rank order, balanced_blocks of the global training counts
     shards = [g["float64"]["shard"] for g in got]
-    assert [s.users for s in shards] == {2: [(0, 30), (30, 60)],
-                                         3: [(0, 20), (20, 40), (40, 60)]}[world]
+    user_counts = np.unique(data.users, return_counts=True)[1]
+    item_counts = np.unique(data.items, return_counts=True)[1]
+    assert [s.user_starts for s in shards] == [tuple(balanced_blocks(user_counts, world))] * world
+    assert [s.item_starts for s in shards] == [tuple(balanced_blocks(item_counts, world))] * world
+    assert [s.users for s in shards] == [s.user_starts[k:k + 2] for k, s in enumerate(shards)]
     assert shards[0].n_users == 60 and shards[0].steps == FLOAT64["epochs"]
+    # with the term each rank gathers the rows of all its training items, y_j beside Q's
+    assert all(s.gathered_rows == len(np.unique(data.items[np.isin(
+        data.users, np.unique(data.users)[slice(*s.users)])])) for s in shards)
+
+
+def test_without_the_implicit_term(ranks):
+    got = [g["explicit"] for g in ranks[0][3]]
+    assert all(g["Y"] is None for g in got)
+    assert_rows_equal(got, single(dict(FLOAT64, implicit=False), Ratings(*synthetic())))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -77,8 +94,7 @@ def test_ctrl_c_keeps_the_best_rows_and_they_save_and_load(ranks):
         if record.epoch == INTERRUPT_AT:
             raise KeyboardInterrupt
 
-    ref = MatrixFactorization(**settings, implicit=False).fit(Ratings(*synthetic(**data)),
-                                                              callback=interrupt)
+    ref = MatrixFactorization(**settings).fit(Ratings(*synthetic(**data)), callback=interrupt)
     got = [g["interrupted"] for g in results[3]]
     assert all(g["interrupted"] and len(g["history"]) == INTERRUPT_AT for g in got)
     assert_rows_equal(got, ref)
@@ -90,9 +106,12 @@ def test_uneven_input_shards_and_ranks_that_hold_nothing(ranks):
     results = ranks[0][3]
     # rank 2 was given no ratings, rank 0 70 % of them: the fit moves them to their users' owners
     assert_rows_equal([g["uneven"] for g in results], single(FLOAT64, Ratings(*synthetic())))
-    # 2 users, 2 items, 3 ranks: rank 2 holds no row and trains on no rating
+    # 2 users, 2 items, 3 ranks: rank 1 holds no row and trains on no rating (the cut after
+    # user a, 3 of the 5 ratings, is the nearest to both 5/3 and 10/3)
     tiny = [g["tiny"] for g in results]
-    assert tiny[2]["P"].shape == (TINY["rank"], 0) and tiny[2]["shard"].items == (2, 2)
+    assert [g["shard"].users for g in tiny] == [(0, 1), (1, 1), (1, 2)]
+    assert tiny[1]["P"].shape == tiny[1]["Y"].shape == (TINY["rank"], 0)
+    assert tiny[1]["shard"].items == (1, 1)
     assert_rows_equal(tiny, single(TINY, tiny_ratings()))
 
 
@@ -111,7 +130,25 @@ def test_float32_and_minibatches(ranks):
         MINIBATCH["epochs"]
 
 
-def test_evaluate_save_load_predict_and_recommend(ranks):
+def test_minibatches_equal_data_parallel_given_each_rank_its_users_ratings(ranks):
+    # given the same ratings on each rank (their users', so that none moves), the sharded fit
+    # takes the data-parallel fit's batches and steps, SVD++ term included: the same model
+    owned = [g["minibatch_owned"] for g in ranks[0][3]]
+    assert owned[0][0]["Y"] is not None and owned[0][0]["shard"].steps > MINIBATCH["epochs"]
+    dp = owned[0][1]
+    starts = owned[0][0]["shard"]
+    np.testing.assert_allclose([t for t, _ in owned[0][0]["history"]],
+                               [t for t, _ in dp["history"]], rtol=1e-9)
+    for name, (kind, axis) in {"P": ("user", 1), "Q": ("item", 1), "Y": ("item", 1),
+                               "user_bias": ("user", 0), "item_bias": ("item", 0)}.items():
+        s = getattr(starts, f"{kind}_starts")
+        want = torch.tensor_split(dp[name], list(s[1:-1]), dim=axis)
+        for k, (sharded, _) in enumerate(owned):
+            assert torch.allclose(sharded[name], want[k], rtol=0,
+                                  atol=1e-9 * dp[name].abs().max().item()), (name, k)
+
+
+def test_evaluate_save_load_predict_and_recommend(ranks, tmp_path):
     results, folder = ranks
     data, test = Ratings(*synthetic()), Ratings(*synthetic(m=70, n=45, seed=5))
     ref = single(FLOAT64, data)
@@ -121,8 +158,8 @@ def test_evaluate_save_load_predict_and_recommend(ranks):
     files = sorted(os.listdir(folder))
     assert sum(f.startswith("float64.pt.") for f in files) == 3  # 3 shards beside the manifest
     loaded = MatrixFactorization.load(str(folder / "float64.pt"))
-    # implicit: None in the sharded fit (the term off there), False in the reference
-    assert loaded.shard is None and loaded.config == dataclasses.replace(ref.config, implicit=None)
+    assert loaded.shard is None and loaded.config == ref.config
+    assert torch.allclose(loaded.Y, ref.Y, rtol=0, atol=1e-9 * ref.Y.abs().max().item())
     np.testing.assert_allclose(loaded.predict(test.users, test.items),
                                ref.predict(test.users, test.items), rtol=1e-9)
     for user in ("u0", "u31", "u59"):
@@ -134,6 +171,16 @@ def test_evaluate_save_load_predict_and_recommend(ranks):
         assert items_of(loaded) == items_of(ref)
     items, _ = loaded.recommend_batch(["u0", "u31", "u59"], k=5)
     assert items.tolist() == ref.recommend_batch(["u0", "u31", "u59"], k=5)[0].tolist()
+    # shards that disagree on holding y_j are refused by name
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in files:
+        if name.startswith("float64.pt"):
+            shutil.copy(folder / name, copy / name)
+    shard = sorted(copy.glob("float64.pt.*.shard1-of-3"))[0]
+    torch.save({k: v for k, v in torch.load(shard, weights_only=True).items() if k != "Y"}, shard)
+    with pytest.raises(ValueError, match=r"the shards \[1\] of .* hold no 'Y', the others do"):
+        MatrixFactorization.load(str(copy / "float64.pt"))
 
 
 def test_the_cli_under_torchrun_with_three_processes(ranks, tmp_path):
@@ -147,7 +194,7 @@ def test_the_cli_under_torchrun_with_three_processes(ranks, tmp_path):
     assert printed[1] == printed[2] == "exit 0\n"  # only rank 0 prints
     cli_ratings(str(tmp_path / "u.data"))
     train, test = train_test_split(load_ratings(str(tmp_path / "u.data")), 0.2, seed=0)
-    ref = MatrixFactorization(rank=4, epochs=4, seed=0, reg=0.12, implicit=False).fit(train)
+    ref = MatrixFactorization(rank=4, epochs=4, seed=0, reg=0.12).fit(train)
     rmse = float(printed[0].split("test RMSE ")[1].split()[0])
     assert rmse == pytest.approx(ref.evaluate(test)["rmse"], abs=1e-4)
     loaded = MatrixFactorization.load(str(folder / "cli.pt"))
@@ -185,6 +232,31 @@ def test_draw_normal_gives_the_columns_of_one_draw(dtype):
         # the generator ends where the whole draw leaves it
         assert torch.equal(torch.randn(20, generator=part_gen, dtype=dtype),
                            torch.randn(20, generator=whole_gen, dtype=dtype))
+
+
+def test_blocks_balance_ratings_with_a_bound_on_rows():
+    # equal counts: equal rows; fewer rows than ranks: empty blocks, never more than one row
+    assert balanced_blocks(np.ones(60, int), 3).tolist() == [0, 20, 40, 60]
+    assert balanced_blocks([5], 3).tolist() == [0, 0, 1, 1]
+    assert balanced_blocks([0, 0, 0, 0], 2).tolist() == [0, 2, 4]  # no ratings: equal rows
+    # 50 light users then 50 heavy ones: equal ratings would give rank 0 75 rows (1.5 m/P, over
+    # the memory target); the cut stops at the cap, 55 = 1.1 m/P
+    assert balanced_blocks([1] * 50 + [100] * 50, 2).tolist() == [0, 55, 100]
+    rng = np.random.default_rng(0)
+    counts = np.ceil(rng.lognormal(1, 1.5, 1000)).astype(np.int64)  # heavy-tailed activity
+    cumulative = np.concatenate([[0], np.cumsum(counts)])
+    for parts in (2, 3, 4, 5):
+        starts = balanced_blocks(counts, parts)
+        rows, ratings = np.diff(starts), np.diff(cumulative[starts])
+        assert starts[0] == 0 and starts[-1] == 1000
+        assert rows.max() <= (1 + ROW_SLACK) * 1000 / parts
+        even = np.diff(cumulative[np.linspace(0, 1000, parts + 1).astype(int)])
+        assert np.ptp(ratings) < np.ptp(even)  # closer to equal ratings than equal rows are
+        for k in range(1, parts):  # a cut the row cap does not move is the nearest one
+            nearest = int(np.argmin(np.abs(cumulative * parts - k * cumulative[-1])))
+            if max(rows[k - 1], rows[k]) < int((1 + ROW_SLACK) * 1000) // parts:
+                assert starts[k] == nearest
+    assert [np.ptp(np.diff(cumulative[balanced_blocks(counts, p)])) for p in (3, 4)] == [3, 98]
 
 
 def test_one_rank_equals_the_plain_fit_and_saves_a_manifest(group_of_one, tmp_path):

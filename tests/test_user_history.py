@@ -177,11 +177,3 @@ def test_a_version_1_file_loads_without_the_term():
     model = MatrixFactorization.load(os.path.join(DATA, "model_format1.pt"))
     assert model.implicit is False and model.Y is None
     assert model.effective_reg == model.reg == 0.12
-
-
-def test_implicit_true_with_shard_factors_is_refused():
-    users, items, ratings = synthetic()
-    with pytest.raises(ValueError, match=r"^mf_ext\.MatrixFactorization\.fit: implicit=True \(the "
-                                         r"SVD\+\+ term\) is not implemented with "
-                                         r"shard_factors=True; pass implicit=False"):
-        MatrixFactorization(implicit=True, shard_factors=True).fit(users, items, ratings)

@@ -6,37 +6,109 @@
 // float16 / bfloat16 inputs are computed in float32 (copies of P and Q, r × m and r × n) and
 // rounded once at the end; the inner product of the Gram matrices is summed in float64.
 //
-// Weights' signs: checked on the device, queued before the observed op and read after it (so the
-// host waits once, after all the work is queued, besides the observed op's own index check).
-// Under CUDA graph capture, where the host cannot wait, a device-side assert checks them.
+// Weights' signs, with no host synchronization, as the observed op checks its indices
+// (observed_mf_loss.cu's header): a kernel finds the lowest position of a negative or NaN weight
+// (atomicMin); a one-thread kernel queued after the loss then, if there is one, sets the loss to
+// NaN and writes the position and the value into this device's weight report (pinned host
+// memory, index_report.cuh); the device's next call of this op raises it on the host.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <string>
+
 #include "../implicit_mf_loss_common.h"
+#include "index_report.cuh"
 
 namespace mf_ext {
 namespace {
 
-bool stream_is_capturing() {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
-  return capture != cudaStreamCaptureStatusNone;
+// The lowest t with !(weights[t] >= 0) into *first_bad (kNoBadIndex stays when there is none).
+template <typename scalar_t>
+__global__ void find_bad_weight_kernel(const scalar_t* weights, int64_t stride, int64_t count,
+                                       unsigned long long* first_bad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < count;
+       t += step) {
+    if (!(static_cast<acc_t>(weights[t * stride]) >= acc_t(0))) {
+      atomicMin(first_bad, static_cast<unsigned long long>(t));
+    }
+  }
 }
 
-// Raises for the first negative or NaN weight; `all_ok` is weights.ge(0).all() (false for NaN),
-// queued earlier.
-void check_cuda_weights(const at::Tensor& weights, const at::Tensor& all_ok, bool capturing) {
-  if (capturing) {
-    at::_assert_async(all_ok, "mf_ext.implicit_mf_loss: weights must be >= 0 (and not NaN)");
-    return;
-  }
-  if (all_ok.item<bool>()) return;
-  const int64_t position = weights.ge(0).logical_not().nonzero().select(0, 0).item<int64_t>();
-  implicit_weight_error(position, weights.select(0, position).item<double>());
+// One thread: a call with a bad weight gets a NaN loss and, unless the report already holds
+// one, its position and value (the double's bits) in the report, the position written last
+// since the host reads it first.
+template <typename scalar_t>
+__global__ void finish_weight_check_kernel(const unsigned long long* first_bad,
+                                           const scalar_t* weights, int64_t stride,
+                                           scalar_t* loss, volatile int64_t* report) {
+  const unsigned long long t = *first_bad;
+  if (t == kNoBadIndex) return;
+  *loss = static_cast<scalar_t>(std::numeric_limits<double>::quiet_NaN());
+  if (report[0] >= 0) return;
+  const double value = static_cast<double>(
+      static_cast<at::opmath_type<scalar_t>>(weights[static_cast<int64_t>(t) * stride]));
+  report[1] = __double_as_longlong(value);
+  __threadfence_system();
+  report[0] = static_cast<int64_t>(t);
+}
+
+// Queues the search for a bad weight; returns the device word it writes.
+at::Tensor queue_weight_check(const at::Tensor& weights) {
+  at::Tensor first_bad = at::full({}, static_cast<int64_t>(kNoBadIndex),
+                                  weights.options().dtype(at::kLong));
+  const int64_t count = weights.size(0);
+  constexpr int kThreads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((count + kThreads - 1) / kThreads, 1024));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(),
+                                  "implicit_find_bad_weight", [&] {
+    find_bad_weight_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        weights.const_data_ptr<scalar_t>(), weights.stride(0), count,
+        reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return first_bad;
+}
+
+// Queues the NaN loss and the report for a bad weight found by queue_weight_check.
+void queue_weight_report(const at::Tensor& first_bad, const at::Tensor& weights,
+                         at::Tensor& loss) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(),
+                                  "implicit_weight_report", [&] {
+    finish_weight_check_kernel<scalar_t><<<1, 1, 0, stream>>>(
+        reinterpret_cast<const unsigned long long*>(first_bad.const_data_ptr<int64_t>()),
+        weights.const_data_ptr<scalar_t>(), weights.stride(0),
+        loss.mutable_data_ptr<scalar_t>(),
+        device_report(weights, ReportKind::kWeight).mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Raises the bad weight an earlier call on this device recorded, if any (and forgets it).
+void raise_recorded_bad_weight(const at::Tensor& like) {
+  const at::Tensor report = device_report(like, ReportKind::kWeight);
+  volatile int64_t* words = report.mutable_data_ptr<int64_t>();
+  const int64_t position = words[0];
+  if (position < 0) return;
+  wait_for_stream(like);
+  const int64_t bits = words[1];
+  words[0] = -1;
+  double value = 0;
+  std::memcpy(&value, &bits, sizeof value);
+  const std::string where = std::string(" [found on ") + like.device().str() +
+                            " by an earlier call, whose loss was set to NaN]";
+  implicit_weight_error(position, value, where.c_str());
 }
 
 ImplicitResult implicit_mf_loss_and_grads_cuda(
@@ -50,9 +122,9 @@ ImplicitResult implicit_mf_loss_and_grads_cuda(
   const Reduction red = check_implicit_call(rows, cols, P, Q, values, weights, unobserved_weight,
                                             red_name, grad_values, grad_weights);
   const c10::cuda::CUDAGuard guard(P.device());
-  const bool capturing = stream_is_capturing();
+  raise_recorded_bad_weight(P);
   const bool check_weights = weights.has_value() && weights->numel() > 0;
-  const at::Tensor weights_ok = check_weights ? weights->ge(0).all() : at::Tensor();
+  const at::Tensor first_bad_weight = check_weights ? queue_weight_check(*weights) : at::Tensor();
 
   auto [loss, d_values, dP, dQ, d_row_bias, d_col_bias, d_weights] = observed_part(
       rows, cols, P, Q, values, weights, red_name, grad_values, grad_P, grad_Q, grad_weights);
@@ -74,7 +146,7 @@ ImplicitResult implicit_mf_loss_and_grads_cuda(
     if (grad_P) add_gram_product(dP, GQ, Pa);
     if (grad_Q) add_gram_product(dQ, GP, Qa);
   }
-  if (check_weights) check_cuda_weights(*weights, weights_ok, capturing);
+  if (check_weights) queue_weight_report(first_bad_weight, *weights, loss);
   return {loss, d_values, dP, dQ, d_weights};
 }
 

@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "../observed_mf_loss_common.h"
 #include "common.cuh"
@@ -38,15 +39,19 @@ __device__ void record_bad_index(unsigned long long first_bad, const void* rows,
   report[0] = t;
 }
 
-// This device's index report: pinned host memory, mapped into the device's address space, that
-// the kernels write and the host reads without synchronizing (a CPU tensor, as under the
-// emulator, is host memory already). One per device, for the life of the process (never
-// destroyed: freeing pinned memory after the CUDA runtime has shut down would fail at exit).
-at::Tensor index_report(const at::Tensor& like) {
+// Which of a device's reports: bad indices (the observed op) or bad weights (the implicit op).
+enum class ReportKind : int { kIndex = 0, kWeight = 1 };
+
+// This device's report of a kind: pinned host memory, mapped into the device's address space,
+// that the kernels write and the host reads without synchronizing (a CPU tensor, as under the
+// emulator, is host memory already). One per device and kind, for the life of the process
+// (never destroyed: freeing pinned memory after the CUDA runtime has shut down would fail at
+// exit).
+at::Tensor device_report(const at::Tensor& like, ReportKind kind) {
   static std::mutex mutex;
-  static auto* reports = new std::map<int, at::Tensor>();
+  static auto* reports = new std::map<std::pair<int, int>, at::Tensor>();
   const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& report = (*reports)[like.device().index()];
+  at::Tensor& report = (*reports)[{like.device().index(), static_cast<int>(kind)}];
   if (!report.defined()) {
     report = at::empty({kReportWords}, at::TensorOptions().dtype(at::kLong).pinned_memory(
                                            like.is_cuda()));
@@ -55,15 +60,21 @@ at::Tensor index_report(const at::Tensor& like) {
   return report;
 }
 
+at::Tensor index_report(const at::Tensor& like) { return device_report(like, ReportKind::kIndex); }
+
+// Waits for the current stream's work (the error path only), so that the words a kernel wrote
+// before a report's position are in host memory too.
+void wait_for_stream(const at::Tensor& like) {
+  (void)at::zeros({}, like.options().dtype(at::kLong)).item<int64_t>();
+}
+
 // Raises the IndexError an earlier call on this device recorded, if any (and forgets it).
 void raise_recorded_bad_index(const at::Tensor& like) {
   const at::Tensor report = index_report(like);
   volatile int64_t* words = report.mutable_data_ptr<int64_t>();
   const int64_t position = words[0];
   if (position < 0) return;
-  // The error path only: wait for this stream's work, so the words written before the position
-  // are in host memory too.
-  (void)at::zeros({}, like.options().dtype(at::kLong)).item<int64_t>();
+  wait_for_stream(like);
   const int64_t value = words[1], size = words[2];
   const bool is_col = words[3] == 1;
   words[0] = -1;
