@@ -221,8 +221,11 @@ def launch(worker: str, out_dir, timeout_s: float) -> dict:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    errors = [open(path).read() for path in (os.path.join(out_dir, f"rank{k}.err")
-                                             for k in range(3)) if os.path.exists(path)]
+    errors = []
+    for path in (os.path.join(out_dir, f"rank{k}.err") for k in range(3)):
+        if os.path.exists(path):
+            with open(path) as f:
+                errors.append(f.read())
     assert not errors and [p.returncode for p in procs] == [0, 0, 0], (errors, logs)
     results = [torch.load(os.path.join(out_dir, f"rank{k}.pt"), weights_only=False)
                for k in range(3)]
