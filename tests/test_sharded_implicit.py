@@ -60,6 +60,18 @@ def test_float64_equals_the_single_process_fit(ranks, world, solver):
     assert [s.users for s in shards] == list(zip(starts[:-1], starts[1:]))
     assert shards[0].n_users == 50 and shards[0].n_items == 40
     assert shards[0].steps == CASES[solver]["epochs"]
+    # the traffic of docs/distributed.md's cost model: rows of r float64 values; a rank sends
+    # its S_k requested rows once per step (Adam) or 1 + (s + 1) times per sweep (ALS) and the
+    # G_k rows it gathered back s + 1 times (ALS) or once (Adam); Σ S_k = Σ G_k
+    sent = [s.bytes_sent for s in shards]
+    row = CASES[solver]["rank"] * 8 * CASES[solver]["epochs"]
+    back = "item-gradient" if solver == "adam" else "CG item-product"
+    assert sum(b["item-row"] for b in sent) == sum(b[back] for b in sent) // (
+        1 if solver == "adam" else CASES["als"]["cg_steps"] + 1) > 0
+    for b in sent:
+        assert b["item-row"] % row == 0
+        if solver == "als":
+            assert b["CG item-row"] == (CASES["als"]["cg_steps"] + 1) * b["item-row"]
 
 
 @pytest.mark.parametrize("solver", ["adam", "als"])
