@@ -13,10 +13,10 @@ Keeping a new test fast (CI runs the whole suite on a clean clone):
 - Share expensive set-up (fits, launches) through module- or session-scoped fixtures.
 - Find the slow ones: `pytest tests/test_x.py --durations=10`.
 
-`./dev test` runs the tests in parallel (pytest-xdist, one worker per core, `-n 0` for one
-process). A module's tests that share a module-scoped fixture (a launch of ranks, a fit) stay on
-one worker, which sets the fixture up once; the workers' OpenMP threads sleep when idle instead
-of spinning (OMP_WAIT_POLICY=PASSIVE: there are more threads than cores).
+`./dev test` runs the tests in parallel: pytest-xdist, one worker per core (`-n 0`: one
+process), each module on one worker (`--dist loadscope`: a module-scoped fixture, a launch of
+ranks or a fit, is set up once). The workers' OpenMP threads sleep when idle instead of spinning
+(OMP_WAIT_POLICY=PASSIVE: there are more threads than cores).
 """
 
 import os
@@ -62,17 +62,8 @@ def _runs(item):
     return marker is None or marker.args[0](**params)
 
 
-def _shares_module_fixture(item):
-    defs = getattr(item, "_fixtureinfo", None)
-    return defs is not None and any(d.scope == "module" for fixturedefs in
-                                    defs.name2fixturedefs.values() for d in fixturedefs)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:  # -m gpu selects every CUDA test (scripts/gpu_check.sh)
-        if _shares_module_fixture(item):  # xdist's loadgroup: one worker sets it up, once
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
         if hasattr(item, "callspec") and item.callspec.params.get("backend") == "cuda":
             item.add_marker("gpu")
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
