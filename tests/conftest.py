@@ -12,6 +12,11 @@ Keeping a new test fast (CI runs the whole suite on a clean clone):
   where the test is about tracing (fullgraph) rather than Inductor.
 - Share expensive set-up (fits, launches) through module- or session-scoped fixtures.
 - Find the slow ones: `pytest tests/test_x.py --durations=10`.
+
+`./dev test` runs the tests in parallel: pytest-xdist, one worker per core (`-n 0`: one
+process), each module on one worker (`--dist loadscope`: a module-scoped fixture, a launch of
+ranks or a fit, is set up once). The workers' OpenMP threads sleep when idle instead of spinning
+(OMP_WAIT_POLICY=PASSIVE: there are more threads than cores).
 """
 
 import os
@@ -37,6 +42,8 @@ if settings is not None:
 
 
 def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None):  # xdist: the workers inherit it, set before
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # they start (and load OpenMP)
     config.addinivalue_line(
         "markers", "cases(predicate): the parametrized cases (parameters as keywords, backend "
                    "included) a test runs; the others are deselected")

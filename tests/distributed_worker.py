@@ -2,8 +2,9 @@
 
     python tests/distributed_worker.py SCENARIO RENDEZVOUS_FILE RANK WORLD_SIZE OUT_DIR
 
-Joins a gloo group through a file:// rendezvous with a short timeout, runs SCENARIO, and writes
-what it got to OUT_DIR/rank{RANK}.pt, or the error it raised to OUT_DIR/rank{RANK}.err.
+Joins a gloo group through a file:// rendezvous, runs SCENARIO, and writes what it got to
+OUT_DIR/rank{RANK}.pt, or the error it raised to OUT_DIR/rank{RANK}.err and the seconds from the
+group's start to that error to OUT_DIR/rank{RANK}.seconds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch.distributed as dist
 
 from helpers import synthetic_ratings as synthetic  # (tests/ is sys.path[0] for the script)
 
-GROUP_TIMEOUT_S = 5
+GROUP_TIMEOUT_S = 5  # the collectives' timeout in the failure scenarios (the stall waits it out)
+JOIN_TIMEOUT_S = 120  # the rendezvous's and the parity scenario's: start-up skew under load
 
 
 # name -> (model settings, data settings); the test fits the same single-process.
@@ -73,6 +75,7 @@ def failure(rank: int, world: int, how: str) -> dict:
     from mf_ext import MatrixFactorization, Ratings
     from mf_ext.distributed import shard_ratings
 
+    dist.set_timeout(datetime.timedelta(seconds=GROUP_TIMEOUT_S))
     shard = shard_ratings(Ratings(*synthetic()), rank, world)
     if rank == 1:
         if how == "raise":  # bad data on one rank: it raises before the first collective
@@ -86,15 +89,17 @@ def failure(rank: int, world: int, how: str) -> dict:
 
 def join(rendezvous: str, rank: int, world: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
-                            world_size=world,
-                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+                            world_size=world, timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S))
 
 
 def main() -> int:
     scenario, rendezvous, rank, world, out_dir = sys.argv[1:6]
     rank, world = int(rank), int(world)
     torch.set_num_threads(1)
+    import mf_ext  # noqa: F401 (imported before the clock starts: its import time varies with load)
+
     join(rendezvous, rank, world)
+    start = time.perf_counter()
     try:
         if scenario == "parity":
             result = parity(rank, world, rendezvous)
@@ -103,6 +108,8 @@ def main() -> int:
     except Exception as exc:  # reported to the test through the file, and the exit status
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+        with open(os.path.join(out_dir, f"rank{rank}.seconds"), "w") as f:
+            f.write(f"{time.perf_counter() - start}\n")  # from the group's start to the error
         os._exit(1)  # no destroy_process_group: the group is broken
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     if dist.is_initialized():

@@ -33,7 +33,9 @@ def _env():
 
 def launch(scenario, world, tmp_path, only_rank_0=False):
     """Runs `world` workers; returns ([exit status], [result dict or None], [error or None],
-    [output], seconds until rank 0 exited). only_rank_0: kill the others once rank 0 is done."""
+    [output], [seconds from the group's start to the rank's error, or None]), the seconds timed
+    by the worker (Python's and torch's start-up, slow under load, left out). only_rank_0: kill
+    the others once rank 0 is done."""
     out = tmp_path / f"{scenario}-{world}"
     out.mkdir()
     rendezvous = tmp_path / f"rendezvous-{scenario}-{world}"  # a fresh file per group
@@ -42,13 +44,12 @@ def launch(scenario, world, tmp_path, only_rank_0=False):
                                str(world), str(out)], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(world)]
-    codes, logs, seconds = [], [], None
+    codes, logs = [], []
     try:
         for p in procs[:1] if only_rank_0 else procs:
             remaining = max(1.0, HARD_TIMEOUT_S - (time.perf_counter() - start))
             logs.append(p.communicate(timeout=remaining)[0])  # TimeoutExpired fails the test
             codes.append(p.returncode)
-            seconds = seconds or time.perf_counter() - start
     finally:
         for p in procs:
             if p.poll() is None:
@@ -56,8 +57,9 @@ def launch(scenario, world, tmp_path, only_rank_0=False):
                 p.wait()
     results = [torch.load(out / f"rank{r}.pt", weights_only=False)
                if (out / f"rank{r}.pt").exists() else None for r in range(world)]
-    errors = [(out / f"rank{r}.err").read_text() if (out / f"rank{r}.err").exists() else None
-              for r in range(world)]
+    errors, seconds = ([(out / f"rank{r}.{ext}").read_text()
+                        if (out / f"rank{r}.{ext}").exists() else None for r in range(world)]
+                       for ext in ("err", "seconds"))
     return codes, results, errors, logs, seconds
 
 
@@ -144,12 +146,13 @@ def test_a_failing_rank_fails_the_others_clearly(how, tmp_path):
     assert codes[0] == 1, logs
     assert "rank 0 of 2: the input-size all-gather failed; another rank probably raised an " \
            "error or stopped" in errors[0], errors[0]
-    # raise: the peer's socket closes at once; stall: the group's timeout (plus start-up)
-    assert seconds < GROUP_TIMEOUT_S + 25
-    if how == "raise":
+    waited = float(seconds[0])
+    if how == "raise":  # the peer's exit is noticed at once, not waited out
         assert codes[1] == 1 and "NaN or Inf" in errors[1]
-    else:
+        assert waited < GROUP_TIMEOUT_S and "Timed out" not in errors[0], (waited, errors[0])
+    else:  # the group's timeout
         assert "Timed out" in errors[0] or "timeout" in errors[0].lower()
+        assert GROUP_TIMEOUT_S <= waited < GROUP_TIMEOUT_S + 25, waited
 
 
 def test_shard_ratings_is_balanced_and_deterministic():
