@@ -15,17 +15,25 @@
 // the factor and its gradient sized to stay in L2. Inside a tile the triples are sorted once
 // more by outer index, so p and its gradient stay in registers along each run of one outer index.
 //
-// Determinism: tiles, chunks and all orders depend on the shapes and the data only. A chunk is a
-// run of outer blocks, cut at fixed fractions of nnz; it owns those outer gradient rows outright
-// and writes the inner gradients into its own partial (O(r·inner)), summed in chunk order at the
-// end. Results are therefore bitwise the same whatever the thread count.
+// Determinism: tiles, units and all orders depend on the shapes and the data only, so results
+// are bitwise the same whatever the thread count. Two paths (bucketing.h):
+// - "chunks" (below 2^22 triples): one fused pass in at most 8 chunks, runs of outer blocks cut
+//   at fixed fractions of nnz; a chunk owns its outer gradient rows outright and writes the
+//   inner gradients into its own partial (chunks × inner × r_pad values), summed in chunk order.
+// - "units" (large inputs): up to 1024 units per pass, ranges of indices of equal triple counts.
+//   The first pass (outer ranges, run_chunk) computes the loss and the outer gradients and keeps
+//   each triple's ∂L/∂pred (nnz values, only when an inner gradient is asked for); the second
+//   (inner ranges, observed_inner_pass.h) adds them into the inner gradients. Each unit owns its
+//   gradient rows: no partials. Extra memory besides those nnz values: the per-index histograms
+//   (segments × (m + n) counters while counting, then m + n) and per unit in flight its largest
+//   tile's run buffers.
 //
 // Indices are checked by the bucketing pass, before anything is read through them; the lowest
 // bad position is reported (its row if both are bad).
 //
 // Tiling, bucketing and chunks: bucketing.h; float32 accuracy over long sums:
-// compensated_sums.h; vector helpers: simd.h. This file holds the fused pass (run_chunk: its
-// hot loop is kept whole, see its comments) and the op.
+// compensated_sums.h; vector helpers: simd.h; the row layout copies: observed_problem.h. This
+// file holds the fused pass (run_chunk: its hot loop is kept whole, see its comments) and the op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,12 +42,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
 #include "../observed_mf_loss_common.h"
 #include "bucketing.h"
 #include "compensated_sums.h"
+#include "observed_inner_pass.h"
+#include "observed_problem.h"
 #include "simd.h"
 
 namespace mf_ext {
@@ -50,32 +61,8 @@ using simd::flush_run;
 using simd::RowVectors;
 using simd::Vec;
 
-// One side of the problem: the rows (P, row_bias) or the cols (Q, col_bias).
-template <typename T>
-struct Side {
-  int64_t size;        // m or n
-  const T* factor;     // (size, r_pad)
-  const T* bias;       // nullptr: none
-  int64_t bias_s;
-  T* grad;             // outer: (size, r_pad); inner: (chunks, size, r_pad); or nullptr
-  T* grad_bias;        // outer: (size,); inner: (chunks, size); or nullptr
-};
-
-template <typename T>
-struct ObservedProblem {
-  int64_t nnz, r_pad;
-  Side<T> outer, inner;
-  T scale;          // 1, or 1/nnz for "mean"
-  T* grad_values;   // (nnz,) or nullptr
-  T* grad_weights;  // (nnz,) or nullptr
-  std::vector<int64_t> chunk_blocks;  // chunk c: outer blocks [chunk_blocks[c], [c + 1])
-};
-
-// The triples of inner block positions kPrefetchAhead on are fetched while this one computes
-// (their rows are in L2 by then, most of the time; this brings them to L1).
-constexpr int64_t kPrefetchAhead = 4;
-
-// One chunk: zeroes its outer gradient rows and its inner partials, then runs its tiles.
+// One chunk (path "units": a unit of the first pass): zeroes its outer gradient rows and its
+// inner partials, then runs its tiles (path "units": only their triples of its outer range).
 template <typename T, int NV>
 MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& bk,
                                int64_t chunk) {
@@ -85,9 +72,9 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   const int64_t nv = r_pad / W;
   const Side<T>& A = pb.outer;
   const Side<T>& B = pb.inner;
-  const int64_t block0 = pb.chunk_blocks[chunk], block1 = pb.chunk_blocks[chunk + 1];
-  const int64_t a_begin = std::min(block0 << bk.outer_shift, A.size);
-  const int64_t a_end = std::min(block1 << bk.outer_shift, A.size);
+  const int64_t a_begin = pb.chunk_bounds[chunk], a_end = pb.chunk_bounds[chunk + 1];
+  const int64_t block0 = a_begin >> bk.outer_shift;
+  const int64_t block1 = a_end > a_begin ? ((a_end - 1) >> bk.outer_shift) + 1 : block0;
   T* dA = A.grad;
   T* dbA = A.grad_bias;
   T* dB = B.grad ? B.grad + chunk * B.size * r_pad : nullptr;
@@ -120,6 +107,8 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   std::unique_ptr<T[]> run_v(new T[max_tile]);
   std::unique_ptr<T[]> run_w(weights ? new T[max_tile] : nullptr);
   std::unique_ptr<int64_t[]> run_pos(positions ? new int64_t[max_tile] : nullptr);
+  T* const grad_pred = pb.grad_pred;
+  std::unique_ptr<int64_t[]> run_t(grad_pred ? new int64_t[max_tile] : nullptr);
   const int64_t block_size = int64_t(1) << bk.outer_shift;
   std::vector<int64_t> run_end(block_size + 1);
   RowVectors<V, NV> p_vec(nv), acc_vec(nv);
@@ -142,24 +131,37 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   for (int64_t block = block0; block < block1; ++block) {
     const int64_t a0 = block << bk.outer_shift;
     const int64_t a_count = std::min(block_size, A.size - a0);
+    const uint32_t al_lo = static_cast<uint32_t>(std::max<int64_t>(a_begin - a0, 0));
+    const uint32_t al_span = static_cast<uint32_t>(std::min(a_end - a0, a_count) - al_lo);
+    const bool whole_block = al_lo == 0 && al_span == a_count;
     for (int64_t bb = 0; bb < ib; ++bb) {
       const int64_t tile = block * ib + bb;
       const int64_t s = bk.tile_begin[tile], e = bk.tile_begin[tile + 1];
       if (s == e) continue;
       const int64_t b0 = bb << inner_shift;
-      // Counting sort of the tile by outer index (stable), into the run_* buffers.
+      // Counting sort of the tile by outer index (stable), into the run_* buffers; only the
+      // triples of [al_lo, al_hi) where the chunk's range ends inside the block (path "units").
       std::fill(run_end.begin(), run_end.begin() + a_count + 1, 0);
-      for (int64_t t = s; t < e; ++t) ++run_end[(keys[t] >> inner_shift) + 1];
+      if (whole_block) {
+        for (int64_t t = s; t < e; ++t) ++run_end[(keys[t] >> inner_shift) + 1];
+      } else {
+        for (int64_t t = s; t < e; ++t) {
+          const uint32_t al = keys[t] >> inner_shift;
+          if (al - al_lo < al_span) ++run_end[al + 1];
+        }
+      }
       for (int64_t k = 0; k < a_count; ++k) run_end[k + 1] += run_end[k];
+      const int64_t count = run_end[a_count];
       for (int64_t t = s; t < e; ++t) {
         const uint32_t key = keys[t];
+        if (!whole_block && (key >> inner_shift) - al_lo >= al_span) continue;
         const int64_t u = run_end[key >> inner_shift]++;
         run_b[u] = key & inner_mask;
         run_v[u] = values[t];
         if (weights) run_w[u] = weights[t];
         if (positions) run_pos[u] = positions[t];
+        if (grad_pred) run_t[u] = t;
       }
-      const int64_t count = e - s;
       const T* const Bf = B.factor + b0 * r_pad;
       T* const dBt = dB ? dB + b0 * r_pad : nullptr;
       const T* const B_bias_t = B_bias ? B_bias + b0 * B_bias_s : nullptr;
@@ -203,9 +205,12 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
           const T g = coef * (w * err);
           if (grad_values) grad_values[run_pos[u]] = -g;
           if (grad_weights) grad_weights[run_pos[u]] = scale * (err * err);
+          if (grad_pred) grad_pred[run_t[u]] = g;
           const V gv = simd::broadcast(g);
+          if (dA) {
 #pragma GCC unroll 8
-          for (int64_t v = 0; v < nv; ++v) acc[v] += gv * simd::load(q + v * W);
+            for (int64_t v = 0; v < nv; ++v) acc[v] += gv * simd::load(q + v * W);
+          }
           if (dBt) {
             T* dq = dBt + bl * r_pad;
 #pragma GCC unroll 8
@@ -282,42 +287,6 @@ inline void run_chunks_any(const ObservedProblem<double>& pb, const Bucketed<dou
   run_chunks_double(pb, bk, b, e, losses);
 }
 
-// out (r, count) = Σ_c parts[c] (count, r_pad)ᵀ, chunks summed in order: back to P's layout.
-template <typename T>
-void reduce_rows_transposed(const T* parts, int64_t chunks, int64_t count, int64_t r,
-                            int64_t r_pad, T* out) {
-  at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(r_pad);
-    for (int64_t i = begin; i < end; ++i) {
-      std::copy(parts + i * r_pad, parts + (i + 1) * r_pad, acc.begin());
-      for (int64_t c = 1; c < chunks; ++c) {
-        const T* part = parts + (c * count + i) * r_pad;
-        for (int64_t k = 0; k < r_pad; ++k) acc[k] += part[k];
-      }
-      for (int64_t k = 0; k < r; ++k) out[k * count + i] = acc[k];
-    }
-  });
-}
-
-// out (count,) = Σ_c parts[c] (count,), chunks summed in order.
-template <typename T>
-void reduce_vectors(const T* parts, int64_t chunks, int64_t count, T* out) {
-  at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T s = parts[i];
-      for (int64_t c = 1; c < chunks; ++c) s += parts[c * count + i];
-      out[i] = s;
-    }
-  });
-}
-
-// Copies X (r, count), any strides, into a zero-padded row layout (count, r_pad).
-at::Tensor to_padded_rows(const at::Tensor& X, int64_t r_pad) {
-  at::Tensor rows_layout = at::zeros({X.size(1), r_pad}, X.options());
-  rows_layout.narrow(1, 0, X.size(0)).copy_(X.t());
-  return rows_layout;
-}
-
 // The padded rank and the tiling of a problem of nnz triples, P (r, m), Q (r, n) of type T.
 template <typename T>
 Tiling plan_observed_tiling(int64_t nnz, int64_t r, int64_t m, int64_t n, int64_t& r_pad) {
@@ -331,7 +300,7 @@ Tiling plan_observed_tiling(int64_t nnz, int64_t r, int64_t m, int64_t n, int64_
   observed_index_error("rows", bad.position, bad.value, m, "m, the columns of P");
 }
 
-// Runs the fused pass; fills the defined gradients of `out` (contiguous). Returns the loss.
+// Runs the pass(es); fills the defined gradients of `out` (contiguous). Returns the loss.
 template <typename T>
 double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
                              const at::Tensor& values, const at::Tensor& P, const at::Tensor& Q,
@@ -350,7 +319,7 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
   int64_t r_pad = 0;
   Bucketed<T> bk;
   static_cast<Tiling&>(bk) = plan_observed_tiling<T>(nnz, r, m, n, r_pad);
-  const bool rows_outer = bk.rows_outer;
+  const bool rows_outer = bk.rows_outer, units = bk.units;
   const int64_t na = bk.outer_size, nb = bk.inner_size;
   const bool keep_positions = out.grad_values.defined() || out.grad_weights.defined();
   const BadIndex bad = bucket_triples<T>(rows, cols, values, weights, m, n, keep_positions, bk);
@@ -359,10 +328,15 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
   ObservedProblem<T> pb{};
   pb.nnz = nnz;
   pb.r_pad = r_pad;
-  pb.chunk_blocks = plan_chunks(nnz, bk, bk.tile_begin);
-  const int64_t chunks = static_cast<int64_t>(pb.chunk_blocks.size()) - 1;
-  const at::Tensor P_rows = to_padded_rows(P, r_pad);
-  const at::Tensor Q_rows = to_padded_rows(Q, r_pad);
+  if (units) {
+    pb.chunk_bounds = plan_ranges(bk.outer_hist, unit_count(nnz));
+    pb.inner_bounds = plan_ranges(bk.inner_hist, unit_count(nnz));
+  } else {
+    pb.chunk_bounds = plan_chunks(nnz, bk, bk.tile_begin);
+  }
+  const int64_t chunks = static_cast<int64_t>(pb.chunk_bounds.size()) - 1;
+  const at::Tensor P_rows = padded_rows<T>(P, r_pad);
+  const at::Tensor Q_rows = padded_rows<T>(Q, r_pad);
   const at::Tensor& A_rows = rows_outer ? P_rows : Q_rows;
   const at::Tensor& B_rows = rows_outer ? Q_rows : P_rows;
   const std::optional<at::Tensor>& A_bias = rows_outer ? row_bias : col_bias;
@@ -386,26 +360,51 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
   if (out.grad_values.defined()) pb.grad_values = out.grad_values.mutable_data_ptr<T>();
   if (out.grad_weights.defined()) pb.grad_weights = out.grad_weights.mutable_data_ptr<T>();
 
-  at::Tensor dA_rows, dB_parts, dbB_parts;  // zeroed by their chunks
+  // Zeroed by their chunks or units. Path "units": the inner gradient rows have one writer each
+  // (the second pass), and the first pass leaves them alone.
+  at::Tensor dA_rows, dB_parts, dbB_parts, grad_pred;
+  const int64_t parts = units ? 1 : chunks;
   if (A_grad_out.defined() && r > 0) {
     dA_rows = at::empty({na, r_pad}, P.options());
     pb.outer.grad = dA_rows.mutable_data_ptr<T>();
   }
+  Side<T> inner_grads = pb.inner;
   if (B_grad_out.defined() && r > 0) {
-    dB_parts = at::empty({chunks, nb, r_pad}, P.options());
-    pb.inner.grad = dB_parts.mutable_data_ptr<T>();
+    dB_parts = at::empty({parts, nb, r_pad}, P.options());
+    inner_grads.grad = dB_parts.mutable_data_ptr<T>();
   }
-  // The outer bias gradient has one writer per entry: straight into the output.
+  // The outer bias gradient has one writer per entry: straight into the output; so has the
+  // inner one on path "units".
   if (A_grad_bias_out.defined()) pb.outer.grad_bias = A_grad_bias_out.mutable_data_ptr<T>();
   if (B_grad_bias_out.defined()) {
-    dbB_parts = at::empty({chunks, nb}, values.options());
-    pb.inner.grad_bias = dbB_parts.mutable_data_ptr<T>();
+    if (units) {
+      inner_grads.grad_bias = B_grad_bias_out.mutable_data_ptr<T>();
+    } else {
+      dbB_parts = at::empty({chunks, nb}, values.options());
+      inner_grads.grad_bias = dbB_parts.mutable_data_ptr<T>();
+    }
+  }
+  const bool inner_pass = units && (inner_grads.grad || inner_grads.grad_bias);
+  if (inner_pass) {
+    grad_pred = at::empty({nnz}, values.options());
+    pb.grad_pred = grad_pred.mutable_data_ptr<T>();
+  } else {
+    pb.inner = inner_grads;
   }
 
   std::vector<double> losses(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    run_chunks_any(pb, bk, begin, end, losses.data());
-  });
+  if (units) {
+    run_units_any_order(chunks, [&](int64_t c) { run_chunks_any(pb, bk, c, c + 1, losses.data()); });
+    if (inner_pass) {
+      pb.inner = inner_grads;
+      run_units_any_order(static_cast<int64_t>(pb.inner_bounds.size()) - 1,
+                          [&](int64_t u) { run_inner_unit_any(pb, bk, u); });
+    }
+  } else {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      run_chunks_any(pb, bk, begin, end, losses.data());
+    });
+  }
 
   double loss = 0;
   for (const double l : losses) loss += l;
@@ -415,12 +414,12 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
     A_grad_out.zero_();  // r == 0
   }
   if (pb.inner.grad) {
-    reduce_rows_transposed<T>(pb.inner.grad, chunks, nb, r, r_pad,
+    reduce_rows_transposed<T>(pb.inner.grad, parts, nb, r, r_pad,
                               B_grad_out.mutable_data_ptr<T>());
   } else if (B_grad_out.defined()) {
     B_grad_out.zero_();
   }
-  if (pb.inner.grad_bias) {
+  if (dbB_parts.defined()) {
     reduce_vectors<T>(pb.inner.grad_bias, chunks, nb, B_grad_bias_out.mutable_data_ptr<T>());
   }
   return reduction == Reduction::Mean ? loss / static_cast<double>(nnz) : loss;
@@ -449,11 +448,24 @@ ObservedResult observed_mf_loss_and_grads_cpu(
   return all.as_tuple();
 }
 
+// The triples of each range [bounds[u], bounds[u + 1]) of a side, from its per-index counts.
+std::vector<int64_t> range_triples(const std::vector<int64_t>& bounds,
+                                   const std::vector<int64_t>& hist) {
+  std::vector<int64_t> triples;
+  for (size_t u = 0; u + 1 < bounds.size(); ++u) {
+    triples.push_back(std::accumulate(hist.begin() + bounds[u], hist.begin() + bounds[u + 1],
+                                      int64_t(0)));
+  }
+  return triples;
+}
+
 // mf_ext::_observed_partition: how the kernel above cuts the problem (rows, cols) of P, Q's
 // shapes and dtype, computed by its own planning and counting code, for tests. Flattened:
-// [rows_outer, outer block size, inner block size, outer_blocks, inner_blocks, segments, chunks,
-//  the triples of each segment..., the triples of each chunk...]; no segments or chunks when
-// there are no triples (the kernel does no pass then). Out-of-range indices raise as the op does.
+// [rows_outer, outer block size, inner block size, outer_blocks, inner_blocks, path (0 chunks,
+//  1 units), segments, chunks (path "units": units of the first pass), inner units (of the
+//  second pass; 0 on path "chunks"), the triples of each segment..., of each chunk..., of each
+//  inner unit...]; no segments or units when there are no triples (the kernel does no pass
+// then). Out-of-range indices raise as the op does.
 std::vector<int64_t> observed_partition_cpu(const at::Tensor& rows, const at::Tensor& cols,
                                             const at::Tensor& P, const at::Tensor& Q) {
   check_observed_index_tensor(rows, "rows");
@@ -472,27 +484,39 @@ std::vector<int64_t> observed_partition_cpu(const at::Tensor& rows, const at::Te
   AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "observed_partition_cpu", [&] {
     int64_t r_pad = 0;
     const Tiling tl = plan_observed_tiling<scalar_t>(nnz, r, m, n, r_pad);
-    std::vector<int64_t> segment_triples, chunk_triples;
+    std::vector<int64_t> segment_triples, chunk_triples, inner_triples;
     if (nnz > 0) {
-      std::vector<int64_t> offsets, tile_begin;
-      const BadIndex bad = count_triples<scalar_t>(rows, cols, m, n, tl, offsets, tile_begin);
+      std::vector<int64_t> offsets, tile_begin, outer_hist, inner_hist;
+      const BadIndex bad = count_triples<scalar_t>(rows, cols, m, n, tl, offsets, tile_begin,
+                                                   outer_hist, inner_hist);
       if (bad.position >= 0) raise_bad_index(bad, m, n);
       const int64_t segments = segment_count(nnz);
       for (int64_t s = 0; s < segments; ++s) {
         segment_triples.push_back(segment_begin(nnz, segments, s + 1) -
                                   segment_begin(nnz, segments, s));
       }
-      const std::vector<int64_t> chunk_blocks = plan_chunks(nnz, tl, tile_begin);
-      for (size_t c = 0; c + 1 < chunk_blocks.size(); ++c) {
-        chunk_triples.push_back(tile_begin[chunk_blocks[c + 1] * tl.inner_blocks] -
-                                tile_begin[chunk_blocks[c] * tl.inner_blocks]);
+      if (tl.units) {
+        chunk_triples = range_triples(plan_ranges(outer_hist, unit_count(nnz)), outer_hist);
+        inner_triples = range_triples(plan_ranges(inner_hist, unit_count(nnz)), inner_hist);
+      } else {
+        const std::vector<int64_t> bounds = plan_chunks(nnz, tl, tile_begin);
+        auto first_tile = [&](int64_t a) {  // chunks end at block starts, or at the end
+          return a == tl.outer_size ? tl.tiles() : (a >> tl.outer_shift) * tl.inner_blocks;
+        };
+        for (size_t c = 0; c + 1 < bounds.size(); ++c) {
+          chunk_triples.push_back(tile_begin[first_tile(bounds[c + 1])] -
+                                  tile_begin[first_tile(bounds[c])]);
+        }
       }
     }
     out = {tl.rows_outer, int64_t(1) << tl.outer_shift, int64_t(1) << tl.inner_shift,
-           tl.outer_blocks, tl.inner_blocks, static_cast<int64_t>(segment_triples.size()),
-           static_cast<int64_t>(chunk_triples.size())};
-    out.insert(out.end(), segment_triples.begin(), segment_triples.end());
-    out.insert(out.end(), chunk_triples.begin(), chunk_triples.end());
+           tl.outer_blocks, tl.inner_blocks, tl.units,
+           static_cast<int64_t>(segment_triples.size()),
+           static_cast<int64_t>(chunk_triples.size()),
+           static_cast<int64_t>(inner_triples.size())};
+    for (const auto* list : {&segment_triples, &chunk_triples, &inner_triples}) {
+      out.insert(out.end(), list->begin(), list->end());
+    }
   });
   return out;
 }

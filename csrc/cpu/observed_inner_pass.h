@@ -1,0 +1,191 @@
+// The second pass of the observed CPU kernel on path "units" (bucketing.h): the inner gradients,
+// from each triple's ∂L/∂pred g, kept (in bucket order) by the first pass.
+//
+// Unit u owns the inner indices [inner_bounds[u], inner_bounds[u + 1]) outright: their gradient
+// rows and bias entries have no other writer, so no unit needs a partial. For each inner block
+// its range overlaps, it goes down that block's column of tiles (outer blocks in order), sorts
+// each tile's triples of its range by inner index (stable), and sums each run Σ g·p_a in
+// registers (p_a: rows of the outer factor, in L2 with their tile), added into the inner
+// gradient row once per tile (float32: through a double row every kRunFlush triples, as the
+// first pass does for outer rows). Inner bias sums are kept in double and rounded once.
+// Every order depends on the shapes and the data only.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "bucketing.h"
+#include "compensated_sums.h"
+#include "observed_problem.h"
+#include "simd.h"
+
+namespace mf_ext {
+namespace {
+
+template <typename T, int NV>
+MF_EXT_INLINE void run_inner_unit(const ObservedProblem<T>& pb, const Bucketed<T>& bk,
+                                  int64_t unit) {
+  using V = typename simd::Vec<T>::type;
+  constexpr int W = simd::Vec<T>::width;
+  const int64_t r_pad = NV > 0 ? NV * W : pb.r_pad;
+  const int64_t nv = r_pad / W;
+  const int64_t b_lo = pb.inner_bounds[unit], b_hi = pb.inner_bounds[unit + 1];
+  if (b_lo == b_hi) return;
+  T* const dB = pb.inner.grad;
+  T* const dbB = pb.inner.grad_bias;
+  if (dB) std::fill(dB + b_lo * r_pad, dB + b_hi * r_pad, T(0));
+  std::vector<double> dbB_sum(dbB ? b_hi - b_lo : 0, 0.0);
+
+  const int64_t ib = bk.inner_blocks, ob = bk.outer_blocks;
+  const int64_t inner_shift = bk.inner_shift, outer_shift = bk.outer_shift;
+  const int64_t block_size = int64_t(1) << inner_shift;
+  const uint32_t inner_mask = static_cast<uint32_t>(block_size - 1);
+  const int64_t bb0 = b_lo >> inner_shift, bb1 = ((b_hi - 1) >> inner_shift) + 1;
+  int64_t max_tile = 0;
+  for (int64_t o = 0; o < ob; ++o) {
+    for (int64_t bb = bb0; bb < bb1; ++bb) {
+      const int64_t tile = o * ib + bb;
+      max_tile = std::max(max_tile, bk.tile_begin[tile + 1] - bk.tile_begin[tile]);
+    }
+  }
+  std::unique_ptr<uint32_t[]> run_a(new uint32_t[max_tile]);
+  std::unique_ptr<T[]> run_g(new T[max_tile]);
+  std::vector<int64_t> run_end(block_size + 1);
+  simd::RowVectors<V, NV> acc_vec(nv);
+  V* const acc = acc_vec.data();
+  constexpr bool kWideRuns = std::is_same_v<T, float>;
+  std::vector<double> run_wide(kWideRuns ? r_pad : 0, 0.0);
+  const uint32_t* const keys = bk.keys.get();
+  const T* const grad_pred = pb.grad_pred;
+  const int64_t row_bytes = r_pad * static_cast<int64_t>(sizeof(T));
+
+  for (int64_t bb = bb0; bb < bb1; ++bb) {
+    const int64_t b0 = bb << inner_shift;
+    const int64_t lo = std::max<int64_t>(b_lo - b0, 0);
+    const uint32_t span = static_cast<uint32_t>(std::min(b_hi - b0, block_size) - lo);
+    for (int64_t o = 0; o < ob; ++o) {
+      const int64_t tile = o * ib + bb;
+      const int64_t s = bk.tile_begin[tile], e = bk.tile_begin[tile + 1];
+      if (s == e) continue;
+      // Counting sort of the tile's triples in [lo, lo + span) by inner index (stable).
+      std::fill(run_end.begin(), run_end.begin() + span + 1, 0);
+      for (int64_t t = s; t < e; ++t) {
+        const uint32_t k = (keys[t] & inner_mask) - static_cast<uint32_t>(lo);
+        if (k < span) ++run_end[k + 1];
+      }
+      for (uint32_t k = 0; k < span; ++k) run_end[k + 1] += run_end[k];
+      const int64_t count = run_end[span];
+      if (count == 0) continue;
+      for (int64_t t = s; t < e; ++t) {
+        const uint32_t key = keys[t];
+        const uint32_t k = (key & inner_mask) - static_cast<uint32_t>(lo);
+        if (k >= span) continue;
+        const int64_t u = run_end[k]++;
+        run_a[u] = key >> inner_shift;
+        run_g[u] = grad_pred[t];
+      }
+      const T* const Af = pb.outer.factor + (o << outer_shift) * r_pad;
+      int64_t u = 0;
+      for (uint32_t k = 0; k < span; ++k) {
+        const int64_t u_end = run_end[k];  // after the scatter: the end of run k
+        if (u == u_end) continue;
+        const int64_t b = b0 + lo + k;
+#pragma GCC unroll 8
+        for (int64_t v = 0; v < nv; ++v) acc[v] = simd::broadcast<T>(0);
+        double g_sum = 0;
+        int64_t since_flush = 0;
+        bool wide_used = false;
+        for (; u < u_end; ++u) {
+          const T g = run_g[u];
+          g_sum += static_cast<double>(g);
+          if (!dB) continue;
+          if (kPrefetchAhead > 0 && u + kPrefetchAhead < count) {
+            const char* ahead = reinterpret_cast<const char*>(Af + run_a[u + kPrefetchAhead] * r_pad);
+            for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+              __builtin_prefetch(ahead + byte, 0, 3);
+            }
+          }
+          const T* p = Af + run_a[u] * r_pad;
+          const V gv = simd::broadcast(g);
+#pragma GCC unroll 8
+          for (int64_t v = 0; v < nv; ++v) acc[v] += gv * simd::load(p + v * W);
+          if (++since_flush == kRunFlush) {
+            if constexpr (kWideRuns) {
+              flush_run_wide(run_wide.data(), acc, nv);
+              wide_used = true;
+            } else {
+              simd::flush_run(dB + b * r_pad, acc, nv);
+            }
+            since_flush = 0;
+          }
+        }
+        if (dB) {
+          if constexpr (kWideRuns) {
+            if (wide_used) finish_run_wide(dB + b * r_pad, run_wide.data(), acc, nv);
+          }
+          if (!wide_used) simd::flush_run(dB + b * r_pad, acc, nv);
+        }
+        if (dbB) dbB_sum[b - b_lo] += g_sum;
+      }
+    }
+  }
+  for (int64_t i = 0; i < static_cast<int64_t>(dbB_sum.size()); ++i) {
+    dbB[b_lo + i] = static_cast<T>(dbB_sum[i]);
+  }
+}
+
+template <typename T>
+MF_EXT_INLINE void run_inner_unit_nv(const ObservedProblem<T>& pb, const Bucketed<T>& bk,
+                                     int64_t unit) {
+  switch (pb.r_pad / simd::Vec<T>::width) {  // rows in registers up to 8 vectors
+    case 1: return run_inner_unit<T, 1>(pb, bk, unit);
+    case 2: return run_inner_unit<T, 2>(pb, bk, unit);
+    case 3: return run_inner_unit<T, 3>(pb, bk, unit);
+    case 4: return run_inner_unit<T, 4>(pb, bk, unit);
+    case 5: return run_inner_unit<T, 5>(pb, bk, unit);
+    case 6: return run_inner_unit<T, 6>(pb, bk, unit);
+    case 7: return run_inner_unit<T, 7>(pb, bk, unit);
+    case 8: return run_inner_unit<T, 8>(pb, bk, unit);
+    default: return run_inner_unit<T, 0>(pb, bk, unit);
+  }
+}
+
+// Non-template entry points, so that each can be cloned per instruction set.
+MF_EXT_TARGET_CLONES void run_inner_unit_float(const ObservedProblem<float>& pb,
+                                               const Bucketed<float>& bk, int64_t unit) {
+  run_inner_unit_nv(pb, bk, unit);
+}
+MF_EXT_TARGET_CLONES void run_inner_unit_double(const ObservedProblem<double>& pb,
+                                                const Bucketed<double>& bk, int64_t unit) {
+  run_inner_unit_nv(pb, bk, unit);
+}
+inline void run_inner_unit_any(const ObservedProblem<float>& pb, const Bucketed<float>& bk,
+                               int64_t unit) {
+  run_inner_unit_float(pb, bk, unit);
+}
+inline void run_inner_unit_any(const ObservedProblem<double>& pb, const Bucketed<double>& bk,
+                               int64_t unit) {
+  run_inner_unit_double(pb, bk, unit);
+}
+
+// fn(u) for every u in [0, count) on torch's threads, each thread taking the next unit as it
+// frees up. Units write disjoint outputs (and their own loss slot), so which thread runs which
+// changes no result.
+template <typename F>
+void run_units_any_order(int64_t count, const F& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), count);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t u = next.fetch_add(1); u < count; u = next.fetch_add(1)) fn(u);
+  });
+}
+
+}  // namespace
+}  // namespace mf_ext
