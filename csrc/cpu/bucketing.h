@@ -8,11 +8,11 @@
 //             checks every index before anything is read through it;
 //   chunks    path "chunks" (below kUnitsMinTriples): the units of parallel work of the one fused
 //             pass, runs of whole outer blocks cut at fixed fractions of nnz, at most kMaxChunks;
-//   units     path "units" (large inputs): two passes over the same tiles, each cut into up to
-//             kMaxUnits ranges of indices of equal triple counts (per-index histograms, taken by
-//             the counting pass): outer ranges for the first (loss, outer gradients, and each
-//             triple's ∂L/∂pred kept), then inner ranges for the second (inner gradients). Each
-//             range owns its gradient rows: no per-unit partials.
+//   units     path "units" (large inputs): two passes over the same tiles, each in up to
+//             kMaxUnits units of about nnz / kUnitTriples triples: runs of whole outer blocks for
+//             the first (loss, outer gradients, each triple's ∂L/∂pred kept), then ranges of
+//             inner indices for the second (inner gradients), cut on the triples per inner index
+//             (taken by the counting pass). Each unit owns its gradient rows: no partials.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -117,7 +117,7 @@ struct Bucketed : Tiling {
   std::unique_ptr<uint32_t[]> keys;
   std::unique_ptr<T[]> values, weights;   // weights null: all 1
   std::unique_ptr<int64_t[]> positions;   // original t, only for grad_values / grad_weights
-  std::vector<int64_t> outer_hist, inner_hist;  // triples per index (path "units" only)
+  std::vector<int64_t> inner_hist;  // triples per inner index (path "units" only)
 };
 
 struct BadIndex {
@@ -135,7 +135,7 @@ BadIndex bucket_segment(const IR* rows, int64_t rows_s, const IC* cols, int64_t 
                         int64_t t0, int64_t t1, int64_t m, int64_t n, bool rows_outer,
                         int64_t outer_shift, int64_t inner_shift, int64_t inner_blocks,
                         int64_t* next, uint32_t* keys, T* sorted_values, T* sorted_weights,
-                        int64_t* positions, int64_t* outer_hist, int64_t* inner_hist) {
+                        int64_t* positions, int64_t* inner_hist) {
   const uint64_t outer_mask = (uint64_t(1) << outer_shift) - 1;
   const uint64_t inner_mask = (uint64_t(1) << inner_shift) - 1;
   for (int64_t t = t0; t < t1; ++t) {
@@ -151,10 +151,7 @@ BadIndex bucket_segment(const IR* rows, int64_t rows_s, const IC* cols, int64_t 
     const int64_t tile = static_cast<int64_t>((a >> outer_shift) * inner_blocks + (b >> inner_shift));
     if (!kScatter) {
       ++next[tile];
-      if constexpr (kHist) {  // path "units": counted per index too
-        ++outer_hist[a];
-        ++inner_hist[b];
-      }
+      if constexpr (kHist) ++inner_hist[b];  // path "units": counted per inner index too
       continue;
     }
     const int64_t pos = next[tile]++;
@@ -171,21 +168,19 @@ BadIndex bucket_segment_any(const at::Tensor& rows, const at::Tensor& cols, cons
                             int64_t values_s, const T* weights, int64_t weights_s, int64_t t0,
                             int64_t t1, int64_t m, int64_t n, const Tiling& tl, int64_t* next,
                             uint32_t* keys, T* sorted_values, T* sorted_weights,
-                            int64_t* positions, int64_t* outer_hist = nullptr,
-                            int64_t* inner_hist = nullptr) {
+                            int64_t* positions, int64_t* inner_hist = nullptr) {
   auto go = [&](auto* rows_p, auto* cols_p) {
-    if (!kScatter && outer_hist) {
+    if (!kScatter && inner_hist) {
       return bucket_segment<false, true>(rows_p, rows.stride(0), cols_p, cols.stride(0), values,
                                          values_s, weights, weights_s, t0, t1, m, n,
                                          tl.rows_outer, tl.outer_shift, tl.inner_shift,
                                          tl.inner_blocks, next, keys, sorted_values,
-                                         sorted_weights, positions, outer_hist, inner_hist);
+                                         sorted_weights, positions, inner_hist);
     }
     return bucket_segment<kScatter, false>(rows_p, rows.stride(0), cols_p, cols.stride(0), values,
                                     values_s, weights, weights_s, t0, t1, m, n, tl.rows_outer,
                                     tl.outer_shift, tl.inner_shift, tl.inner_blocks, next, keys,
-                                    sorted_values, sorted_weights, positions, outer_hist,
-                                    inner_hist);
+                                    sorted_values, sorted_weights, positions, nullptr);
   };
   const bool r64 = rows.scalar_type() == at::kLong, c64 = cols.scalar_type() == at::kLong;
   if (r64 && c64) return go(rows.const_data_ptr<int64_t>(), cols.const_data_ptr<int64_t>());
@@ -198,41 +193,36 @@ BadIndex bucket_segment_any(const at::Tensor& rows, const at::Tensor& cols, cons
 // checks the indices. Unless one is bad, then lays out `offsets` (segments × tiles: counts, then
 // each segment's first write position in each tile) tile-major, segment-minor, so the sort is
 // the same whatever the thread count, and `tile_begin` (tiles + 1: where each tile starts).
-// Path "units": also the triples per outer and per inner index (`outer_hist`, `inner_hist`).
+// Path "units": also the triples per inner index (`inner_hist`).
 // T: the dtype of the values the scatter will move (counting reads none).
 template <typename T>
 BadIndex count_triples(const at::Tensor& rows, const at::Tensor& cols, int64_t m, int64_t n,
                        const Tiling& tl, std::vector<int64_t>& offsets,
-                       std::vector<int64_t>& tile_begin, std::vector<int64_t>& outer_hist,
-                       std::vector<int64_t>& inner_hist) {
+                       std::vector<int64_t>& tile_begin, std::vector<int64_t>& inner_hist) {
   const int64_t nnz = rows.size(0);
   const int64_t segments = segment_count(nnz);
   const int64_t tiles = tl.tiles();
-  const int64_t na = tl.outer_size, nb = tl.inner_size;
+  const int64_t nb = tl.inner_size;
   offsets.assign(segments * tiles, 0);
-  // Path "units": per-segment histograms (segments × (outer + inner) counters), summed below.
-  std::vector<int64_t> hists(tl.units ? segments * (na + nb) : 0, 0);
+  // Path "units": per-segment histograms (segments × inner counters), summed below.
+  std::vector<int64_t> hists(tl.units ? segments * nb : 0, 0);
   std::vector<BadIndex> bad(segments);
   at::parallel_for(0, segments, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
-      int64_t* hist = tl.units ? hists.data() + s * (na + nb) : nullptr;
       bad[s] = bucket_segment_any<false, T>(
           rows, cols, nullptr, 0, nullptr, 0, segment_begin(nnz, segments, s),
           segment_begin(nnz, segments, s + 1), m, n, tl, offsets.data() + s * tiles, nullptr,
-          nullptr, nullptr, nullptr, hist, hist ? hist + na : nullptr);
+          nullptr, nullptr, nullptr, tl.units ? hists.data() + s * nb : nullptr);
     }
   });
   for (const BadIndex& b : bad) {
     if (b.position >= 0) return b;  // segments are in triple order: the lowest bad position
   }
   if (tl.units) {
-    outer_hist.assign(na, 0);
     inner_hist.assign(nb, 0);
-    at::parallel_for(0, na + nb, 4096, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, nb, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        int64_t total = 0;
-        for (int64_t s = 0; s < segments; ++s) total += hists[s * (na + nb) + k];
-        (k < na ? outer_hist[k] : inner_hist[k - na]) = total;
+        for (int64_t s = 0; s < segments; ++s) inner_hist[k] += hists[s * nb + k];
       }
     });
   }
@@ -265,7 +255,7 @@ BadIndex bucket_triples(const at::Tensor& rows, const at::Tensor& cols, const at
 
   std::vector<int64_t> offsets;  // counts, then write positions
   const BadIndex bad = count_triples<T>(rows, cols, m, n, bk, offsets, bk.tile_begin,
-                                        bk.outer_hist, bk.inner_hist);
+                                        bk.inner_hist);
   if (bad.position >= 0) return bad;
   const int64_t segments = segment_count(nnz);
   const int64_t tiles = bk.tiles();
@@ -312,6 +302,26 @@ inline std::vector<int64_t> plan_chunks(int64_t nnz, const Tiling& tl,
 
 inline int64_t unit_count(int64_t nnz) {
   return std::clamp<int64_t>(nnz / kUnitTriples, 1, kMaxUnits);
+}
+
+// Path "units", first pass: unit u covers outer indices [bounds[u], bounds[u + 1]), runs of
+// whole outer blocks (each tile has one writer), a new one begun before the block that would take
+// the run past nnz / unit_count(nnz) triples. A block heavier than that is a unit of its own.
+inline std::vector<int64_t> plan_outer_units(int64_t nnz, const Tiling& tl,
+                                             const std::vector<int64_t>& tile_begin) {
+  const int64_t target = std::max<int64_t>(nnz / unit_count(nnz), 1);
+  const int64_t ib = tl.inner_blocks;
+  std::vector<int64_t> bounds{0};
+  int64_t start = 0;  // the triples before the current unit
+  for (int64_t block = 1; block < tl.outer_blocks; ++block) {
+    const int64_t before = tile_begin[block * ib];
+    if (tile_begin[(block + 1) * ib] - start > target && before > start) {
+      bounds.push_back(block << tl.outer_shift);
+      start = before;
+    }
+  }
+  bounds.push_back(tl.outer_size);
+  return bounds;
 }
 
 // Path "units": [bounds[u], bounds[u + 1]) for each unit u of one side: ranges of indices cut

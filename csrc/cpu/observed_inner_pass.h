@@ -1,10 +1,11 @@
 // The second pass of the observed CPU kernel on path "units" (bucketing.h): the inner gradients,
-// from each triple's ∂L/∂pred g, kept (in bucket order) by the first pass.
+// from each triple's ∂L/∂pred g, which the first pass left in each tile, the tile sorted by
+// inner index (stable) with g in place of its value.
 //
 // Unit u owns the inner indices [inner_bounds[u], inner_bounds[u + 1]) outright: their gradient
 // rows and bias entries have no other writer, so no unit needs a partial. For each inner block
-// its range overlaps, it goes down that block's column of tiles (outer blocks in order), sorts
-// each tile's triples of its range by inner index (stable), and sums each run Σ g·p_a in
+// its range overlaps, it goes down that block's column of tiles (outer blocks in order), finds
+// its indices' triples in each tile (two binary searches) and sums each index's run Σ g·p_a in
 // registers (p_a: rows of the outer factor, in L2 with their tile), added into the inner
 // gradient row once per tile (float32: through a double row every kRunFlush triples, as the
 // first pass does for outer rows). Inner bias sums are kept in double and rounded once.
@@ -45,74 +46,51 @@ MF_EXT_INLINE void run_inner_unit(const ObservedProblem<T>& pb, const Bucketed<T
 
   const int64_t ib = bk.inner_blocks, ob = bk.outer_blocks;
   const int64_t inner_shift = bk.inner_shift, outer_shift = bk.outer_shift;
-  const int64_t block_size = int64_t(1) << inner_shift;
-  const uint32_t inner_mask = static_cast<uint32_t>(block_size - 1);
-  const int64_t bb0 = b_lo >> inner_shift, bb1 = ((b_hi - 1) >> inner_shift) + 1;
-  int64_t max_tile = 0;
-  for (int64_t o = 0; o < ob; ++o) {
-    for (int64_t bb = bb0; bb < bb1; ++bb) {
-      const int64_t tile = o * ib + bb;
-      max_tile = std::max(max_tile, bk.tile_begin[tile + 1] - bk.tile_begin[tile]);
-    }
-  }
-  std::unique_ptr<uint32_t[]> run_a(new uint32_t[max_tile]);
-  std::unique_ptr<T[]> run_g(new T[max_tile]);
-  std::vector<int64_t> run_end(block_size + 1);
+  const uint32_t inner_mask = (uint32_t(1) << inner_shift) - 1;
   simd::RowVectors<V, NV> acc_vec(nv);
   V* const acc = acc_vec.data();
   constexpr bool kWideRuns = std::is_same_v<T, float>;
   std::vector<double> run_wide(kWideRuns ? r_pad : 0, 0.0);
   const uint32_t* const keys = bk.keys.get();
-  const T* const grad_pred = pb.grad_pred;
+  const T* const grad_pred = bk.values.get();  // rewritten by the first pass
   const int64_t row_bytes = r_pad * static_cast<int64_t>(sizeof(T));
+  // The first position in [s, e) whose inner index is ≥ local (the tile is sorted by it).
+  auto seek = [&](int64_t s, int64_t e, uint32_t local) {
+    return std::partition_point(keys + s, keys + e,
+                                [&](uint32_t key) { return (key & inner_mask) < local; }) - keys;
+  };
 
-  for (int64_t bb = bb0; bb < bb1; ++bb) {
+  for (int64_t bb = b_lo >> inner_shift; bb <= (b_hi - 1) >> inner_shift; ++bb) {
     const int64_t b0 = bb << inner_shift;
-    const int64_t lo = std::max<int64_t>(b_lo - b0, 0);
-    const uint32_t span = static_cast<uint32_t>(std::min(b_hi - b0, block_size) - lo);
+    const uint32_t lo = static_cast<uint32_t>(std::max<int64_t>(b_lo - b0, 0));
+    const uint32_t hi = static_cast<uint32_t>(std::min<int64_t>(b_hi - b0, inner_mask + 1));
     for (int64_t o = 0; o < ob; ++o) {
       const int64_t tile = o * ib + bb;
       const int64_t s = bk.tile_begin[tile], e = bk.tile_begin[tile + 1];
       if (s == e) continue;
-      // Counting sort of the tile's triples in [lo, lo + span) by inner index (stable).
-      std::fill(run_end.begin(), run_end.begin() + span + 1, 0);
-      for (int64_t t = s; t < e; ++t) {
-        const uint32_t k = (keys[t] & inner_mask) - static_cast<uint32_t>(lo);
-        if (k < span) ++run_end[k + 1];
-      }
-      for (uint32_t k = 0; k < span; ++k) run_end[k + 1] += run_end[k];
-      const int64_t count = run_end[span];
-      if (count == 0) continue;
-      for (int64_t t = s; t < e; ++t) {
-        const uint32_t key = keys[t];
-        const uint32_t k = (key & inner_mask) - static_cast<uint32_t>(lo);
-        if (k >= span) continue;
-        const int64_t u = run_end[k]++;
-        run_a[u] = key >> inner_shift;
-        run_g[u] = grad_pred[t];
-      }
+      const int64_t t0 = lo == 0 ? s : seek(s, e, lo);
+      const int64_t t1 = hi == inner_mask + 1 ? e : seek(t0, e, hi);
       const T* const Af = pb.outer.factor + (o << outer_shift) * r_pad;
-      int64_t u = 0;
-      for (uint32_t k = 0; k < span; ++k) {
-        const int64_t u_end = run_end[k];  // after the scatter: the end of run k
-        if (u == u_end) continue;
-        const int64_t b = b0 + lo + k;
+      for (int64_t t = t0; t < t1;) {
+        const uint32_t bl = keys[t] & inner_mask;
+        const int64_t b = b0 + bl;
 #pragma GCC unroll 8
         for (int64_t v = 0; v < nv; ++v) acc[v] = simd::broadcast<T>(0);
         double g_sum = 0;
         int64_t since_flush = 0;
         bool wide_used = false;
-        for (; u < u_end; ++u) {
-          const T g = run_g[u];
+        for (; t < t1 && (keys[t] & inner_mask) == bl; ++t) {
+          const T g = grad_pred[t];
           g_sum += static_cast<double>(g);
           if (!dB) continue;
-          if (kPrefetchAhead > 0 && u + kPrefetchAhead < count) {
-            const char* ahead = reinterpret_cast<const char*>(Af + run_a[u + kPrefetchAhead] * r_pad);
+          if (kPrefetchAhead > 0 && t + kPrefetchAhead < t1) {
+            const char* ahead = reinterpret_cast<const char*>(
+                Af + (keys[t + kPrefetchAhead] >> inner_shift) * r_pad);
             for (int64_t byte = 0; byte < row_bytes; byte += 64) {
               __builtin_prefetch(ahead + byte, 0, 3);
             }
           }
-          const T* p = Af + run_a[u] * r_pad;
+          const T* p = Af + (keys[t] >> inner_shift) * r_pad;
           const V gv = simd::broadcast(g);
 #pragma GCC unroll 8
           for (int64_t v = 0; v < nv; ++v) acc[v] += gv * simd::load(p + v * W);

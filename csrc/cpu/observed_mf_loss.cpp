@@ -20,14 +20,14 @@
 // - "chunks" (below 2^22 triples): one fused pass in at most 8 chunks, runs of outer blocks cut
 //   at fixed fractions of nnz; a chunk owns its outer gradient rows outright and writes the
 //   inner gradients into its own partial (chunks × inner × r_pad values), summed in chunk order.
-// - "units" (large inputs): up to 1024 units per pass, ranges of indices of equal triple counts.
-//   The first pass (outer ranges, run_chunk) computes the loss and the outer gradients and keeps
-//   each triple's ∂L/∂pred (nnz values, only when an inner gradient is asked for); the second
-//   (inner ranges, observed_inner_pass.h) adds them into the inner gradients. Each unit owns its
-//   gradient rows: no partials. Extra memory besides those nnz values: the per-index histograms
-//   (segments × (m + n) counters while counting, then m + n) and per unit in flight its largest
-//   tile's run buffers.
-//
+// - "units" (large inputs): two passes over the tiles, each in up to 1024 units of about 2^16
+//   triples. The first (runs of whole outer blocks, run_chunk) computes the loss and the outer
+//   gradients and, when an inner gradient is asked for, leaves each tile sorted by inner index
+//   with each triple's ∂L/∂pred in place of its value; the second (ranges of inner indices,
+//   observed_inner_pass.h) sums those into the inner gradients. Each unit owns its gradient
+//   rows: no partials. Extra memory over path "chunks": per-segment inner histograms while
+//   counting (≤ 8 × inner counters) and per unit in flight one inner block of counters.
+
 // Indices are checked by the bucketing pass, before anything is read through them; the lowest
 // bad position is reported (its row if both are bad).
 //
@@ -61,8 +61,31 @@ using simd::flush_run;
 using simd::RowVectors;
 using simd::Vec;
 
+// Path "units": rewrites the tile starting at bucket position s in place, sorted by inner index
+// (stable: outer index order within each), as keys and each triple's ∂L/∂pred in place of its
+// value. run_end, run_b, run_g: the tile sorted by outer index (runs of a_count outer indices).
+template <typename T>
+MF_EXT_INLINE void keep_tile_grad_pred(int64_t s, int64_t count, int64_t a_count,
+                                       const int64_t* run_end, const uint32_t* run_b,
+                                       const T* run_g, int64_t inner_shift,
+                                       std::vector<int64_t>& inner_next, const Bucketed<T>& bk) {
+  uint32_t* const keys = bk.keys.get();
+  T* const grad_pred = bk.values.get();
+  std::fill(inner_next.begin(), inner_next.end(), 0);
+  for (int64_t u = 0; u < count; ++u) ++inner_next[run_b[u] + 1];
+  for (size_t k = 1; k < inner_next.size(); ++k) inner_next[k] += inner_next[k - 1];
+  int64_t u = 0;
+  for (int64_t al = 0; al < a_count; ++al) {
+    for (; u < run_end[al]; ++u) {
+      const int64_t pos = s + inner_next[run_b[u]]++;
+      keys[pos] = static_cast<uint32_t>(al << inner_shift) | run_b[u];
+      grad_pred[pos] = run_g[u];
+    }
+  }
+}
+
 // One chunk (path "units": a unit of the first pass): zeroes its outer gradient rows and its
-// inner partials, then runs its tiles (path "units": only their triples of its outer range).
+// inner partials, then runs its tiles.
 template <typename T, int NV>
 MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& bk,
                                int64_t chunk) {
@@ -107,8 +130,10 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   std::unique_ptr<T[]> run_v(new T[max_tile]);
   std::unique_ptr<T[]> run_w(weights ? new T[max_tile] : nullptr);
   std::unique_ptr<int64_t[]> run_pos(positions ? new int64_t[max_tile] : nullptr);
-  T* const grad_pred = pb.grad_pred;
-  std::unique_ptr<int64_t[]> run_t(grad_pred ? new int64_t[max_tile] : nullptr);
+  // Path "units" with inner gradients asked for: each tile is rewritten in place, sorted by
+  // inner index (stable), its values replaced by each triple's ∂L/∂pred, for the second pass.
+  const bool keep_grad_pred = pb.keep_grad_pred;
+  std::vector<int64_t> inner_next(keep_grad_pred ? (int64_t(1) << inner_shift) + 1 : 0);
   const int64_t block_size = int64_t(1) << bk.outer_shift;
   std::vector<int64_t> run_end(block_size + 1);
   RowVectors<V, NV> p_vec(nv), acc_vec(nv);
@@ -131,37 +156,24 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   for (int64_t block = block0; block < block1; ++block) {
     const int64_t a0 = block << bk.outer_shift;
     const int64_t a_count = std::min(block_size, A.size - a0);
-    const uint32_t al_lo = static_cast<uint32_t>(std::max<int64_t>(a_begin - a0, 0));
-    const uint32_t al_span = static_cast<uint32_t>(std::min(a_end - a0, a_count) - al_lo);
-    const bool whole_block = al_lo == 0 && al_span == a_count;
     for (int64_t bb = 0; bb < ib; ++bb) {
       const int64_t tile = block * ib + bb;
       const int64_t s = bk.tile_begin[tile], e = bk.tile_begin[tile + 1];
       if (s == e) continue;
       const int64_t b0 = bb << inner_shift;
-      // Counting sort of the tile by outer index (stable), into the run_* buffers; only the
-      // triples of [al_lo, al_hi) where the chunk's range ends inside the block (path "units").
+      // Counting sort of the tile by outer index (stable), into the run_* buffers.
       std::fill(run_end.begin(), run_end.begin() + a_count + 1, 0);
-      if (whole_block) {
-        for (int64_t t = s; t < e; ++t) ++run_end[(keys[t] >> inner_shift) + 1];
-      } else {
-        for (int64_t t = s; t < e; ++t) {
-          const uint32_t al = keys[t] >> inner_shift;
-          if (al - al_lo < al_span) ++run_end[al + 1];
-        }
-      }
+      for (int64_t t = s; t < e; ++t) ++run_end[(keys[t] >> inner_shift) + 1];
       for (int64_t k = 0; k < a_count; ++k) run_end[k + 1] += run_end[k];
-      const int64_t count = run_end[a_count];
       for (int64_t t = s; t < e; ++t) {
         const uint32_t key = keys[t];
-        if (!whole_block && (key >> inner_shift) - al_lo >= al_span) continue;
         const int64_t u = run_end[key >> inner_shift]++;
         run_b[u] = key & inner_mask;
         run_v[u] = values[t];
         if (weights) run_w[u] = weights[t];
         if (positions) run_pos[u] = positions[t];
-        if (grad_pred) run_t[u] = t;
       }
+      const int64_t count = e - s;
       const T* const Bf = B.factor + b0 * r_pad;
       T* const dBt = dB ? dB + b0 * r_pad : nullptr;
       const T* const B_bias_t = B_bias ? B_bias + b0 * B_bias_s : nullptr;
@@ -205,7 +217,7 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
           const T g = coef * (w * err);
           if (grad_values) grad_values[run_pos[u]] = -g;
           if (grad_weights) grad_weights[run_pos[u]] = scale * (err * err);
-          if (grad_pred) grad_pred[run_t[u]] = g;
+          if (keep_grad_pred) run_v[u] = g;  // its value is read: the slot is free
           const V gv = simd::broadcast(g);
           if (dA) {
 #pragma GCC unroll 8
@@ -239,6 +251,8 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
         if (dA && !wide_used) flush_run(dA + a * r_pad, acc, nv);
         if (dbA) dbA[a] += static_cast<T>(g_sum);
       }
+      if (keep_grad_pred) keep_tile_grad_pred(s, count, a_count, run_end.data(), run_b.get(),
+                                              run_v.get(), inner_shift, inner_next, bk);
     }
   }
   for (int64_t b = 0; b < static_cast<int64_t>(dbB_sum.size()); ++b) {
@@ -329,7 +343,7 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
   pb.nnz = nnz;
   pb.r_pad = r_pad;
   if (units) {
-    pb.chunk_bounds = plan_ranges(bk.outer_hist, unit_count(nnz));
+    pb.chunk_bounds = plan_outer_units(nnz, bk, bk.tile_begin);
     pb.inner_bounds = plan_ranges(bk.inner_hist, unit_count(nnz));
   } else {
     pb.chunk_bounds = plan_chunks(nnz, bk, bk.tile_begin);
@@ -362,7 +376,7 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
 
   // Zeroed by their chunks or units. Path "units": the inner gradient rows have one writer each
   // (the second pass), and the first pass leaves them alone.
-  at::Tensor dA_rows, dB_parts, dbB_parts, grad_pred;
+  at::Tensor dA_rows, dB_parts, dbB_parts;
   const int64_t parts = units ? 1 : chunks;
   if (A_grad_out.defined() && r > 0) {
     dA_rows = at::empty({na, r_pad}, P.options());
@@ -384,18 +398,14 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
       inner_grads.grad_bias = dbB_parts.mutable_data_ptr<T>();
     }
   }
-  const bool inner_pass = units && (inner_grads.grad || inner_grads.grad_bias);
-  if (inner_pass) {
-    grad_pred = at::empty({nnz}, values.options());
-    pb.grad_pred = grad_pred.mutable_data_ptr<T>();
-  } else {
-    pb.inner = inner_grads;
-  }
+  // Path "units": the first pass leaves the inner gradients to the second.
+  pb.keep_grad_pred = units && (inner_grads.grad || inner_grads.grad_bias);
+  if (!pb.keep_grad_pred) pb.inner = inner_grads;
 
   std::vector<double> losses(chunks);
   if (units) {
     run_units_any_order(chunks, [&](int64_t c) { run_chunks_any(pb, bk, c, c + 1, losses.data()); });
-    if (inner_pass) {
+    if (pb.keep_grad_pred) {
       pb.inner = inner_grads;
       run_units_any_order(static_cast<int64_t>(pb.inner_bounds.size()) - 1,
                           [&](int64_t u) { run_inner_unit_any(pb, bk, u); });
@@ -448,17 +458,6 @@ ObservedResult observed_mf_loss_and_grads_cpu(
   return all.as_tuple();
 }
 
-// The triples of each range [bounds[u], bounds[u + 1]) of a side, from its per-index counts.
-std::vector<int64_t> range_triples(const std::vector<int64_t>& bounds,
-                                   const std::vector<int64_t>& hist) {
-  std::vector<int64_t> triples;
-  for (size_t u = 0; u + 1 < bounds.size(); ++u) {
-    triples.push_back(std::accumulate(hist.begin() + bounds[u], hist.begin() + bounds[u + 1],
-                                      int64_t(0)));
-  }
-  return triples;
-}
-
 // mf_ext::_observed_partition: how the kernel above cuts the problem (rows, cols) of P, Q's
 // shapes and dtype, computed by its own planning and counting code, for tests. Flattened:
 // [rows_outer, outer block size, inner block size, outer_blocks, inner_blocks, path (0 chunks,
@@ -486,26 +485,29 @@ std::vector<int64_t> observed_partition_cpu(const at::Tensor& rows, const at::Te
     const Tiling tl = plan_observed_tiling<scalar_t>(nnz, r, m, n, r_pad);
     std::vector<int64_t> segment_triples, chunk_triples, inner_triples;
     if (nnz > 0) {
-      std::vector<int64_t> offsets, tile_begin, outer_hist, inner_hist;
+      std::vector<int64_t> offsets, tile_begin, inner_hist;
       const BadIndex bad = count_triples<scalar_t>(rows, cols, m, n, tl, offsets, tile_begin,
-                                                   outer_hist, inner_hist);
+                                                   inner_hist);
       if (bad.position >= 0) raise_bad_index(bad, m, n);
       const int64_t segments = segment_count(nnz);
       for (int64_t s = 0; s < segments; ++s) {
         segment_triples.push_back(segment_begin(nnz, segments, s + 1) -
                                   segment_begin(nnz, segments, s));
       }
+      const std::vector<int64_t> bounds =
+          tl.units ? plan_outer_units(nnz, tl, tile_begin) : plan_chunks(nnz, tl, tile_begin);
+      auto first_tile = [&](int64_t a) {  // chunks end at block starts, or at the end
+        return a == tl.outer_size ? tl.tiles() : (a >> tl.outer_shift) * tl.inner_blocks;
+      };
+      for (size_t c = 0; c + 1 < bounds.size(); ++c) {
+        chunk_triples.push_back(tile_begin[first_tile(bounds[c + 1])] -
+                                tile_begin[first_tile(bounds[c])]);
+      }
       if (tl.units) {
-        chunk_triples = range_triples(plan_ranges(outer_hist, unit_count(nnz)), outer_hist);
-        inner_triples = range_triples(plan_ranges(inner_hist, unit_count(nnz)), inner_hist);
-      } else {
-        const std::vector<int64_t> bounds = plan_chunks(nnz, tl, tile_begin);
-        auto first_tile = [&](int64_t a) {  // chunks end at block starts, or at the end
-          return a == tl.outer_size ? tl.tiles() : (a >> tl.outer_shift) * tl.inner_blocks;
-        };
-        for (size_t c = 0; c + 1 < bounds.size(); ++c) {
-          chunk_triples.push_back(tile_begin[first_tile(bounds[c + 1])] -
-                                  tile_begin[first_tile(bounds[c])]);
+        const std::vector<int64_t> inner = plan_ranges(inner_hist, unit_count(nnz));
+        for (size_t u = 0; u + 1 < inner.size(); ++u) {
+          inner_triples.push_back(std::accumulate(inner_hist.begin() + inner[u],
+                                                  inner_hist.begin() + inner[u + 1], int64_t(0)));
         }
       }
     }

@@ -33,9 +33,9 @@ struct ObservedProblem {
   T scale;          // 1, or 1/nnz for "mean"
   T* grad_values;   // (nnz,) or nullptr
   T* grad_weights;  // (nnz,) or nullptr
-  // Path "units": each triple's ∂L/∂pred (in bucket order), written by the first pass for the
-  // second; nullptr on path "chunks" or when no inner gradient is asked for.
-  T* grad_pred;
+  // Path "units" with an inner gradient asked for: the first pass leaves each tile sorted by
+  // inner index with each triple's ∂L/∂pred in place of its value, for the second.
+  bool keep_grad_pred;
   std::vector<int64_t> chunk_bounds;  // chunk (first-pass unit) c: outer [c], [c + 1])
   std::vector<int64_t> inner_bounds;  // second-pass unit u: inner [u], [u + 1]) (path "units")
 };
