@@ -9,7 +9,7 @@
 //   chunks    path "chunks" (below kUnitsMinTriples): the units of parallel work of the one fused
 //             pass, runs of whole outer blocks cut at fixed fractions of nnz, at most kMaxChunks;
 //   units     path "units" (large inputs): two passes over the same tiles, each in up to
-//             kMaxUnits units of about nnz / kUnitTriples triples: runs of whole outer blocks for
+//             kMaxUnits units of about 2^16 / 2^17 triples: runs of whole outer blocks for
 //             the first (loss, outer gradients, each triple's ∂L/∂pred kept), then ranges of
 //             inner indices for the second (inner gradients), cut on the triples per inner index
 //             (taken by the counting pass). Each unit owns its gradient rows: no partials.
@@ -38,10 +38,13 @@ constexpr int64_t kMinSegmentTriples = 1 << 16;
 constexpr int64_t kMaxChunks = 8;
 constexpr int64_t kMinChunkTriples = 1 << 15;
 constexpr int64_t kTriplesPerInner = 8;
-// Path "units" from kUnitsMinTriples triples (MF_EXT_OBSERVED_PATH=chunks|units forces one);
-// each pass in nnz / kUnitTriples ranges, clamped to [1, kMaxUnits].
-constexpr int64_t kUnitsMinTriples = int64_t(1) << 22;
+// Path "units" from kUnitsMinTriples triples (MF_EXT_OBSERVED_PATH=chunks|units forces one):
+// about nnz / kUnitTriples units in the first pass, nnz / kInnerUnitTriples in the second, each
+// clamped to [1, kMaxUnits]. The second pass's units are wider: each of its triples reads a row
+// of the outer factor from anywhere, and wider ranges of inner indices share more of those rows.
+constexpr int64_t kUnitsMinTriples = int64_t(1) << 24;
 constexpr int64_t kUnitTriples = int64_t(1) << 16;
+constexpr int64_t kInnerUnitTriples = int64_t(1) << 17;
 constexpr int64_t kMaxUnits = 1024;
 // Bytes of factor rows + gradient rows a block covers (both blocks of a tile fit in L2 at once).
 constexpr int64_t kOuterBlockBytes = int64_t(1) << 18;
@@ -300,22 +303,24 @@ inline std::vector<int64_t> plan_chunks(int64_t nnz, const Tiling& tl,
   return bounds;
 }
 
-inline int64_t unit_count(int64_t nnz) {
-  return std::clamp<int64_t>(nnz / kUnitTriples, 1, kMaxUnits);
+inline int64_t unit_count(int64_t nnz, int64_t unit_triples = kUnitTriples) {
+  return std::clamp<int64_t>(nnz / unit_triples, 1, kMaxUnits);
 }
 
 // Path "units", first pass: unit u covers outer indices [bounds[u], bounds[u + 1]), runs of
-// whole outer blocks (each tile has one writer), a new one begun before the block that would take
-// the run past nnz / unit_count(nnz) triples. A block heavier than that is a unit of its own.
+// whole outer blocks (each tile has one writer). Blocks that average half the target
+// nnz / unit_count(nnz) or more are a unit each; smaller ones are grouped, a new unit begun
+// before the block that would take it past the target.
 inline std::vector<int64_t> plan_outer_units(int64_t nnz, const Tiling& tl,
                                              const std::vector<int64_t>& tile_begin) {
   const int64_t target = std::max<int64_t>(nnz / unit_count(nnz), 1);
+  const bool one_per_block = 2 * nnz >= target * tl.outer_blocks;
   const int64_t ib = tl.inner_blocks;
   std::vector<int64_t> bounds{0};
   int64_t start = 0;  // the triples before the current unit
   for (int64_t block = 1; block < tl.outer_blocks; ++block) {
     const int64_t before = tile_begin[block * ib];
-    if (tile_begin[(block + 1) * ib] - start > target && before > start) {
+    if (one_per_block || (tile_begin[(block + 1) * ib] - start > target && before > start)) {
       bounds.push_back(block << tl.outer_shift);
       start = before;
     }

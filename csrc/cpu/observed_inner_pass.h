@@ -30,6 +30,10 @@
 namespace mf_ext {
 namespace {
 
+// The p rows here come from anywhere in the outer side (an outer block per tile, little reuse):
+// fetched further ahead than in the first pass, where they mostly sit in L2 already.
+constexpr int64_t kInnerPrefetchAhead = 12;
+
 template <typename T, int NV>
 MF_EXT_INLINE void run_inner_unit(const ObservedProblem<T>& pb, const Bucketed<T>& bk,
                                   int64_t unit) {
@@ -83,9 +87,9 @@ MF_EXT_INLINE void run_inner_unit(const ObservedProblem<T>& pb, const Bucketed<T
           const T g = grad_pred[t];
           g_sum += static_cast<double>(g);
           if (!dB) continue;
-          if (kPrefetchAhead > 0 && t + kPrefetchAhead < t1) {
+          if (t + kInnerPrefetchAhead < t1) {
             const char* ahead = reinterpret_cast<const char*>(
-                Af + (keys[t + kPrefetchAhead] >> inner_shift) * r_pad);
+                Af + (keys[t + kInnerPrefetchAhead] >> inner_shift) * r_pad);
             for (int64_t byte = 0; byte < row_bytes; byte += 64) {
               __builtin_prefetch(ahead + byte, 0, 3);
             }

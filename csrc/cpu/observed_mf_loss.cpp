@@ -17,11 +17,11 @@
 //
 // Determinism: tiles, units and all orders depend on the shapes and the data only, so results
 // are bitwise the same whatever the thread count. Two paths (bucketing.h):
-// - "chunks" (below 2^22 triples): one fused pass in at most 8 chunks, runs of outer blocks cut
+// - "chunks" (below 2^24 triples): one fused pass in at most 8 chunks, runs of outer blocks cut
 //   at fixed fractions of nnz; a chunk owns its outer gradient rows outright and writes the
 //   inner gradients into its own partial (chunks × inner × r_pad values), summed in chunk order.
 // - "units" (large inputs): two passes over the tiles, each in up to 1024 units of about 2^16
-//   triples. The first (runs of whole outer blocks, run_chunk) computes the loss and the outer
+//   (first) / 2^17 (second) triples. The first (runs of whole outer blocks, run_chunk) computes the loss and the outer
 //   gradients and, when an inner gradient is asked for, leaves each tile sorted by inner index
 //   with each triple's ∂L/∂pred in place of its value; the second (ranges of inner indices,
 //   observed_inner_pass.h) sums those into the inner gradients. Each unit owns its gradient
@@ -314,6 +314,7 @@ Tiling plan_observed_tiling(int64_t nnz, int64_t r, int64_t m, int64_t n, int64_
   observed_index_error("rows", bad.position, bad.value, m, "m, the columns of P");
 }
 
+
 // Runs the pass(es); fills the defined gradients of `out` (contiguous). Returns the loss.
 template <typename T>
 double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
@@ -338,13 +339,12 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
   const bool keep_positions = out.grad_values.defined() || out.grad_weights.defined();
   const BadIndex bad = bucket_triples<T>(rows, cols, values, weights, m, n, keep_positions, bk);
   if (bad.position >= 0) raise_bad_index(bad, m, n);
-
   ObservedProblem<T> pb{};
   pb.nnz = nnz;
   pb.r_pad = r_pad;
   if (units) {
     pb.chunk_bounds = plan_outer_units(nnz, bk, bk.tile_begin);
-    pb.inner_bounds = plan_ranges(bk.inner_hist, unit_count(nnz));
+    pb.inner_bounds = plan_ranges(bk.inner_hist, unit_count(nnz, kInnerUnitTriples));
   } else {
     pb.chunk_bounds = plan_chunks(nnz, bk, bk.tile_begin);
   }
@@ -504,7 +504,7 @@ std::vector<int64_t> observed_partition_cpu(const at::Tensor& rows, const at::Te
                                 tile_begin[first_tile(bounds[c])]);
       }
       if (tl.units) {
-        const std::vector<int64_t> inner = plan_ranges(inner_hist, unit_count(nnz));
+        const std::vector<int64_t> inner = plan_ranges(inner_hist, unit_count(nnz, kInnerUnitTriples));
         for (size_t u = 0; u + 1 < inner.size(); ++u) {
           inner_triples.push_back(std::accumulate(inner_hist.begin() + inner[u],
                                                   inner_hist.begin() + inner[u + 1], int64_t(0)));
