@@ -86,7 +86,8 @@ MF_EXT_INLINE void keep_tile_grad_pred(int64_t s, int64_t count, int64_t a_count
 
 // One chunk (path "units": a unit of the first pass): zeroes its outer gradient rows and its
 // inner partials, then runs its tiles.
-template <typename T, int NV>
+// kKeep: pb.keep_grad_pred (a template flag, so that path "chunks" runs the loop without it).
+template <typename T, int NV, bool kKeep>
 MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& bk,
                                int64_t chunk) {
   using V = typename Vec<T>::type;
@@ -132,8 +133,7 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   std::unique_ptr<int64_t[]> run_pos(positions ? new int64_t[max_tile] : nullptr);
   // Path "units" with inner gradients asked for: each tile is rewritten in place, sorted by
   // inner index (stable), its values replaced by each triple's ∂L/∂pred, for the second pass.
-  const bool keep_grad_pred = pb.keep_grad_pred;
-  std::vector<int64_t> inner_next(keep_grad_pred ? (int64_t(1) << inner_shift) + 1 : 0);
+  std::vector<int64_t> inner_next(kKeep ? (int64_t(1) << inner_shift) + 1 : 0);
   const int64_t block_size = int64_t(1) << bk.outer_shift;
   std::vector<int64_t> run_end(block_size + 1);
   RowVectors<V, NV> p_vec(nv), acc_vec(nv);
@@ -217,12 +217,10 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
           const T g = coef * (w * err);
           if (grad_values) grad_values[run_pos[u]] = -g;
           if (grad_weights) grad_weights[run_pos[u]] = scale * (err * err);
-          if (keep_grad_pred) run_v[u] = g;  // its value is read: the slot is free
+          if constexpr (kKeep) run_v[u] = g;  // its value is read: the slot is free
           const V gv = simd::broadcast(g);
-          if (dA) {
 #pragma GCC unroll 8
-            for (int64_t v = 0; v < nv; ++v) acc[v] += gv * simd::load(q + v * W);
-          }
+          for (int64_t v = 0; v < nv; ++v) acc[v] += gv * simd::load(q + v * W);
           if (dBt) {
             T* dq = dBt + bl * r_pad;
 #pragma GCC unroll 8
@@ -251,7 +249,7 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
         if (dA && !wide_used) flush_run(dA + a * r_pad, acc, nv);
         if (dbA) dbA[a] += static_cast<T>(g_sum);
       }
-      if (keep_grad_pred) keep_tile_grad_pred(s, count, a_count, run_end.data(), run_b.get(),
+      if constexpr (kKeep) keep_tile_grad_pred(s, count, a_count, run_end.data(), run_b.get(),
                                               run_v.get(), inner_shift, inner_next, bk);
     }
   }
@@ -262,42 +260,45 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   return loss;
 }
 
-template <typename T>
+template <typename T, bool kKeep>
 MF_EXT_INLINE void run_chunks(const ObservedProblem<T>& pb, const Bucketed<T>& bk, int64_t begin,
                               int64_t end, double* losses) {
   constexpr int W = Vec<T>::width;
   for (int64_t c = begin; c < end; ++c) {
     switch (pb.r_pad / W) {  // whole rows in registers up to 8 vectors (r ≤ 128 float, 64 double)
-      case 1: losses[c] = run_chunk<T, 1>(pb, bk, c); break;
-      case 2: losses[c] = run_chunk<T, 2>(pb, bk, c); break;
-      case 3: losses[c] = run_chunk<T, 3>(pb, bk, c); break;
-      case 4: losses[c] = run_chunk<T, 4>(pb, bk, c); break;
-      case 5: losses[c] = run_chunk<T, 5>(pb, bk, c); break;
-      case 6: losses[c] = run_chunk<T, 6>(pb, bk, c); break;
-      case 7: losses[c] = run_chunk<T, 7>(pb, bk, c); break;
-      case 8: losses[c] = run_chunk<T, 8>(pb, bk, c); break;
-      default: losses[c] = run_chunk<T, 0>(pb, bk, c); break;
+      case 1: losses[c] = run_chunk<T, 1, kKeep>(pb, bk, c); break;
+      case 2: losses[c] = run_chunk<T, 2, kKeep>(pb, bk, c); break;
+      case 3: losses[c] = run_chunk<T, 3, kKeep>(pb, bk, c); break;
+      case 4: losses[c] = run_chunk<T, 4, kKeep>(pb, bk, c); break;
+      case 5: losses[c] = run_chunk<T, 5, kKeep>(pb, bk, c); break;
+      case 6: losses[c] = run_chunk<T, 6, kKeep>(pb, bk, c); break;
+      case 7: losses[c] = run_chunk<T, 7, kKeep>(pb, bk, c); break;
+      case 8: losses[c] = run_chunk<T, 8, kKeep>(pb, bk, c); break;
+      default: losses[c] = run_chunk<T, 0, kKeep>(pb, bk, c); break;
     }
   }
 }
 
-// Non-template entry points, so that each can be cloned per instruction set.
-MF_EXT_TARGET_CLONES void run_chunks_float(const ObservedProblem<float>& pb,
-                                           const Bucketed<float>& bk, int64_t begin,
-                                           int64_t end, double* losses) {
-  run_chunks(pb, bk, begin, end, losses);
-}
-MF_EXT_TARGET_CLONES void run_chunks_double(const ObservedProblem<double>& pb,
-                                            const Bucketed<double>& bk, int64_t begin,
-                                            int64_t end, double* losses) {
-  run_chunks(pb, bk, begin, end, losses);
-}
+// Non-template entry points, so that each can be cloned per instruction set; one per kKeep,
+// each holding one set of the unrolled kernels.
+#define MF_EXT_RUN_CHUNKS(name, T, kKeep)                                                  \
+  MF_EXT_TARGET_CLONES void name(const ObservedProblem<T>& pb, const Bucketed<T>& bk,    \
+                                 int64_t begin, int64_t end, double* losses) {          \
+    run_chunks<T, kKeep>(pb, bk, begin, end, losses);                                    \
+  }
+MF_EXT_RUN_CHUNKS(run_chunks_float, float, false)
+MF_EXT_RUN_CHUNKS(run_chunks_double, double, false)
+MF_EXT_RUN_CHUNKS(run_chunks_keep_float, float, true)
+MF_EXT_RUN_CHUNKS(run_chunks_keep_double, double, true)
+#undef MF_EXT_RUN_CHUNKS
 inline void run_chunks_any(const ObservedProblem<float>& pb, const Bucketed<float>& bk,
                            int64_t b, int64_t e, double* losses) {
+  if (pb.keep_grad_pred) return run_chunks_keep_float(pb, bk, b, e, losses);
   run_chunks_float(pb, bk, b, e, losses);
 }
 inline void run_chunks_any(const ObservedProblem<double>& pb, const Bucketed<double>& bk,
                            int64_t b, int64_t e, double* losses) {
+  if (pb.keep_grad_pred) return run_chunks_keep_double(pb, bk, b, e, losses);
   run_chunks_double(pb, bk, b, e, losses);
 }
 
