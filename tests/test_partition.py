@@ -1,10 +1,10 @@
 """The CPU kernels on problems they cut into several units of work: several chunks, bucketing
-segments, outer and inner blocks, and both passes of path "units" (observed op); several row and column groups, on each of the
-dense op's paths (rowwise and tiled, chosen by the kernel and forced). The
-cuts are read from the kernels' own partition functions (mf_ext.ops._observed_partition,
-_dense_partition) and asserted, so a shape that stops reaching these paths fails here instead of
-passing silently. Loss and every gradient are checked against mf_ext/reference.py, and 1 and 2
-threads must agree bitwise."""
+segments, outer and inner blocks, and both passes of path "units" (observed op); several row
+and column groups, on each of the dense op's paths (rowwise and tiled, chosen by the kernel and
+forced). The cuts are read from the kernels' own partition functions
+(mf_ext.ops._observed_partition, _dense_partition) and asserted, so a shape that stops reaching
+these paths fails here instead of passing silently. Loss and every gradient are checked against
+mf_ext/reference.py, and 1 and 2 threads must agree bitwise."""
 
 from __future__ import annotations
 

@@ -21,13 +21,14 @@
 //   at fixed fractions of nnz; a chunk owns its outer gradient rows outright and writes the
 //   inner gradients into its own partial (chunks × inner × r_pad values), summed in chunk order.
 // - "units" (large inputs): two passes over the tiles, each in up to 1024 units of about 2^16
-//   (first) / 2^17 (second) triples. The first (runs of whole outer blocks, run_chunk) computes the loss and the outer
-//   gradients and, when an inner gradient is asked for, leaves each tile sorted by inner index
-//   with each triple's ∂L/∂pred in place of its value; the second (ranges of inner indices,
-//   observed_inner_pass.h) sums those into the inner gradients. Each unit owns its gradient
-//   rows: no partials. Extra memory over path "chunks": per-segment inner histograms while
-//   counting (≤ 8 × inner counters) and per unit in flight one inner block of counters.
-
+//   (first) / 2^17 (second) triples. The first (runs of whole outer blocks, run_chunk) computes
+//   the loss and the outer gradients and, when an inner gradient is asked for, leaves each tile
+//   sorted by inner index with each triple's ∂L/∂pred in place of its value; the second (ranges
+//   of inner indices, observed_inner_pass.h) sums those into the inner gradients. Each unit
+//   owns its gradient rows: no partials. Extra memory over path "chunks": per-segment inner
+//   histograms while counting (≤ 8 × inner counters) and, per unit in flight, one inner block
+//   of counters.
+//
 // Indices are checked by the bucketing pass, before anything is read through them; the lowest
 // bad position is reported (its row if both are bad).
 //
@@ -405,7 +406,8 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
 
   std::vector<double> losses(chunks);
   if (units) {
-    run_units_any_order(chunks, [&](int64_t c) { run_chunks_any(pb, bk, c, c + 1, losses.data()); });
+    run_units_any_order(chunks,
+                        [&](int64_t c) { run_chunks_any(pb, bk, c, c + 1, losses.data()); });
     if (pb.keep_grad_pred) {
       pb.inner = inner_grads;
       run_units_any_order(static_cast<int64_t>(pb.inner_bounds.size()) - 1,
@@ -505,7 +507,8 @@ std::vector<int64_t> observed_partition_cpu(const at::Tensor& rows, const at::Te
                                 tile_begin[first_tile(bounds[c])]);
       }
       if (tl.units) {
-        const std::vector<int64_t> inner = plan_ranges(inner_hist, unit_count(nnz, kInnerUnitTriples));
+        const std::vector<int64_t> inner =
+            plan_ranges(inner_hist, unit_count(nnz, kInnerUnitTriples));
         for (size_t u = 0; u + 1 < inner.size(); ++u) {
           inner_triples.push_back(std::accumulate(inner_hist.begin() + inner[u],
                                                   inner_hist.begin() + inner[u + 1], int64_t(0)));
