@@ -2,7 +2,17 @@
 problem, against the eager pure-PyTorch reference and the torch.compile'd reference, all timed
 in the same run. Prints a Markdown table.
 
-    ./dev python benchmarks/bench_observed_cpu.py [--nnz N] [--rank R] [--threads T]
+    ./dev python benchmarks/bench_observed_cpu.py [--m M] [--n N] [--nnz NNZ] [--rank R]
+        [--threads T] [--fused-only] [--per-call [--grad-P-only] [--calls C]]
+
+Prints the threads and how the kernel cut the problem (mf_ext.ops._observed_partition: path,
+units of each pass and their balance). MF_EXT_OBSERVED_PATH=chunks|units forces a path.
+--fused-only skips the references (at ML-20M size the eager one would gather nnz x r values).
+--per-call times C calls of the op itself (torch.ops.mf_ext.observed_mf_loss_and_grads, no
+autograd), all gradients or, with --grad-P-only, as the implicit ALS solver asks (weights given,
+grad_P only), and prints the median and minimum per call: wall time, and CPU time of the calling
+thread (with --threads 1 that is all of the work, and other jobs on a shared machine disturb it
+less). For an A/B, run it in two checkouts, alternating.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import argparse
 import os
 import platform
 import sys
+import time
 
 import torch
 import torch.utils.benchmark as benchmark
@@ -18,6 +29,7 @@ import torch.utils.benchmark as benchmark
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 import mf_ext  # noqa: E402
 from mf_ext import observed_mf_loss, observed_mf_loss_reference  # noqa: E402
+from mf_ext.ops import _observed_partition  # noqa: E402
 
 
 def zipf_indices(count: int, size: int, exponent: float, g: torch.Generator) -> torch.Tensor:
@@ -51,6 +63,30 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def per_call(args, rows, cols, values, P, Q, row_bias, col_bias) -> None:
+    """Median and minimum per call of the op itself (see the module's docstring)."""
+    op = torch.ops.mf_ext.observed_mf_loss_and_grads
+    if args.grad_P_only:
+        weights = torch.rand(args.nnz, generator=torch.Generator().manual_seed(1)) + 0.5
+        call = (rows, cols, values, P, Q, None, None, weights, "sum", False, True, False, False,
+                False, False)
+    else:
+        call = (rows, cols, values, P, Q, row_bias, col_bias, None, "sum", False, True, True,
+                True, True, False)
+    op(*call)
+    wall, cpu = [], []
+    for _ in range(args.calls):
+        w0, c0 = time.perf_counter(), time.thread_time()
+        op(*call)
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    what = "grad_P only, weights" if args.grad_P_only else "all gradients"
+    print(f"{args.m} x {args.n}, nnz {args.nnz:,}, r {args.rank}, {what}, {args.threads} "
+          f"thread(s), {args.calls} calls: wall median {sorted(wall)[len(wall) // 2] * 1e3:.3f} "
+          f"min {min(wall) * 1e3:.3f} ms; calling thread's CPU median "
+          f"{sorted(cpu)[len(cpu) // 2] * 1e3:.3f} min {min(cpu) * 1e3:.3f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, default=6040)
@@ -59,11 +95,19 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--min-run-time", type=float, default=2.0)
+    parser.add_argument("--fused-only", action="store_true")
+    parser.add_argument("--per-call", action="store_true")
+    parser.add_argument("--grad-P-only", action="store_true")
+    parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.float32
     rows, cols, values, P, Q, row_bias, col_bias = make_problem(
         args.m, args.n, args.nnz, args.rank, dtype)
+    if args.per_call:
+        per_call(args, rows, cols, values, P.detach(), Q.detach(), row_bias.detach(),
+                 col_bias.detach())
+        return
     params = (P, Q, row_bias, col_bias)
     compiled_reference = torch.compile(observed_mf_loss_reference)
 
@@ -73,14 +117,15 @@ def main() -> None:
             return torch.autograd.grad(loss, params)
         return run
 
-    candidates = {
-        "mf_ext.observed_mf_loss (fused)": step(observed_mf_loss),
-        "reference, eager": step(observed_mf_loss_reference),
-        "reference, torch.compile": step(compiled_reference),
-    }
+    candidates = {"mf_ext.observed_mf_loss (fused)": step(observed_mf_loss)}
+    if not args.fused_only:
+        candidates["reference, eager"] = step(observed_mf_loss_reference)
+        candidates["reference, torch.compile"] = step(compiled_reference)
     # Agreement first (and the warm-up, compilation included).
-    expected = candidates["reference, eager"]()
+    expected = candidates["reference, eager"]() if not args.fused_only else None
     for name, fn in candidates.items():
+        if expected is None:
+            break
         got = fn()
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-3, msg=name)
@@ -112,6 +157,16 @@ def main() -> None:
           f"{mf_ext.__version__}, {dtype}; m = {args.m:,}, n = {args.n:,}, nnz = {args.nnz:,} "
           f"(Zipf-like popularity, unsorted), r = {args.rank}. Median of "
           f"torch.utils.benchmark blocked_autorange.\n")
+    part = _observed_partition(rows, cols, P, Q)
+
+    def units(sizes):
+        return f"{len(sizes)} (max {max(sizes) * len(sizes) / args.nnz:.2f}x the mean)" \
+            if sizes else "none"
+    forced = os.environ.get("MF_EXT_OBSERVED_PATH")
+    print(f"Threads: {args.threads}. Partition: path \"{part['path']}\""
+          f"{' (forced by MF_EXT_OBSERVED_PATH)' if forced not in (None, '', 'auto') else ''}, "
+          f"{part['outer_blocks']} x {part['inner_blocks']} tiles, units of the first pass "
+          f"{units(part['chunks'])}, of the second {units(part['inner_units'])}.\n")
     print("| implementation | time (ms) | fused is faster by | GFLOP/s at (6r+4)·nnz |")
     print("| --- | ---: | ---: | ---: |")
     for name, t in times.items():

@@ -411,12 +411,16 @@ def check_observed_indices(rows: torch.Tensor, cols: torch.Tensor, m: int, n: in
 def _observed_partition(rows: torch.Tensor, cols: torch.Tensor, P: torch.Tensor,
                         Q: torch.Tensor) -> dict:
     """How the CPU kernel of observed_mf_loss cuts the triples (rows, cols) for P (r, m), Q (r, n)
-    (their shapes and dtype): {"outer": "rows" or "cols", "outer_block_size",
-    "inner_block_size" (indices per block), "outer_blocks", "inner_blocks", "tiles" (ints),
-    "segments" (triples per bucketing segment), "chunks" (triples per chunk, the units of
-    parallel work)}, computed by the kernel's own code. Out-of-range indices raise IndexError."""
+    (their shapes and dtype, and MF_EXT_OBSERVED_PATH): {"outer": "rows" or "cols",
+    "outer_block_size", "inner_block_size" (indices per block), "outer_blocks", "inner_blocks",
+    "tiles" (ints), "path" ("chunks": one fused pass; "units": two passes, for large inputs),
+    "segments" (triples per bucketing segment), "chunks" (triples per unit of parallel work of
+    the (first) pass), "inner_units" (triples per unit of the second pass; [] on path
+    "chunks")}, computed by the kernel's own code. Out-of-range indices raise IndexError."""
     flat = torch.ops.mf_ext._observed_partition(rows, cols, P, Q)
-    rows_outer, outer_size, inner_size, outer_blocks, inner_blocks, segments, chunks = flat[:7]
+    (rows_outer, outer_size, inner_size, outer_blocks, inner_blocks, units, segments, chunks,
+     inner_units) = flat[:9]
+    lists = flat[9:]
     return {
         "outer": "rows" if rows_outer else "cols",
         "outer_block_size": outer_size,
@@ -424,8 +428,10 @@ def _observed_partition(rows: torch.Tensor, cols: torch.Tensor, P: torch.Tensor,
         "outer_blocks": outer_blocks,
         "inner_blocks": inner_blocks,
         "tiles": outer_blocks * inner_blocks,
-        "segments": list(flat[7:7 + segments]),
-        "chunks": list(flat[7 + segments:7 + segments + chunks]),
+        "path": "units" if units else "chunks",
+        "segments": list(lists[:segments]),
+        "chunks": list(lists[segments:segments + chunks]),
+        "inner_units": list(lists[segments + chunks:segments + chunks + inner_units]),
     }
 
 

@@ -1,10 +1,10 @@
 """The CPU kernels on problems they cut into several units of work: several chunks, bucketing
-segments, outer and inner blocks (observed op); several row and column groups, on each of the
-dense op's paths (rowwise and tiled, chosen by the kernel and forced). The
-cuts are read from the kernels' own partition functions (mf_ext.ops._observed_partition,
-_dense_partition) and asserted, so a shape that stops reaching these paths fails here instead of
-passing silently. Loss and every gradient are checked against mf_ext/reference.py, and 1 and 2
-threads must agree bitwise."""
+segments, outer and inner blocks, and both passes of path "units" (observed op); several row
+and column groups, on each of the dense op's paths (rowwise and tiled, chosen by the kernel and
+forced). The cuts are read from the kernels' own partition functions
+(mf_ext.ops._observed_partition, _dense_partition) and asserted, so a shape that stops reaching
+these paths fails here instead of passing silently. Loss and every gradient are checked against
+mf_ext/reference.py, and 1 and 2 threads must agree bitwise."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def run_observed(args, reduction, threads):
 def test_observed_several_chunks_segments_and_blocks(shape, outer, dtype):
     args = observed_problem(*shape, dtype)
     part = _observed_partition(args["rows"], args["cols"], args["P"], args["Q"])
-    assert part["outer"] == outer
+    assert part["outer"] == outer and part["path"] == "chunks" and part["inner_units"] == []
     assert len(part["segments"]) >= 2 and len(part["chunks"]) >= 2, part
     assert part["outer_blocks"] >= 2 and part["inner_blocks"] >= 2, part
     assert part["tiles"] == part["outer_blocks"] * part["inner_blocks"]
@@ -84,6 +84,97 @@ def test_observed_partition_checks_indices():
         _observed_partition(args["rows"], args["cols"], args["P"], args["Q"])
     empty = _observed_partition(args["rows"][:0], args["cols"][:0], args["P"], args["Q"])
     assert empty["segments"] == [] and empty["chunks"] == []
+
+
+# Path "units" (inputs of 2^24 triples and more, or MF_EXT_OBSERVED_PATH=units): two passes, the
+# first in runs of whole outer blocks, the second in ranges of inner indices. (m, n, r, nnz):
+# r = 16 gives blocks of 512 indices (float64) / 2048 (float32), so the outer side spans 10 / 3
+# blocks, each a unit of its own; 600,000 triples make 4 inner ranges, which end inside inner
+# blocks. Asserted below.
+UNITS_ROWS_OUTER = (5000, 2600, 16, 600_000)
+UNITS_COLS_OUTER = (2600, 5000, 16, 600_000)
+ALL_FLAGS = (True,) * 6
+
+
+def units_case(shape, dtype, monkeypatch, seed=4):
+    monkeypatch.setenv("MF_EXT_OBSERVED_PATH", "units")
+    args = observed_problem(*shape, dtype, seed=seed)
+    part = _observed_partition(args["rows"], args["cols"], args["P"], args["Q"])
+    assert part["path"] == "units"
+    assert len(part["chunks"]) == part["outer_blocks"] >= 3, part
+    assert len(part["inner_units"]) == 4 and part["inner_blocks"] >= 2, part
+    assert sum(part["chunks"]) == sum(part["inner_units"]) == shape[3]
+    assert min(part["chunks"]) > 0 and min(part["inner_units"]) > 0
+    return args
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [UNITS_ROWS_OUTER, UNITS_COLS_OUTER],
+                         ids=["rows-outer", "cols-outer"])
+def test_observed_units_path(shape, dtype, reduction, monkeypatch):
+    """Path "units" against the reference (float64 1e-12, float32 within 2x eager's own error),
+    bitwise the same on 1, 2 and 3 threads."""
+    args = units_case(shape, dtype, monkeypatch)
+    runs = [run_observed(args, reduction, threads) for threads in (1, 2, 3)]
+    assert_close_to_reference(runs[0], args, reduction)
+    for run in runs[1:]:
+        for a, b, name in zip(runs[0], run, NAMES):
+            assert torch.equal(a, b), f"{name}: thread counts differ"
+
+
+@pytest.mark.parametrize("flags", [
+    (False, False, True, False, False, False), (False, False, False, False, True, False),
+    (False, True, False, True, False, False), (False, False, False, False, False, False)],
+    ids=["Q", "col_bias", "P-row_bias", "loss"])
+def test_observed_units_path_gradients_asked_alone(flags, monkeypatch):
+    """The second pass runs only when an inner gradient is asked for; each output asked alone is
+    bitwise what the call asking for everything returns."""
+    args = units_case(UNITS_ROWS_OUTER, torch.float32, monkeypatch)
+    order = [args[k] for k in OBSERVED_ORDER]
+    everything = OBSERVED(*order, "sum", *ALL_FLAGS)
+    alone = OBSERVED(*order, "sum", *flags)
+    assert torch.equal(alone[0], everything[0])
+    for flag, a, b, name in zip(flags, alone[1:], everything[1:], NAMES[1:]):
+        assert torch.equal(a, b) if flag else a.numel() == 0, name
+
+
+def power_law_indices(size, nnz, exponent, g):
+    """nnz indices in [0, size), index k taking its expected share under a power law of that
+    exponent (a random id per rank, as user and item ids are), in random order."""
+    weights = torch.arange(1, size + 1, dtype=torch.float64) ** -exponent
+    counts = (weights * (nnz / weights.sum())).floor().long()
+    counts[:nnz - int(counts.sum())] += 1
+    ids = torch.randperm(size, generator=g).int()
+    return ids.repeat_interleave(counts)
+
+
+def test_observed_partition_has_work_for_many_threads():
+    """An ML-20M-sized problem (138,493 x 26,744, 20M triples, r = 64, float32; power-law
+    popularity with ML-20M's heaviest user and movie, about 27k and 62k triples): path "units",
+    at least 256 units in the first pass and 128 in the second (for 64 threads), each pass
+    balanced: no unit above 1.5x its pass's mean."""
+    m, n, nnz = 138_493, 26_744, 20_000_000
+    g = torch.Generator().manual_seed(0)
+    rows = power_law_indices(m, nnz, 0.5, g)
+    cols = power_law_indices(n, nnz, 0.5, g)[torch.randperm(nnz, generator=g)]
+    P, Q = torch.empty(64, m), torch.empty(64, n)
+    part = _observed_partition(rows, cols, P, Q)
+    assert part["path"] == "units" and part["outer"] == "rows"
+    for units, least in ((part["chunks"], 256), (part["inner_units"], 128)):
+        assert len(units) >= least and sum(units) == nnz, part
+        assert max(units) <= 1.5 * nnz / len(units), (max(units), nnz / len(units))
+    del rows, cols
+
+
+def test_observed_path_variable(monkeypatch):
+    args = observed_problem(*ROWS_OUTER, torch.float32)
+    assert _observed_partition(args["rows"], args["cols"], args["P"], args["Q"])["path"] == \
+        "chunks"
+    monkeypatch.setenv("MF_EXT_OBSERVED_PATH", "fastest")
+    with pytest.raises(ValueError, match="MF_EXT_OBSERVED_PATH must be chunks, units or auto, "
+                                         "got 'fastest'"):
+        run_observed(args, "sum", threads=1)
 
 
 # The dense op. Its kernel picks a unit kernel ("path") by rank and shape: rowwise for small

@@ -15,17 +15,26 @@
 // the factor and its gradient sized to stay in L2. Inside a tile the triples are sorted once
 // more by outer index, so p and its gradient stay in registers along each run of one outer index.
 //
-// Determinism: tiles, chunks and all orders depend on the shapes and the data only. A chunk is a
-// run of outer blocks, cut at fixed fractions of nnz; it owns those outer gradient rows outright
-// and writes the inner gradients into its own partial (O(r·inner)), summed in chunk order at the
-// end. Results are therefore bitwise the same whatever the thread count.
+// Determinism: tiles, units and all orders depend on the shapes and the data only, so results
+// are bitwise the same whatever the thread count. Two paths (bucketing.h):
+// - "chunks" (below 2^24 triples): one fused pass in at most 8 chunks, runs of outer blocks cut
+//   at fixed fractions of nnz; a chunk owns its outer gradient rows outright and writes the
+//   inner gradients into its own partial (chunks × inner × r_pad values), summed in chunk order.
+// - "units" (large inputs): two passes over the tiles, each in up to 1024 units of about 2^16
+//   (first) / 2^17 (second) triples. The first (runs of whole outer blocks, run_chunk) computes
+//   the loss and the outer gradients and, when an inner gradient is asked for, leaves each tile
+//   sorted by inner index with each triple's ∂L/∂pred in place of its value; the second (ranges
+//   of inner indices, observed_inner_pass.h) sums those into the inner gradients. Each unit
+//   owns its gradient rows: no partials. Extra memory over path "chunks": per-segment inner
+//   histograms while counting (≤ 8 × inner counters) and, per unit in flight, one inner block
+//   of counters.
 //
 // Indices are checked by the bucketing pass, before anything is read through them; the lowest
 // bad position is reported (its row if both are bad).
 //
 // Tiling, bucketing and chunks: bucketing.h; float32 accuracy over long sums:
-// compensated_sums.h; vector helpers: simd.h. This file holds the fused pass (run_chunk: its
-// hot loop is kept whole, see its comments) and the op.
+// compensated_sums.h; vector helpers: simd.h; the row layout copies: observed_problem.h. This
+// file holds the fused pass (run_chunk: its hot loop is kept whole, see its comments) and the op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,12 +43,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
 #include "../observed_mf_loss_common.h"
 #include "bucketing.h"
 #include "compensated_sums.h"
+#include "observed_inner_pass.h"
+#include "observed_problem.h"
 #include "simd.h"
 
 namespace mf_ext {
@@ -50,33 +62,33 @@ using simd::flush_run;
 using simd::RowVectors;
 using simd::Vec;
 
-// One side of the problem: the rows (P, row_bias) or the cols (Q, col_bias).
+// Path "units": rewrites the tile starting at bucket position s in place, sorted by inner index
+// (stable: outer index order within each), as keys and each triple's ∂L/∂pred in place of its
+// value. run_end, run_b, run_g: the tile sorted by outer index (runs of a_count outer indices).
 template <typename T>
-struct Side {
-  int64_t size;        // m or n
-  const T* factor;     // (size, r_pad)
-  const T* bias;       // nullptr: none
-  int64_t bias_s;
-  T* grad;             // outer: (size, r_pad); inner: (chunks, size, r_pad); or nullptr
-  T* grad_bias;        // outer: (size,); inner: (chunks, size); or nullptr
-};
+MF_EXT_INLINE void keep_tile_grad_pred(int64_t s, int64_t count, int64_t a_count,
+                                       const int64_t* run_end, const uint32_t* run_b,
+                                       const T* run_g, int64_t inner_shift,
+                                       std::vector<int64_t>& inner_next, const Bucketed<T>& bk) {
+  uint32_t* const keys = bk.keys.get();
+  T* const grad_pred = bk.values.get();
+  std::fill(inner_next.begin(), inner_next.end(), 0);
+  for (int64_t u = 0; u < count; ++u) ++inner_next[run_b[u] + 1];
+  for (size_t k = 1; k < inner_next.size(); ++k) inner_next[k] += inner_next[k - 1];
+  int64_t u = 0;
+  for (int64_t al = 0; al < a_count; ++al) {
+    for (; u < run_end[al]; ++u) {
+      const int64_t pos = s + inner_next[run_b[u]]++;
+      keys[pos] = static_cast<uint32_t>(al << inner_shift) | run_b[u];
+      grad_pred[pos] = run_g[u];
+    }
+  }
+}
 
-template <typename T>
-struct ObservedProblem {
-  int64_t nnz, r_pad;
-  Side<T> outer, inner;
-  T scale;          // 1, or 1/nnz for "mean"
-  T* grad_values;   // (nnz,) or nullptr
-  T* grad_weights;  // (nnz,) or nullptr
-  std::vector<int64_t> chunk_blocks;  // chunk c: outer blocks [chunk_blocks[c], [c + 1])
-};
-
-// The triples of inner block positions kPrefetchAhead on are fetched while this one computes
-// (their rows are in L2 by then, most of the time; this brings them to L1).
-constexpr int64_t kPrefetchAhead = 4;
-
-// One chunk: zeroes its outer gradient rows and its inner partials, then runs its tiles.
-template <typename T, int NV>
+// One chunk (path "units": a unit of the first pass): zeroes its outer gradient rows and its
+// inner partials, then runs its tiles.
+// kKeep: pb.keep_grad_pred (a template flag, so that path "chunks" runs the loop without it).
+template <typename T, int NV, bool kKeep>
 MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& bk,
                                int64_t chunk) {
   using V = typename Vec<T>::type;
@@ -85,9 +97,9 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   const int64_t nv = r_pad / W;
   const Side<T>& A = pb.outer;
   const Side<T>& B = pb.inner;
-  const int64_t block0 = pb.chunk_blocks[chunk], block1 = pb.chunk_blocks[chunk + 1];
-  const int64_t a_begin = std::min(block0 << bk.outer_shift, A.size);
-  const int64_t a_end = std::min(block1 << bk.outer_shift, A.size);
+  const int64_t a_begin = pb.chunk_bounds[chunk], a_end = pb.chunk_bounds[chunk + 1];
+  const int64_t block0 = a_begin >> bk.outer_shift;
+  const int64_t block1 = a_end > a_begin ? ((a_end - 1) >> bk.outer_shift) + 1 : block0;
   T* dA = A.grad;
   T* dbA = A.grad_bias;
   T* dB = B.grad ? B.grad + chunk * B.size * r_pad : nullptr;
@@ -120,6 +132,9 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   std::unique_ptr<T[]> run_v(new T[max_tile]);
   std::unique_ptr<T[]> run_w(weights ? new T[max_tile] : nullptr);
   std::unique_ptr<int64_t[]> run_pos(positions ? new int64_t[max_tile] : nullptr);
+  // Path "units" with inner gradients asked for: each tile is rewritten in place, sorted by
+  // inner index (stable), its values replaced by each triple's ∂L/∂pred, for the second pass.
+  std::vector<int64_t> inner_next(kKeep ? (int64_t(1) << inner_shift) + 1 : 0);
   const int64_t block_size = int64_t(1) << bk.outer_shift;
   std::vector<int64_t> run_end(block_size + 1);
   RowVectors<V, NV> p_vec(nv), acc_vec(nv);
@@ -203,6 +218,7 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
           const T g = coef * (w * err);
           if (grad_values) grad_values[run_pos[u]] = -g;
           if (grad_weights) grad_weights[run_pos[u]] = scale * (err * err);
+          if constexpr (kKeep) run_v[u] = g;  // its value is read: the slot is free
           const V gv = simd::broadcast(g);
 #pragma GCC unroll 8
           for (int64_t v = 0; v < nv; ++v) acc[v] += gv * simd::load(q + v * W);
@@ -234,6 +250,8 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
         if (dA && !wide_used) flush_run(dA + a * r_pad, acc, nv);
         if (dbA) dbA[a] += static_cast<T>(g_sum);
       }
+      if constexpr (kKeep) keep_tile_grad_pred(s, count, a_count, run_end.data(), run_b.get(),
+                                              run_v.get(), inner_shift, inner_next, bk);
     }
   }
   for (int64_t b = 0; b < static_cast<int64_t>(dbB_sum.size()); ++b) {
@@ -243,79 +261,46 @@ MF_EXT_INLINE double run_chunk(const ObservedProblem<T>& pb, const Bucketed<T>& 
   return loss;
 }
 
-template <typename T>
+template <typename T, bool kKeep>
 MF_EXT_INLINE void run_chunks(const ObservedProblem<T>& pb, const Bucketed<T>& bk, int64_t begin,
                               int64_t end, double* losses) {
   constexpr int W = Vec<T>::width;
   for (int64_t c = begin; c < end; ++c) {
     switch (pb.r_pad / W) {  // whole rows in registers up to 8 vectors (r ≤ 128 float, 64 double)
-      case 1: losses[c] = run_chunk<T, 1>(pb, bk, c); break;
-      case 2: losses[c] = run_chunk<T, 2>(pb, bk, c); break;
-      case 3: losses[c] = run_chunk<T, 3>(pb, bk, c); break;
-      case 4: losses[c] = run_chunk<T, 4>(pb, bk, c); break;
-      case 5: losses[c] = run_chunk<T, 5>(pb, bk, c); break;
-      case 6: losses[c] = run_chunk<T, 6>(pb, bk, c); break;
-      case 7: losses[c] = run_chunk<T, 7>(pb, bk, c); break;
-      case 8: losses[c] = run_chunk<T, 8>(pb, bk, c); break;
-      default: losses[c] = run_chunk<T, 0>(pb, bk, c); break;
+      case 1: losses[c] = run_chunk<T, 1, kKeep>(pb, bk, c); break;
+      case 2: losses[c] = run_chunk<T, 2, kKeep>(pb, bk, c); break;
+      case 3: losses[c] = run_chunk<T, 3, kKeep>(pb, bk, c); break;
+      case 4: losses[c] = run_chunk<T, 4, kKeep>(pb, bk, c); break;
+      case 5: losses[c] = run_chunk<T, 5, kKeep>(pb, bk, c); break;
+      case 6: losses[c] = run_chunk<T, 6, kKeep>(pb, bk, c); break;
+      case 7: losses[c] = run_chunk<T, 7, kKeep>(pb, bk, c); break;
+      case 8: losses[c] = run_chunk<T, 8, kKeep>(pb, bk, c); break;
+      default: losses[c] = run_chunk<T, 0, kKeep>(pb, bk, c); break;
     }
   }
 }
 
-// Non-template entry points, so that each can be cloned per instruction set.
-MF_EXT_TARGET_CLONES void run_chunks_float(const ObservedProblem<float>& pb,
-                                           const Bucketed<float>& bk, int64_t begin,
-                                           int64_t end, double* losses) {
-  run_chunks(pb, bk, begin, end, losses);
-}
-MF_EXT_TARGET_CLONES void run_chunks_double(const ObservedProblem<double>& pb,
-                                            const Bucketed<double>& bk, int64_t begin,
-                                            int64_t end, double* losses) {
-  run_chunks(pb, bk, begin, end, losses);
-}
+// Non-template entry points, so that each can be cloned per instruction set; one per kKeep,
+// each holding one set of the unrolled kernels.
+#define MF_EXT_RUN_CHUNKS(name, T, kKeep)                                                  \
+  MF_EXT_TARGET_CLONES void name(const ObservedProblem<T>& pb, const Bucketed<T>& bk,    \
+                                 int64_t begin, int64_t end, double* losses) {          \
+    run_chunks<T, kKeep>(pb, bk, begin, end, losses);                                    \
+  }
+MF_EXT_RUN_CHUNKS(run_chunks_float, float, false)
+MF_EXT_RUN_CHUNKS(run_chunks_double, double, false)
+MF_EXT_RUN_CHUNKS(run_chunks_keep_float, float, true)
+MF_EXT_RUN_CHUNKS(run_chunks_keep_double, double, true)
+#undef MF_EXT_RUN_CHUNKS
 inline void run_chunks_any(const ObservedProblem<float>& pb, const Bucketed<float>& bk,
                            int64_t b, int64_t e, double* losses) {
+  if (pb.keep_grad_pred) return run_chunks_keep_float(pb, bk, b, e, losses);
   run_chunks_float(pb, bk, b, e, losses);
 }
 inline void run_chunks_any(const ObservedProblem<double>& pb, const Bucketed<double>& bk,
                            int64_t b, int64_t e, double* losses) {
+  if (pb.keep_grad_pred) return run_chunks_keep_double(pb, bk, b, e, losses);
   run_chunks_double(pb, bk, b, e, losses);
-}
-
-// out (r, count) = Σ_c parts[c] (count, r_pad)ᵀ, chunks summed in order: back to P's layout.
-template <typename T>
-void reduce_rows_transposed(const T* parts, int64_t chunks, int64_t count, int64_t r,
-                            int64_t r_pad, T* out) {
-  at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(r_pad);
-    for (int64_t i = begin; i < end; ++i) {
-      std::copy(parts + i * r_pad, parts + (i + 1) * r_pad, acc.begin());
-      for (int64_t c = 1; c < chunks; ++c) {
-        const T* part = parts + (c * count + i) * r_pad;
-        for (int64_t k = 0; k < r_pad; ++k) acc[k] += part[k];
-      }
-      for (int64_t k = 0; k < r; ++k) out[k * count + i] = acc[k];
-    }
-  });
-}
-
-// out (count,) = Σ_c parts[c] (count,), chunks summed in order.
-template <typename T>
-void reduce_vectors(const T* parts, int64_t chunks, int64_t count, T* out) {
-  at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T s = parts[i];
-      for (int64_t c = 1; c < chunks; ++c) s += parts[c * count + i];
-      out[i] = s;
-    }
-  });
-}
-
-// Copies X (r, count), any strides, into a zero-padded row layout (count, r_pad).
-at::Tensor to_padded_rows(const at::Tensor& X, int64_t r_pad) {
-  at::Tensor rows_layout = at::zeros({X.size(1), r_pad}, X.options());
-  rows_layout.narrow(1, 0, X.size(0)).copy_(X.t());
-  return rows_layout;
 }
 
 // The padded rank and the tiling of a problem of nnz triples, P (r, m), Q (r, n) of type T.
@@ -331,7 +316,8 @@ Tiling plan_observed_tiling(int64_t nnz, int64_t r, int64_t m, int64_t n, int64_
   observed_index_error("rows", bad.position, bad.value, m, "m, the columns of P");
 }
 
-// Runs the fused pass; fills the defined gradients of `out` (contiguous). Returns the loss.
+
+// Runs the pass(es); fills the defined gradients of `out` (contiguous). Returns the loss.
 template <typename T>
 double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
                              const at::Tensor& values, const at::Tensor& P, const at::Tensor& Q,
@@ -350,19 +336,23 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
   int64_t r_pad = 0;
   Bucketed<T> bk;
   static_cast<Tiling&>(bk) = plan_observed_tiling<T>(nnz, r, m, n, r_pad);
-  const bool rows_outer = bk.rows_outer;
+  const bool rows_outer = bk.rows_outer, units = bk.units;
   const int64_t na = bk.outer_size, nb = bk.inner_size;
   const bool keep_positions = out.grad_values.defined() || out.grad_weights.defined();
   const BadIndex bad = bucket_triples<T>(rows, cols, values, weights, m, n, keep_positions, bk);
   if (bad.position >= 0) raise_bad_index(bad, m, n);
-
   ObservedProblem<T> pb{};
   pb.nnz = nnz;
   pb.r_pad = r_pad;
-  pb.chunk_blocks = plan_chunks(nnz, bk, bk.tile_begin);
-  const int64_t chunks = static_cast<int64_t>(pb.chunk_blocks.size()) - 1;
-  const at::Tensor P_rows = to_padded_rows(P, r_pad);
-  const at::Tensor Q_rows = to_padded_rows(Q, r_pad);
+  if (units) {
+    pb.chunk_bounds = plan_outer_units(nnz, bk, bk.tile_begin);
+    pb.inner_bounds = plan_ranges(bk.inner_hist, unit_count(nnz, kInnerUnitTriples));
+  } else {
+    pb.chunk_bounds = plan_chunks(nnz, bk, bk.tile_begin);
+  }
+  const int64_t chunks = static_cast<int64_t>(pb.chunk_bounds.size()) - 1;
+  const at::Tensor P_rows = padded_rows<T>(P, r_pad);
+  const at::Tensor Q_rows = padded_rows<T>(Q, r_pad);
   const at::Tensor& A_rows = rows_outer ? P_rows : Q_rows;
   const at::Tensor& B_rows = rows_outer ? Q_rows : P_rows;
   const std::optional<at::Tensor>& A_bias = rows_outer ? row_bias : col_bias;
@@ -386,26 +376,48 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
   if (out.grad_values.defined()) pb.grad_values = out.grad_values.mutable_data_ptr<T>();
   if (out.grad_weights.defined()) pb.grad_weights = out.grad_weights.mutable_data_ptr<T>();
 
-  at::Tensor dA_rows, dB_parts, dbB_parts;  // zeroed by their chunks
+  // Zeroed by their chunks or units. Path "units": the inner gradient rows have one writer each
+  // (the second pass), and the first pass leaves them alone.
+  at::Tensor dA_rows, dB_parts, dbB_parts;
+  const int64_t parts = units ? 1 : chunks;
   if (A_grad_out.defined() && r > 0) {
     dA_rows = at::empty({na, r_pad}, P.options());
     pb.outer.grad = dA_rows.mutable_data_ptr<T>();
   }
+  Side<T> inner_grads = pb.inner;
   if (B_grad_out.defined() && r > 0) {
-    dB_parts = at::empty({chunks, nb, r_pad}, P.options());
-    pb.inner.grad = dB_parts.mutable_data_ptr<T>();
+    dB_parts = at::empty({parts, nb, r_pad}, P.options());
+    inner_grads.grad = dB_parts.mutable_data_ptr<T>();
   }
-  // The outer bias gradient has one writer per entry: straight into the output.
+  // The outer bias gradient has one writer per entry: straight into the output; so has the
+  // inner one on path "units".
   if (A_grad_bias_out.defined()) pb.outer.grad_bias = A_grad_bias_out.mutable_data_ptr<T>();
   if (B_grad_bias_out.defined()) {
-    dbB_parts = at::empty({chunks, nb}, values.options());
-    pb.inner.grad_bias = dbB_parts.mutable_data_ptr<T>();
+    if (units) {
+      inner_grads.grad_bias = B_grad_bias_out.mutable_data_ptr<T>();
+    } else {
+      dbB_parts = at::empty({chunks, nb}, values.options());
+      inner_grads.grad_bias = dbB_parts.mutable_data_ptr<T>();
+    }
   }
+  // Path "units": the first pass leaves the inner gradients to the second.
+  pb.keep_grad_pred = units && (inner_grads.grad || inner_grads.grad_bias);
+  if (!pb.keep_grad_pred) pb.inner = inner_grads;
 
   std::vector<double> losses(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    run_chunks_any(pb, bk, begin, end, losses.data());
-  });
+  if (units) {
+    run_units_any_order(chunks,
+                        [&](int64_t c) { run_chunks_any(pb, bk, c, c + 1, losses.data()); });
+    if (pb.keep_grad_pred) {
+      pb.inner = inner_grads;
+      run_units_any_order(static_cast<int64_t>(pb.inner_bounds.size()) - 1,
+                          [&](int64_t u) { run_inner_unit_any(pb, bk, u); });
+    }
+  } else {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      run_chunks_any(pb, bk, begin, end, losses.data());
+    });
+  }
 
   double loss = 0;
   for (const double l : losses) loss += l;
@@ -415,12 +427,12 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
     A_grad_out.zero_();  // r == 0
   }
   if (pb.inner.grad) {
-    reduce_rows_transposed<T>(pb.inner.grad, chunks, nb, r, r_pad,
+    reduce_rows_transposed<T>(pb.inner.grad, parts, nb, r, r_pad,
                               B_grad_out.mutable_data_ptr<T>());
   } else if (B_grad_out.defined()) {
     B_grad_out.zero_();
   }
-  if (pb.inner.grad_bias) {
+  if (dbB_parts.defined()) {
     reduce_vectors<T>(pb.inner.grad_bias, chunks, nb, B_grad_bias_out.mutable_data_ptr<T>());
   }
   return reduction == Reduction::Mean ? loss / static_cast<double>(nnz) : loss;
@@ -451,9 +463,11 @@ ObservedResult observed_mf_loss_and_grads_cpu(
 
 // mf_ext::_observed_partition: how the kernel above cuts the problem (rows, cols) of P, Q's
 // shapes and dtype, computed by its own planning and counting code, for tests. Flattened:
-// [rows_outer, outer block size, inner block size, outer_blocks, inner_blocks, segments, chunks,
-//  the triples of each segment..., the triples of each chunk...]; no segments or chunks when
-// there are no triples (the kernel does no pass then). Out-of-range indices raise as the op does.
+// [rows_outer, outer block size, inner block size, outer_blocks, inner_blocks, path (0 chunks,
+//  1 units), segments, chunks (path "units": units of the first pass), inner units (of the
+//  second pass; 0 on path "chunks"), the triples of each segment..., of each chunk..., of each
+//  inner unit...]; no segments or units when there are no triples (the kernel does no pass
+// then). Out-of-range indices raise as the op does.
 std::vector<int64_t> observed_partition_cpu(const at::Tensor& rows, const at::Tensor& cols,
                                             const at::Tensor& P, const at::Tensor& Q) {
   check_observed_index_tensor(rows, "rows");
@@ -472,27 +486,43 @@ std::vector<int64_t> observed_partition_cpu(const at::Tensor& rows, const at::Te
   AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "observed_partition_cpu", [&] {
     int64_t r_pad = 0;
     const Tiling tl = plan_observed_tiling<scalar_t>(nnz, r, m, n, r_pad);
-    std::vector<int64_t> segment_triples, chunk_triples;
+    std::vector<int64_t> segment_triples, chunk_triples, inner_triples;
     if (nnz > 0) {
-      std::vector<int64_t> offsets, tile_begin;
-      const BadIndex bad = count_triples<scalar_t>(rows, cols, m, n, tl, offsets, tile_begin);
+      std::vector<int64_t> offsets, tile_begin, inner_hist;
+      const BadIndex bad = count_triples<scalar_t>(rows, cols, m, n, tl, offsets, tile_begin,
+                                                   inner_hist);
       if (bad.position >= 0) raise_bad_index(bad, m, n);
       const int64_t segments = segment_count(nnz);
       for (int64_t s = 0; s < segments; ++s) {
         segment_triples.push_back(segment_begin(nnz, segments, s + 1) -
                                   segment_begin(nnz, segments, s));
       }
-      const std::vector<int64_t> chunk_blocks = plan_chunks(nnz, tl, tile_begin);
-      for (size_t c = 0; c + 1 < chunk_blocks.size(); ++c) {
-        chunk_triples.push_back(tile_begin[chunk_blocks[c + 1] * tl.inner_blocks] -
-                                tile_begin[chunk_blocks[c] * tl.inner_blocks]);
+      const std::vector<int64_t> bounds =
+          tl.units ? plan_outer_units(nnz, tl, tile_begin) : plan_chunks(nnz, tl, tile_begin);
+      auto first_tile = [&](int64_t a) {  // chunks end at block starts, or at the end
+        return a == tl.outer_size ? tl.tiles() : (a >> tl.outer_shift) * tl.inner_blocks;
+      };
+      for (size_t c = 0; c + 1 < bounds.size(); ++c) {
+        chunk_triples.push_back(tile_begin[first_tile(bounds[c + 1])] -
+                                tile_begin[first_tile(bounds[c])]);
+      }
+      if (tl.units) {
+        const std::vector<int64_t> inner =
+            plan_ranges(inner_hist, unit_count(nnz, kInnerUnitTriples));
+        for (size_t u = 0; u + 1 < inner.size(); ++u) {
+          inner_triples.push_back(std::accumulate(inner_hist.begin() + inner[u],
+                                                  inner_hist.begin() + inner[u + 1], int64_t(0)));
+        }
       }
     }
     out = {tl.rows_outer, int64_t(1) << tl.outer_shift, int64_t(1) << tl.inner_shift,
-           tl.outer_blocks, tl.inner_blocks, static_cast<int64_t>(segment_triples.size()),
-           static_cast<int64_t>(chunk_triples.size())};
-    out.insert(out.end(), segment_triples.begin(), segment_triples.end());
-    out.insert(out.end(), chunk_triples.begin(), chunk_triples.end());
+           tl.outer_blocks, tl.inner_blocks, tl.units,
+           static_cast<int64_t>(segment_triples.size()),
+           static_cast<int64_t>(chunk_triples.size()),
+           static_cast<int64_t>(inner_triples.size())};
+    for (const auto* list : {&segment_triples, &chunk_triples, &inner_triples}) {
+      out.insert(out.end(), list->begin(), list->end());
+    }
   });
   return out;
 }
