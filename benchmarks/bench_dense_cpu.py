@@ -5,17 +5,24 @@ torch.compile'd reference, measured in the same run, about half the entries obse
     ./dev bench --sizes 2048 --dtypes float32            # one size, one dtype
     ./dev bench --sizes 4096 --ranks 32,256 --out t.md   # chosen rows, table also to a file
     ./dev bench --layout embedding                       # P, Q as .T of (m, r) tables
+    ./dev bench --compare-layouts --sizes 2048 --ranks 8,32,128 --dtypes float32
 Prints a Markdown table: time per forward+backward (P and Q require grad), the speed-up of the
 fused op over each reference, GFLOP/s of each at 6·r·m·n flops, the same run's torch.mm rate
 (2·r·m·n flops of the (m × r)(r × m) product), the fused op's path and units (from
 mf_ext.ops._dense_partition), and each method's peak extra resident memory.
+With --compare-layouts, the fused op alone in both layouts instead: calls alternating between
+(r, m) leaves and the .T of (m, r) leaf tables on the same values (a shared machine's load
+drifts alike over both), medians of --calls each, wall clock and CPU time (no memory columns:
+after the timings this process's heap would serve the calls; run --layout embedding for them).
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import statistics
 import sys
+import time
 
 import torch
 from torch.utils.benchmark import Timer
@@ -45,13 +52,13 @@ def make_problem(m: int, r: int, dtype: torch.dtype, seed: int = 0, layout: str 
     return R.to(dtype), P.requires_grad_(), Q.requires_grad_()
 
 
-def as_rm(P, Q):
+def as_rm(P, Q, layout=None):
     """The op's (r, m) inputs: the leaves themselves, or the transposes of (m, r) tables."""
-    return (P.T, Q.T) if LAYOUT == "embedding" else (P, Q)
+    return (P.T, Q.T) if (layout or LAYOUT) == "embedding" else (P, Q)
 
 
-def forward_backward(loss_fn, R, P, Q):
-    loss = loss_fn(R, *as_rm(P, Q))
+def forward_backward(loss_fn, R, P, Q, layout=None):
+    loss = loss_fn(R, *as_rm(P, Q, layout))
     loss.backward()
     P.grad = None
     Q.grad = None
@@ -74,21 +81,23 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
     parser.add_argument("--layout", choices=("rm", "embedding"), default="rm",
                         help="P, Q as (r, m) tensors, or as the .T of (m, r) embedding tables")
+    parser.add_argument("--compare-layouts", action="store_true",
+                        help="the fused op alone, (r, m) against embedding, alternating calls "
+                             "(no memory columns)")
+    parser.add_argument("--calls", type=int, default=15,
+                        help="with --compare-layouts: timed calls of each layout")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
     global LAYOUT
     LAYOUT = args.layout
+    if args.compare_layouts:
+        compare_layouts(args)
+        return
 
     compiled = torch.compile(masked_mf_loss_reference)
     methods = {"fused": mf_ext.masked_mf_loss, "eager": masked_mf_loss_reference,
                "compiled": compiled}
-    rows = []
-    for m in (int(x) for x in args.sizes.split(",")):
-        ranks = ([int(x) for x in args.ranks.split(",")] if args.ranks
-                 else RANKS.get(m, RANKS[4096]))
-        for dtype_name in args.dtypes.split(","):
-            rows += [(m, r, dtype_name) for r in ranks if r <= MAX_RANK[dtype_name]]
-
+    rows = table_rows(args)
     threads = torch.get_num_threads()
     lines = [
         f"Machine: {machine_line()}",
@@ -127,6 +136,64 @@ def main() -> None:
             mem = {name: peak_rss_delta(lambda fn=fn: forward_backward(fn, R, P, Q))
                    for name, fn in methods.items()}
             emit(lines, m, r, dtype_name, results[m, r, dtype_name], mem)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def table_rows(args):
+    """(m, r, dtype name) of every row asked for."""
+    rows = []
+    for m in (int(x) for x in args.sizes.split(",")):
+        ranks = ([int(x) for x in args.ranks.split(",")] if args.ranks
+                 else RANKS.get(m, RANKS[4096]))
+        for dtype_name in args.dtypes.split(","):
+            rows += [(m, r, dtype_name) for r in ranks if r <= MAX_RANK[dtype_name]]
+    return rows
+
+
+def compare_layouts(args) -> None:
+    """--compare-layouts: the fused op's forward+backward with (r, m) leaves and with the .T of
+    (m, r) leaf tables, timed in alternating calls (which layout goes first alternates too), by
+    the wall clock and by the process's CPU time (all threads; steadier on a shared machine)."""
+    fused = mf_ext.masked_mf_loss
+    layouts = ("rm", "embedding")
+    lines = [
+        f"Machine: {machine_line()}",
+        f"Command: {' '.join(shlex.quote(a) for a in sys.argv)}",
+        "",
+        f"{torch.get_num_threads()} threads; m = n, ~50% observed; the fused op's forward+backward"
+        f" (P, Q leaves requiring grad), medians of {args.calls} calls per layout, alternating; "
+        "rm: (r, m) leaves, embedding: the .T of (m, r) leaf tables; ms: wall clock, CPU ms: the "
+        "process's CPU time.",
+        "",
+        "| size | dtype | r | path | (r, m) ms | embedding ms | embedding / (r, m) "
+        "| (r, m) CPU ms | embedding CPU ms | embedding / (r, m), CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for m, r, dtype_name in table_rows(args):
+        dtype = getattr(torch, dtype_name)
+        problems = {layout: make_problem(m, r, dtype, layout=layout) for layout in layouts}
+        wall = {layout: [] for layout in layouts}
+        cpu = {layout: [] for layout in layouts}
+        for layout in layouts:  # warm-up
+            forward_backward(fused, *problems[layout], layout)
+        for call in range(args.calls):
+            for layout in layouts[::-1] if call % 2 else layouts:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                forward_backward(fused, *problems[layout], layout)
+                cpu[layout].append((time.process_time() - start_cpu) * 1e3)
+                wall[layout].append((time.perf_counter() - start) * 1e3)
+        ms = {layout: statistics.median(t) for layout, t in wall.items()}
+        cpu_ms = {layout: statistics.median(t) for layout, t in cpu.items()}
+        R, P, Q = problems["rm"]
+        row = (f"| {m}² | {dtype_name} | {r} | {_dense_partition(R, P, Q)['path']} "
+               f"| {ms['rm']:.2f} | {ms['embedding']:.2f} | {ms['embedding'] / ms['rm']:.3f} "
+               f"| {cpu_ms['rm']:.2f} | {cpu_ms['embedding']:.2f} "
+               f"| {cpu_ms['embedding'] / cpu_ms['rm']:.3f} |")
+        lines.append(row)
+        print(row, flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -68,18 +68,31 @@ inline void check_masked_mf_loss_args(const at::Tensor& R, const at::Tensor& P,
 }
 
 // The op's outputs; a gradient that is not wanted is an empty (0,) tensor. grad_R has R's
-// layout (at::empty_like), grad_P and grad_Q are contiguous, as the fake kernel says.
+// layout (at::empty_like). grad_P and grad_Q are contiguous; with table_layouts (the CPU
+// kernel), one whose input is the .T of a contiguous (m, r) table (an nn.Embedding weight's) is
+// the .T of a contiguous table too. The fake kernel (mf_ext/ops.py) says the same.
 struct MaskedMfOutputs {
   at::Tensor loss, grad_R, grad_P, grad_Q;
 };
 
-inline MaskedMfOutputs allocate_masked_outputs(const at::Tensor& R, const at::Tensor& P, bool grad_R,
-                                        bool grad_P, bool grad_Q) {
-  const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
+// Whether X (r, m) is the .T of a contiguous (m, r) table, and not contiguous itself.
+inline bool is_table_transpose(const at::Tensor& X) {
+  return !X.is_contiguous() && X.t().is_contiguous();
+}
+
+inline at::Tensor allocate_factor_grad(const at::Tensor& X, bool table_layouts,
+                                       const at::TensorOptions& opts) {
+  if (table_layouts && is_table_transpose(X)) return at::empty({X.size(1), X.size(0)}, opts).t();
+  return at::empty({X.size(0), X.size(1)}, opts);
+}
+
+inline MaskedMfOutputs allocate_masked_outputs(const at::Tensor& R, const at::Tensor& P,
+                                               const at::Tensor& Q, bool grad_R, bool grad_P,
+                                               bool grad_Q, bool table_layouts) {
   const auto opts = R.options();
   return {at::empty({}, opts), grad_R ? at::empty_like(R) : at::empty({0}, opts),
-          grad_P ? at::empty({r, m}, opts) : at::empty({0}, opts),
-          grad_Q ? at::empty({r, n}, opts) : at::empty({0}, opts)};
+          grad_P ? allocate_factor_grad(P, table_layouts, opts) : at::empty({0}, opts),
+          grad_Q ? allocate_factor_grad(Q, table_layouts, opts) : at::empty({0}, opts)};
 }
 
 // The problem as the kernels see it, R read along its rows. A column-major R is the transposed

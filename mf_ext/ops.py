@@ -112,16 +112,25 @@ def _check_masked_mf_loss_args(R, P, Q, mask, reduction) -> None:
             raise ValueError(f"{op}: mask is on {mask.device} but R is on {R.device}")
 
 
+def _factor_grad_fake(R, X):
+    """grad_P / grad_Q as the kernels allocate them (csrc/masked_mf_loss_common.h): on the CPU,
+    the .T of a contiguous table when X (r, m) is one (an nn.Embedding weight's .T), so that
+    autograd hands the table its gradient without a copy; contiguous otherwise."""
+    r, m = X.shape
+    if X.device.type == "cpu" and not X.is_contiguous() and X.t().is_contiguous():
+        return R.new_empty((m, r)).t()
+    return R.new_empty((r, m))
+
+
 @torch.library.register_fake("mf_ext::masked_mf_loss_and_grads")
 def _masked_mf_loss_and_grads_fake(R, P, Q, mask, reduction, grad_R, grad_P, grad_Q):
     _check_masked_mf_loss_args(R, P, Q, mask, reduction)
-    m, n, r = R.shape[0], R.shape[1], P.shape[0]
     none = R.new_empty((0,))
     return (
         R.new_empty(()),
         torch.empty_like(R) if grad_R else none,  # the kernels use at::empty_like(R) too
-        R.new_empty((r, m)) if grad_P else none.clone(),
-        R.new_empty((r, n)) if grad_Q else none.clone(),
+        _factor_grad_fake(R, P) if grad_P else none.clone(),
+        _factor_grad_fake(R, Q) if grad_Q else none.clone(),
     )
 
 
@@ -141,6 +150,8 @@ def masked_mf_loss(
 
     R: (m, n); P: (r, m); Q: (r, n), one dtype and device, any strides: float32 or float64 on
     the CPU; on CUDA also float16 and bfloat16 (computed in float32, returned in the input dtype).
+    P = table_P.T, Q = table_Q.T of (m, r) / (n, r) tables (nn.Embedding weights) are read in
+    place, and on the CPU the tables receive their gradients without a copy.
     mask: (m, n) bool, or None for Ω = {R ≠ 0} (the notebook's rule).
     reduction: "sum" (the notebook's) or "mean" over Ω (0 when Ω is empty).
     Returns a 0-dim tensor of R's dtype. Gradients flow to whichever of R, P, Q require grad

@@ -12,6 +12,7 @@ from helpers import (DTYPES, KINDS, assert_agrees_with_cpu_kernel, assert_close_
                      assert_equal, cases, check, flat_offset, random_problem, sliced,
                      stepped, transposed, with_mask_kind)
 from mf_ext import masked_mf_loss
+from mf_ext.ops import _dense_partition
 from mf_ext.reference import adam_reference_loop
 
 F64, F32, F16 = torch.float64, torch.float32, torch.float16
@@ -101,6 +102,20 @@ def layout_cases(backend, layout, m, n, r, dtype, with_mask, **_):
         emu_shape if emu_layout else not emu_shape or (m, n, r) == (5, 4, 2))
 
 
+def factor_grad_strides(backend, X):
+    """The strides grad_P / grad_Q must have: on the CPU those of an X (r, m) that is the .T of
+    a contiguous table (an nn.Embedding weight's), so that autograd hands the table its gradient
+    without a copy; contiguous otherwise, and always on CUDA."""
+    table = not X.is_contiguous() and X.t().is_contiguous()
+    return (X if backend.name == "cpu" and table else X.contiguous()).stride()
+
+
+def assert_strides(t, strides):
+    """t has these strides in every dimension of more than one entry."""
+    assert all(a == b for a, b, size in zip(t.stride(), strides, t.shape) if size > 1), (
+        t.stride(), strides)
+
+
 @cases(layout_cases)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -108,14 +123,15 @@ def layout_cases(backend, layout, m, n, r, dtype, with_mask, **_):
                                    *EMULATED_LAYOUT_SHAPES[1:]])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts(backend, layout, m, n, r, with_mask, dtype, deterministic):
-    """Any strides: the reference's answer, grad_R in R's layout, dP and dQ contiguous."""
+    """Any strides: the reference's answer, grad_R in R's layout, dP and dQ contiguous or (CPU)
+    in the layout of a table's .T (factor_grad_strides)."""
     args = random_problem(m, n, r, dtype, seed=7, mask=with_mask, device=backend.device)
     R, P, Q, M = LAYOUTS[layout](args["R"], args["P"], args["Q"], args["mask"])
     for reduction in ("sum", "mean"):
         got = check(backend, dict(R=R, P=P, Q=Q, mask=M), reduction)
-        strides = zip(got[1].stride(), torch.empty_like(R).stride(), R.shape)
-        assert all(a == b for a, b, size in strides if size > 1)  # grad_R in R's layout
-        assert got[2].is_contiguous() and got[3].is_contiguous()
+        assert_strides(got[1], torch.empty_like(R).stride())  # grad_R in R's layout
+        assert_strides(got[2], factor_grad_strides(backend, P))
+        assert_strides(got[3], factor_grad_strides(backend, Q))
 
 
 @cases(lambda backend, m, dtype, with_mask, **_: backend != "emulated" or (
@@ -249,6 +265,37 @@ def test_single_row_layout_does_not_change_the_result():
     contiguous = OP(args["R"], args["P"], args["Q"], None, "sum", *flags)
     strided = OP(stepped(args["R"], 1, 3), args["P"], args["Q"], None, "sum", *flags)
     assert_equal(contiguous[::2], strided[::2])  # loss and dP (dQ has no sum to reorder)
+
+
+@pytest.mark.parametrize("path", ["rowwise", "tiled"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("m,n,r,R_layout", [
+    (300, 290, 33, "row-major"), (257, 300, 7, "row-major"), (290, 300, 20, "column-major")])
+def test_embedding_tables_on_both_paths(path, dtype, m, n, r, R_layout, monkeypatch):
+    """nn.Embedding users pass P = table_P.T, Q = table_Q.T ((m, r) and (n, r) leaves): either
+    path gives the reference's answer and gradients in the tables' layout, which autograd keeps
+    as the tables' .grad (the same memory, not a copy). A column-major R swaps P's and Q's roles
+    in the kernel."""
+    monkeypatch.setenv("MF_EXT_DENSE_PATH", path)
+    args = random_problem(m, n, r, dtype, seed=m + r, mask=True)
+    R = args["R"] if R_layout == "row-major" else transposed(args["R"])
+    tables = [args[k].t().contiguous().requires_grad_() for k in "PQ"]
+    P, Q = (table.t() for table in tables)
+    assert _dense_partition(R, P, Q)["path"] == path
+    received = {}  # the op's gradients of P and Q, as autograd passes them on to the tables
+    for name, view in (("P", P), ("Q", Q)):
+        view.register_hook(lambda g, name=name: received.update({name: (g.data_ptr(),
+                                                                        g.stride())}))
+    for reduction in ("sum", "mean"):
+        for table in tables:
+            table.grad = None
+        loss = masked_mf_loss(R, P, Q, args["mask"], reduction)
+        loss.backward()
+        assert_close_to_reference([loss.detach(), None, tables[0].grad.t(), tables[1].grad.t()],
+                                  dict(args, R=R), reduction, wanted=("P", "Q"))
+        assert received["P"][1] == P.stride() and received["Q"][1] == Q.stride()
+        assert tables[0].grad.data_ptr() == received["P"][0], "P's table got a copy"
+        assert tables[1].grad.data_ptr() == received["Q"][0], "Q's table got a copy"
 
 
 def test_no_grad_computes_no_gradients():

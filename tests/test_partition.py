@@ -208,6 +208,8 @@ def dense_case(case, dtype, layout, mask, monkeypatch, seed=3):
     elif layout == "column-major":
         R = R.t().contiguous().t()
         M = M.t().contiguous().t() if mask else None
+    elif layout == "embedding":  # P, Q: the .T of (m, r) and (n, r) tables, read in place
+        P, Q = P.t().contiguous().t(), Q.t().contiguous().t()
     monkeypatch.delenv("MF_EXT_DENSE_PATH", raising=False)
     assert (_dense_partition(R, P, Q)["path"] == path) != forced, "the automatic choice changed"
     if forced:
@@ -233,17 +235,20 @@ def run_dense(R, P, Q, M, reduction, grad_R, threads):
 
 
 @pytest.mark.parametrize("variant", DENSE_VARIANTS)
-@pytest.mark.parametrize("layout", ["row-major", "column-major", "strided"])
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "strided", "embedding"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", DENSE_CASES)
 def test_dense_paths(case, dtype, layout, variant, monkeypatch):
     """Every path, automatic and forced, against the reference (float64 1e-12, float32 within 2x
-    eager's own error), 1 and 2 threads bitwise."""
+    eager's own error), 1 and 2 threads bitwise; with embedding tables, dP and dQ in their
+    layout."""
     reduction, mask, grad_R = DENSE_VARIANTS[variant]
     R, P, Q, M = dense_case(case, dtype, layout, mask, monkeypatch)
     runs = [run_dense(R, P, Q, M, reduction, grad_R, threads) for threads in (1, 2)]
     assert_close_to_reference(runs[0], dict(R=R, P=P, Q=Q, mask=M), reduction,
                               wanted=None if grad_R else ("P", "Q"))
+    if layout == "embedding":
+        assert runs[0][2].stride() == P.stride() and runs[0][3].stride() == Q.stride()
     for a, b, name in zip(*runs, ("loss", "dR", "dP", "dQ")):
         assert (a is None and b is None) or torch.equal(a, b), f"{name}: 1 and 2 threads differ"
 

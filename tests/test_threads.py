@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import assert_equal, loss_and_grads, random_problem, random_triples
+from helpers import assert_equal, loss_and_grads, random_problem, random_triples, transposed
 from mf_ext import masked_mf_loss, observed_mf_loss
 
 THREADS = 4
@@ -47,15 +47,24 @@ def test_concurrent_calls_match_single_threaded(cases):
         assert_equal(got, expected[index], f"case {index}")
 
 
+def embedding_tables(args):
+    """args with P, Q as nn.Embedding users pass them: the .T of (m, r) and (n, r) tables (the
+    dense op's rowwise path at r = 7, its tiled path at r = 40, in float32 and float64)."""
+    return dict(args, P=transposed(args["P"]), Q=transposed(args["Q"]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("op,args", [  # odd shapes, so that tails are exercised
     (masked_mf_loss, lambda dtype: random_problem(301, 1203, 7, dtype, mask=True)),
     (masked_mf_loss, lambda dtype: random_problem(301, 1203, 7, dtype)),
+    (masked_mf_loss, lambda dtype: embedding_tables(random_problem(301, 1203, 7, dtype))),
+    (masked_mf_loss, lambda dtype: embedding_tables(random_problem(301, 1203, 40, dtype))),
     (observed_mf_loss, lambda dtype: random_triples(30, 20, 64, 40000, dtype, biases=True,
                                                     weights=True)),
     (observed_mf_loss, lambda dtype: random_triples(301, 97, 13, 70001, dtype, biases=True,
                                                     weights=True))],
-    ids=["masked-mask", "masked-nonzero", "observed-hot-rows", "observed-odd"])
+    ids=["masked-mask", "masked-nonzero", "masked-embedding-rowwise", "masked-embedding-tiled",
+         "observed-hot-rows", "observed-odd"])
 def test_bitwise_deterministic_across_thread_counts(op, args, dtype):
     args = args(dtype)
     runs = []

@@ -1,5 +1,6 @@
-// Single-threaded BLAS GEMM on raw column-major arrays, for kernels that run their own parallel
-// loop and need every call to give the same bits whatever the thread count.
+// Single-threaded BLAS GEMM on raw column-major arrays, or on views of either layout, for
+// kernels that run their own parallel loop and need every call to give the same bits whatever
+// the thread count.
 //
 // torch's CPU builds link a BLAS (MKL on x86-64) whose Fortran `sgemm_` / `dgemm_` symbols
 // libtorch_cpu exports; they are declared weak, so a torch without them still loads this
@@ -80,6 +81,31 @@ inline void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T al
   at::Tensor A = transa == 'T' ? column_major_view(a, k, m, lda).t() : column_major_view(a, m, k, lda);
   at::Tensor B = transb == 'T' ? column_major_view(b, n, k, ldb).t() : column_major_view(b, k, n, ldb);
   column_major_view(c, m, n, ldc).addmm_(A, B, beta, alpha);
+}
+
+// A matrix operand as BLAS reads it: column-major with leading dimension ld, or, when
+// row_major, row-major with rows ld apart (the transpose of a column-major matrix).
+template <typename T>
+struct Matrix {
+  T* p;
+  int64_t ld;
+  bool row_major;
+  Matrix t() const { return {p, ld, !row_major}; }
+  // The submatrix that starts at element (i, j).
+  Matrix from(int64_t i, int64_t j) const {
+    return {p + (row_major ? i * ld + j : i + j * ld), ld, row_major};
+  }
+  operator Matrix<const T>() const { return {p, ld, row_major}; }
+};
+
+// C (m × n) = alpha · A (m × k) · B (k × n) + beta · C on operands of either layout; a
+// row-major C is computed as its transpose, Cᵀ = Bᵀ Aᵀ.
+template <typename T>
+inline void gemm(int64_t m, int64_t n, int64_t k, T alpha, Matrix<const T> A, Matrix<const T> B,
+                 T beta, Matrix<T> C) {
+  if (C.row_major) return gemm<T>(n, m, k, alpha, B.t(), A.t(), beta, C.t());
+  gemm<T>(A.row_major ? 'T' : 'N', B.row_major ? 'T' : 'N', m, n, k, alpha, A.p, A.ld, B.p, B.ld,
+          beta, C.p, C.ld);
 }
 
 }  // namespace mf_ext::blas

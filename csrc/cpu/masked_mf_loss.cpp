@@ -22,11 +22,14 @@
 // - tiled, for larger ranks, where it is bound by arithmetic: each tile of at most 128 × 256
 //   cells goes through three single-threaded BLAS GEMMs and one elementwise pass in cache
 //   (csrc/cpu/masked_mf_loss_tiled.h).
+// Layouts. P and Q are read in place as (r, m) / (r, n) tensors or as the .T of (m, r) / (n, r)
+// tables (nn.Embedding weights); grad_P / grad_Q take the table layout when P / Q has it, so
+// autograd hands the table a gradient it keeps, with no copy (allocate_masked_outputs).
 // Extra memory besides the outputs: rowwise, a zero-padded copy of Q and K dQ accumulators,
 // (1 + K)·r·n_pad ≤ 5·r·n_pad values (n_pad: n rounded up to 64 float32 / 32 float64 columns),
-// a copy of P if it is not contiguous, plus 4·(r + 256) values per thread; tiled, copies of P
-// and Q only when they are not contiguous (r·(m + n) values) plus one 128 × 256 tile buffer
-// per thread (128 KiB float32). Both: K·G² ≤ 4096 loss partials and as many flags.
+// plus 4·(r + 256) values per thread (P is read with any strides); tiled, copies of P and Q
+// only when neither layout holds (r·(m + n) values) plus one 128 × 256 tile buffer per thread
+// (128 KiB float32). Both: K·G² ≤ 4096 loss partials and as many flags.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -36,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -61,8 +65,9 @@ constexpr int64_t kTiledMinRankDouble = 32;
 
 enum class DensePath : int64_t { Rowwise = 0, Tiled = 1 };
 
-// Everything a rowwise unit reads and writes, as raw pointers taken once. P, Q are contiguous;
-// Q is zero-padded to n_pad columns so every tile is a whole number of 4-vector blocks.
+// Everything a rowwise unit reads and writes, as raw pointers taken once. P and dP have any
+// strides (a unit reads a few of P's columns and adds one sum per rank into dP per tile); Q is a
+// contiguous copy zero-padded to n_pad columns so every tile is a whole number of 4-vector blocks.
 template <typename T>
 struct DenseProblem {
   int64_t m, n, n_pad, r;
@@ -73,8 +78,10 @@ struct DenseProblem {
   T* grad_R;  // nullptr: not wanted
   int64_t G_s0, G_s1;
   const T* P;  // (r, m)
+  int64_t P_s0, P_s1;
   const T* Q;  // (r, n_pad)
   T* dP;       // (r, m) or nullptr
+  int64_t dP_s0, dP_s1;
   T* dQ;       // (lanes, r, n_pad) or nullptr
   int64_t groups, lanes;
 };
@@ -217,12 +224,12 @@ MF_EXT_INLINE void process_rows(const DenseProblem<T>& pb, int64_t i, int64_t jt
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::width;
   constexpr int64_t kBlock = 4 * W;
-  const int64_t r = pb.r, m = pb.m, n_pad = pb.n_pad;
+  const int64_t r = pb.r, n_pad = pb.n_pad;
   const int64_t valid = pb.n - jt;  // real columns from jt on
   const V zero = simd::broadcast<T>(0), one = simd::broadcast<T>(1), two = simd::broadcast<T>(2);
 
   for (int t = 0; t < NR; ++t) {
-    for (int64_t k = 0; k < r; ++k) p[t * r + k] = pb.P[k * m + i + t];
+    for (int64_t k = 0; k < r; ++k) p[t * r + k] = pb.P[k * pb.P_s0 + (i + t) * pb.P_s1];
   }
 
   // Pass 1: prediction, masked error, loss, grad_R.
@@ -288,7 +295,9 @@ MF_EXT_INLINE void process_rows(const DenseProblem<T>& pb, int64_t i, int64_t jt
         if constexpr (kGradQ) simd::store(dq + col, dqv);
       }
       if constexpr (kGradP) {
-        for (int t = 0; t < NR; ++t) dP[k * m + i + t] += simd::sum_lanes<T>(acc[t]);
+        for (int t = 0; t < NR; ++t) {
+          dP[k * pb.dP_s0 + (i + t) * pb.dP_s1] += simd::sum_lanes<T>(acc[t]);
+        }
       }
       if constexpr (kGradQ) dq += n_pad;
     }
@@ -425,7 +434,6 @@ double rowwise_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& 
                     const DensePlan& plan) {
   const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
   const int64_t n_pad = plan.n_pad;
-  at::Tensor P_c = P.contiguous();
   at::Tensor Q_pad = at::zeros({r, n_pad}, Q.options());
   Q_pad.narrow(1, 0, n).copy_(Q);
 
@@ -435,12 +443,18 @@ double rowwise_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& 
   pb.n_pad = n_pad;
   pb.r = r;
   set_matrix_pointers<T>(pb, R, mask, grad_R);
-  pb.P = P_c.const_data_ptr<T>();
+  pb.P = P.const_data_ptr<T>();
+  pb.P_s0 = P.stride(0);
+  pb.P_s1 = P.stride(1);
   pb.Q = Q_pad.const_data_ptr<T>();
   pb.groups = plan.groups;
   pb.lanes = plan.lanes;
   at::Tensor dQ_lanes;
-  if (grad_P.defined() && r > 0) pb.dP = grad_P.mutable_data_ptr<T>();  // zeroed, contiguous
+  if (grad_P.defined() && r > 0) {
+    pb.dP = grad_P.mutable_data_ptr<T>();  // zeroed
+    pb.dP_s0 = grad_P.stride(0);
+    pb.dP_s1 = grad_P.stride(1);
+  }
   if (grad_Q.defined() && r > 0) {
     dQ_lanes = at::zeros({plan.lanes, r, n_pad}, Q.options());
     pb.dQ = dQ_lanes.mutable_data_ptr<T>();
@@ -467,22 +481,48 @@ double rowwise_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& 
   return ls.loss;
 }
 
+// X (rows × cols) as a BLAS view of `data`, X's data: row-major when X is contiguous,
+// column-major when X is the .T of a contiguous table; nullopt in any other layout.
+template <typename T>
+std::optional<blas::Matrix<T>> blas_view(const at::Tensor& X, T* data) {
+  if (X.is_contiguous()) return blas::Matrix<T>{data, X.size(1), true};
+  if (X.t().is_contiguous()) return blas::Matrix<T>{data, X.size(0), false};
+  return std::nullopt;
+}
+
+// P or Q: read in place in either layout, through a contiguous copy (kept in `copy`) in any other.
+template <typename T>
+blas::Matrix<const T> factor_view(const at::Tensor& X, at::Tensor& copy) {
+  if (auto view = blas_view(X, X.const_data_ptr<T>())) return *view;
+  copy = X.contiguous();
+  return {copy.const_data_ptr<T>(), copy.size(1), true};
+}
+
+// grad_P or grad_Q, which allocate_masked_outputs makes in one of the two layouts.
+template <typename T>
+blas::Matrix<T> gradient_view(const at::Tensor& grad) {
+  auto view = blas_view(grad, grad.mutable_data_ptr<T>());
+  TORCH_INTERNAL_ASSERT(view.has_value(), "mf_ext.masked_mf_loss: a gradient of strides ",
+                        grad.strides());
+  return *view;
+}
+
 template <typename T>
 double tiled_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
                   const std::optional<at::Tensor>& mask, Reduction reduction,
                   const at::Tensor& grad_R, const at::Tensor& grad_P, const at::Tensor& grad_Q,
                   const DensePlan& plan) {
   const int64_t m = R.size(0), n = R.size(1), r = P.size(0);
-  at::Tensor P_c = P.contiguous(), Q_c = Q.contiguous();
   TiledProblem<T> pb{};
   pb.m = m;
   pb.n = n;
   pb.r = r;
   set_matrix_pointers<T>(pb, R, mask, grad_R);
-  pb.P = P_c.const_data_ptr<T>();
-  pb.Q = Q_c.const_data_ptr<T>();
-  if (grad_P.defined() && r > 0) pb.dP = grad_P.mutable_data_ptr<T>();  // zeroed, contiguous
-  if (grad_Q.defined() && r > 0) pb.dQ = grad_Q.mutable_data_ptr<T>();
+  at::Tensor P_copy, Q_copy;
+  pb.P = factor_view<T>(P, P_copy);
+  pb.Q = factor_view<T>(Q, Q_copy);
+  if (grad_P.defined() && r > 0) pb.dP = gradient_view<T>(grad_P);  // zeroed
+  if (grad_Q.defined() && r > 0) pb.dQ = gradient_view<T>(grad_Q);
 
   const int64_t G = plan.groups;
   std::vector<TaskResult> results(G * G);
@@ -498,15 +538,15 @@ double tiled_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
 
   const LossAndScale ls = total(results, reduction);
   if (ls.scale != 1.0) {  // the units added −2·(Q Eᵀ) and −2·(P E)
-    if (pb.dP) grad_P.mul_(ls.scale);
-    if (pb.dQ) grad_Q.mul_(ls.scale);
+    if (pb.dP.p) grad_P.mul_(ls.scale);
+    if (pb.dQ.p) grad_Q.mul_(ls.scale);
     if (grad_R.defined()) grad_R.mul_(ls.scale);
   }
   return ls.loss;
 }
 
 // Runs the fused pass on R (m, n), P (r, m), Q (r, n); writes grad_R (if defined), and
-// grad_P / grad_Q (contiguous, if defined). Returns the loss.
+// grad_P / grad_Q (if defined; contiguous or the .T of contiguous tables). Returns the loss.
 template <typename T>
 double masked_mf_loss_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
                            const std::optional<at::Tensor>& mask, Reduction reduction,
@@ -532,7 +572,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_gr
   TORCH_CHECK_TYPE(R.scalar_type() == at::kFloat || R.scalar_type() == at::kDouble,
                    "mf_ext.masked_mf_loss: the CPU kernel supports float32 and float64, got ",
                    R.scalar_type());
-  MaskedMfOutputs out = allocate_masked_outputs(R, P, grad_R, grad_P, grad_Q);
+  // grad_P / grad_Q in the layout of a P / Q that is a table's .T: autograd then hands the
+  // table a contiguous gradient that it keeps as .grad, instead of a copy.
+  MaskedMfOutputs out =
+      allocate_masked_outputs(R, P, Q, grad_R, grad_P, grad_Q, /*table_layouts=*/true);
   if (grad_R && R.numel() == 0) out.grad_R.zero_();
   const RowMajorProblem k = orient_rows(R, P, Q, mask, out, grad_R, grad_P, grad_Q);
   AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "masked_mf_loss_cpu", [&] {

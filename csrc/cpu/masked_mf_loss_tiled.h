@@ -4,8 +4,10 @@
 //   S   = P_Iᵀ Q_J                    (the prediction tile, written into the tile buffer)
 //   E   = (R_IJ − S) · observed_IJ     (in place; the loss, the count and grad_R = 2E from it)
 //   dP_I += −2 Q_J E_IJᵀ,  dQ_J += −2 P_I E_IJ   (straight into grad_P and grad_Q)
-// Every operand is a view of P, Q (contiguous), the caller's tile buffer or the gradients, so a
-// unit needs no memory besides its tile buffer.
+// Every operand is a view of P, Q, the caller's tile buffer or the gradients, so a unit needs no
+// memory besides its tile buffer. P, Q and the gradients may each be row-major ((r, m) tensors)
+// or column-major (the .T of (m, r) tables, as nn.Embedding users pass them): the GEMMs read
+// either through BLAS's transpose flags.
 #pragma once
 
 #include <algorithm>
@@ -19,8 +21,9 @@ namespace mf_ext {
 constexpr int64_t kTiledRows = 128;  // a tile buffer: 128 × 256 values (128 KiB float32)
 constexpr int64_t kTiledCols = 256;
 
-// R (m, n) with any strides, P (r, m) and Q (r, n) contiguous, gradients contiguous (nullptr:
-// not wanted), each unit (rows [i0, i1), columns [j0, j1)) adds its part of −2·dP, −2·dQ.
+// R (m, n) with any strides; P (r, m), Q (r, n) and their gradients (dP.p, dQ.p nullptr: not
+// wanted) as BLAS views of either layout; each unit (rows [i0, i1), columns [j0, j1)) adds its
+// part of −2·dP, −2·dQ.
 template <typename T>
 struct TiledProblem {
   int64_t m, n, r;
@@ -30,10 +33,8 @@ struct TiledProblem {
   int64_t M_s0, M_s1;
   T* grad_R;  // nullptr: not wanted
   int64_t G_s0, G_s1;
-  const T* P;
-  const T* Q;
-  T* dP;  // (r, m) or nullptr
-  T* dQ;  // (r, n) or nullptr
+  blas::Matrix<const T> P, Q;  // (r, m), (r, n)
+  blas::Matrix<T> dP, dQ;      // (r, m), (r, n)
 };
 
 // E (rows × cols, row-major) holds S on entry and the masked error on exit; returns through
@@ -88,16 +89,18 @@ MF_EXT_INLINE void error_tile(const TiledProblem<T>& pb, int64_t ti, int64_t tj,
 template <typename T>
 MF_EXT_INLINE void run_tiled_unit(const TiledProblem<T>& pb, int64_t i0, int64_t i1, int64_t j0,
                                   int64_t j1, T* E, double& loss, int64_t& count) {
-  const int64_t m = pb.m, n = pb.n, r = pb.r;
+  const int64_t r = pb.r;
   for (int64_t ti = i0; ti < i1; ti += kTiledRows) {
     const int64_t rows = std::min(kTiledRows, i1 - ti);
+    const blas::Matrix<const T> P_I = pb.P.from(0, ti);
     for (int64_t tj = j0; tj < j1; tj += kTiledCols) {
       const int64_t cols = std::min(kTiledCols, j1 - tj);
-      // Column-major views: E is (cols × rows, ld cols), P (m × r, ld m), Q (n × r, ld n).
-      blas::gemm<T>('N', 'T', cols, rows, r, 1, pb.Q + tj, n, pb.P + ti, m, 0, E, cols);
+      const blas::Matrix<const T> Q_J = pb.Q.from(0, tj);
+      const blas::Matrix<T> E_IJ{E, cols, true};  // rows × cols, row-major
+      blas::gemm<T>(rows, cols, r, 1, P_I.t(), Q_J, 0, E_IJ);
       error_tile(pb, ti, tj, rows, cols, E, loss, count);
-      if (pb.dP) blas::gemm<T>('T', 'N', rows, r, cols, -2, E, cols, pb.Q + tj, n, 1, pb.dP + ti, m);
-      if (pb.dQ) blas::gemm<T>('N', 'N', cols, r, rows, -2, E, cols, pb.P + ti, m, 1, pb.dQ + tj, n);
+      if (pb.dP.p) blas::gemm<T>(r, rows, cols, -2, Q_J, E_IJ.t(), 1, pb.dP.from(0, ti));
+      if (pb.dQ.p) blas::gemm<T>(r, cols, rows, -2, P_I, E_IJ, 1, pb.dQ.from(0, tj));
     }
   }
 }

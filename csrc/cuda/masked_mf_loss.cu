@@ -508,7 +508,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_gr
   check_masked_mf_loss_args(R, P, Q, mask);
   const Reduction red = parse_reduction("mf_ext.masked_mf_loss", reduction);
   const c10::cuda::CUDAGuard guard(R.device());
-  MaskedMfOutputs out = allocate_masked_outputs(R, P, grad_R, grad_P, grad_Q);
+  // Contiguous gradients: the kernels write them so.
+  MaskedMfOutputs out =
+      allocate_masked_outputs(R, P, Q, grad_R, grad_P, grad_Q, /*table_layouts=*/false);
   if (R.numel() == 0) {  // nothing observed: zero loss and gradients, no kernel
     out.loss.zero_();
     out.grad_P.zero_();
