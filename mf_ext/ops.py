@@ -46,21 +46,48 @@ except ImportError as exc:  # pragma: no cover - exercised only by broken instal
 _REDUCTIONS = ("sum", "mean")
 
 
+# Whether the running backward pass keeps the graph (retain_graph / create_graph): a private
+# torch function; without it every gradient is scaled into a new tensor, as before.
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _may_scale_saved_in_place(grad_loss: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Whether backward may scale a saved gradient in place and hand that tensor on, sparing a
+    copy of every gradient (2·r·(m + n) values for the dense op). Only in plain eager autograd
+    with the graph not kept: autograd then frees the saved tensors right after this backward,
+    so nothing reads them again. Never while tracing (torch.compile, make_fx, fake or functional
+    tensors), where a mutation of a backward input would be recorded or refused."""
+    return (_keep_graph is not None
+            and type(grad_loss) is torch.Tensor and type(saved) is torch.Tensor
+            and not torch.compiler.is_compiling()
+            and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+            and not _keep_graph())
+
+
 def _register_autograd(op: str, grad_inputs, first_flag: int, num_inputs: int,
                        namespace: str = "mf_ext") -> None:
     """Autograd for <namespace>::<op>_and_grads (the tests' emulated CUDA ops use another namespace), whose outputs are (loss, *gradients): the forward
     pass computes the gradient of each input of `grad_inputs` ((position, name) pairs, in the
     order of the op's grad_* flags, which start at input `first_flag`) when its flag is set, an
-    empty tensor otherwise; the backward only scales the saved gradients by the incoming one."""
+    empty tensor otherwise; the backward only scales the saved gradients by the incoming one
+    (in place when no one can see them again: _may_scale_saved_in_place). The raw op's gradient
+    outputs are those saved tensors, so a caller of torch.ops.mf_ext.*_and_grads who keeps them
+    sees them scaled by the loss's gradient after an eager backward; mf_ext's functions never
+    hand them out."""
 
     def setup_context(ctx, inputs, output):
         ctx.grad_flags = tuple(inputs[first_flag:first_flag + len(grad_inputs)])
         ctx.save_for_backward(*output[1:])
         ctx.mark_non_differentiable(*output[1:])
+        # The gradient outputs get no incoming gradient: without this, autograd would fill a
+        # zero tensor of each one's size (2·r·(m + n) values) just to hand it to backward.
+        ctx.set_materialize_grads(False)
 
     @once_differentiable  # the saved gradients are constants: a second derivative would be wrong
     def backward(ctx, grad_loss, *_grad_outputs):
         grads = [None] * num_inputs
+        if grad_loss is None:  # not materialized (see setup_context): no gradient reaches the loss
+            return tuple(grads)
         for (index, name), flag, g in zip(grad_inputs, ctx.grad_flags, ctx.saved_tensors):
             if not ctx.needs_input_grad[index]:
                 continue
@@ -68,7 +95,8 @@ def _register_autograd(op: str, grad_inputs, first_flag: int, num_inputs: int,
                 raise RuntimeError(
                     f"mf_ext.{op}: {name} requires grad but the op was called with "
                     f"grad_{name}=False; call mf_ext.{op}, which sets the flags")
-            grads[index] = grad_loss * g
+            grads[index] = (g.mul_(grad_loss) if _may_scale_saved_in_place(grad_loss, g)
+                            else grad_loss * g)
         return tuple(grads)
 
     torch.library.register_autograd(f"{namespace}::{op}_and_grads", backward,
