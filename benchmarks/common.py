@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import gc
 import os
 import platform
 import statistics
@@ -63,7 +64,14 @@ def _status_kib(field: str) -> int:
 
 def peak_rss_delta(fn) -> float:
     """Extra resident memory (MiB) at the peak of one call of fn, above what was resident
-    before it. Linux only: resets the high-water mark through /proc/self/clear_refs."""
+    before it. Linux only: resets the high-water mark through /proc/self/clear_refs. Garbage
+    is collected and trimmed first: memory freed during the call (an earlier call's leftovers)
+    would otherwise hide as much of the call's own."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
