@@ -90,7 +90,12 @@ headers = sorted(glob.glob("csrc/**/*.h", recursive=True))
 # ~15 % of the compile time (the sanitizer build below adds -g back).
 cxx_flags = ["-O3", "-g0", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
 extra_link = ["-fopenmp"]
-define_macros = []  # py_limited_api=True makes torch define Py_LIMITED_API
+# py_limited_api=True makes torch define Py_LIMITED_API. AT_PER_OPERATOR_HEADERS, as in torch's
+# own build: a unit that defines TORCH_ASSERT_ONLY_METHOD_OPERATORS (every kernel unit) then
+# fails to compile if it includes ATen/ATen.h, which cost ~5-10 CPU-s per .cpp unit and ~15 per
+# .cu unit more than ATen/core/Tensor.h + the ATen/ops/<op>.h it needs (see
+# benchmarks/results/ci_time.md).
+define_macros = [("AT_PER_OPERATOR_HEADERS", None)]
 include_dirs = [os.path.join(ROOT, "csrc")]
 
 if os.environ.get("MF_EXT_SANITIZE") == "1":

@@ -3,8 +3,9 @@
 // Σ_t part, and the error for a bad index or weight found in the data.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/ones.h>
 
 #include <cmath>
 #include <optional>

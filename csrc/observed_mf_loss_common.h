@@ -4,7 +4,8 @@
 // CPU kernel raises before it computes, the CUDA one at the device's next call.)
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <optional>
 #include <string_view>

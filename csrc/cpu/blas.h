@@ -9,7 +9,8 @@
 // pins each call to one thread, so a unit's result never depends on how many threads run.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <climits>

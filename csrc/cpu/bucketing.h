@@ -15,7 +15,7 @@
 //             (taken by the counting pass). Each unit owns its gradient rows: no partials.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -27,7 +27,6 @@
 #include <vector>
 
 namespace mf_ext {
-namespace {
 
 // The bucketing pass is cut into at most kMaxSegments segments of at least kMinSegmentTriples.
 constexpr int64_t kMaxSegments = 8;
@@ -347,5 +346,4 @@ inline std::vector<int64_t> plan_ranges(const std::vector<int64_t>& hist, int64_
   return bounds;
 }
 
-}  // namespace
 }  // namespace mf_ext

@@ -8,8 +8,12 @@
 // summation order with the thread count. So the columns of P (and Q) are cut into blocks whose
 // size depends only on the shape; each block's r × r partial Gram and each block of the
 // (r × r)·P product is one single-threaded GEMM, and the partials are summed in block order.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers only (see setup.py)
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -30,8 +30,11 @@
 // plus 4·(r + 256) values per thread (P is read with any strides); tiled, copies of P and Q
 // only when neither layout holds (r·(m + n) values) plus one 128 × 256 tile buffer per thread
 // (128 KiB float32). Both: K·G² ≤ 4096 loss partials and as many flags.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers only (see setup.py)
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -474,7 +477,9 @@ double rowwise_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& 
   if (pb.dQ) {
     // The lanes in order: dQ = −2·scale·(lane 0 + lane 1 + ...).
     at::Tensor sum = dQ_lanes[0].narrow(1, 0, n);
-    for (int64_t lane = 1; lane < plan.lanes; ++lane) sum = sum + dQ_lanes[lane].narrow(1, 0, n);
+    for (int64_t lane = 1; lane < plan.lanes; ++lane) {
+      sum = sum.add(dQ_lanes[lane].narrow(1, 0, n));
+    }
     grad_Q.copy_(sum).mul_(grad_scale);
   }
   if (grad_R.defined() && ls.scale != 1.0) grad_R.mul_(ls.scale);

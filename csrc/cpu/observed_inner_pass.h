@@ -12,11 +12,9 @@
 // Every order depends on the shapes and the data only.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <type_traits>
@@ -24,6 +22,7 @@
 
 #include "bucketing.h"
 #include "compensated_sums.h"
+#include "observed_kernels.h"
 #include "observed_problem.h"
 #include "simd.h"
 
@@ -137,36 +136,6 @@ MF_EXT_INLINE void run_inner_unit_nv(const ObservedProblem<T>& pb, const Buckete
     case 8: return run_inner_unit<T, 8>(pb, bk, unit);
     default: return run_inner_unit<T, 0>(pb, bk, unit);
   }
-}
-
-// Non-template entry points, so that each can be cloned per instruction set.
-MF_EXT_TARGET_CLONES void run_inner_unit_float(const ObservedProblem<float>& pb,
-                                               const Bucketed<float>& bk, int64_t unit) {
-  run_inner_unit_nv(pb, bk, unit);
-}
-MF_EXT_TARGET_CLONES void run_inner_unit_double(const ObservedProblem<double>& pb,
-                                                const Bucketed<double>& bk, int64_t unit) {
-  run_inner_unit_nv(pb, bk, unit);
-}
-inline void run_inner_unit_any(const ObservedProblem<float>& pb, const Bucketed<float>& bk,
-                               int64_t unit) {
-  run_inner_unit_float(pb, bk, unit);
-}
-inline void run_inner_unit_any(const ObservedProblem<double>& pb, const Bucketed<double>& bk,
-                               int64_t unit) {
-  run_inner_unit_double(pb, bk, unit);
-}
-
-// fn(u) for every u in [0, count) on torch's threads, each thread taking the next unit as it
-// frees up. Units write disjoint outputs (and their own loss slot), so which thread runs which
-// changes no result.
-template <typename F>
-void run_units_any_order(int64_t count, const F& fn) {
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), count);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t u = next.fetch_add(1); u < count; u = next.fetch_add(1)) fn(u);
-  });
 }
 
 }  // namespace

@@ -3,15 +3,15 @@
 // row layout (size, r_pad), r zero-padded to whole vectors.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
 namespace mf_ext {
-namespace {
 
 // One side of the problem: the rows (P, row_bias) or the cols (Q, col_bias).
 template <typename T>
@@ -114,5 +114,4 @@ void reduce_vectors(const T* parts, int64_t chunks, int64_t count, T* out) {
   });
 }
 
-}  // namespace
 }  // namespace mf_ext

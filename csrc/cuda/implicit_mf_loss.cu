@@ -11,7 +11,12 @@
 // (atomicMin); a one-thread kernel queued after the loss then, if there is one, sets the loss to
 // NaN and writes the position and the value into this device's weight report (pinned host
 // memory, index_report.cuh); the device's next call of this op raises it on the host.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers only (see setup.py)
+#include <ATen/core/Tensor.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>

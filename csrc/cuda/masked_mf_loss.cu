@@ -16,7 +16,9 @@
 //            per-row-group dQ partial.
 // A second pass of small kernels sums the partials in a fixed order. No atomics anywhere, so the
 // results are bitwise the same from run to run, and the extra memory is O(r·(m + n)), never m·n.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers only (see setup.py)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>

@@ -45,7 +45,11 @@
 // next step or one soon after; right away after torch.cuda.synchronize()), and the bad call's
 // own loss is NaN. mf_ext.check_observed_indices validates indices up front, with one sync
 // (a direct check, for data that did not come through MatrixFactorization's id maps).
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers only (see setup.py)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

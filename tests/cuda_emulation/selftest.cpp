@@ -1,10 +1,10 @@
 // Tiny kernels that check the emulator itself (tests/test_cuda_emulated.py, test_emulator_*):
 // correct exchanges for shuffles and barriers, and the errors it must report for bad kernels.
 // Written as CUDA code on top of cuda_emu.h, as the translated sources are.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
-
-#include <string>
+#include <string>  // (no blank line above: the tests name line numbers of this file)
 
 #include "cuda_emu.h"
 

@@ -362,7 +362,8 @@ def load(verbose=False):
     import torch
     from torch.utils.cpp_extension import load as cpp_load
 
-    flags = ["-O2", "-fno-strict-aliasing", f"-I{HERE}"]
+    # AT_PER_OPERATOR_HEADERS as setup.py: ATen/ATen.h is an error in the sources (light headers).
+    flags = ["-O2", "-fno-strict-aliasing", "-DAT_PER_OPERATOR_HEADERS", f"-I{HERE}"]
     ldflags = []
     if os.environ.get("MF_EXT_EMU_ASAN"):  # needs LD_PRELOAD of libasan and libstdc++ (README)
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
