@@ -21,7 +21,6 @@ ranks or a fit, is set up once). The workers' OpenMP threads sleep when idle ins
 
 import os
 import shutil
-import threading
 
 import pytest
 import torch
@@ -73,48 +72,6 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = [item for item in items if _runs(item)]
-    # Each module's emulated cases last (a stable sort): under xdist the controller builds the
-    # emulator meanwhile (pytest_xdist_node_collection_finished).
-    modules = {}
-    items.sort(key=lambda item: (modules.setdefault(item.module, len(modules)), _emulated(item)))
-
-
-def _emulated(item):
-    params = item.callspec.params if hasattr(item, "callspec") else {}
-    return params.get("backend") == "emulated" or "emu" in item.fixturenames
-
-
-_prebuild = None
-
-
-def _build_emulator():
-    """translate.load(): a cache miss builds the library under the cache's lock."""
-    try:
-        from torch.utils.cpp_extension import get_cxx_compiler
-        if shutil.which(get_cxx_compiler()):
-            from cuda_emulation import translate
-            translate.load()
-    except Exception:  # noqa: BLE001 (the emu fixture builds again, and reports the error)
-        pass
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_node_collection_finished(node, ids):
-    """xdist's controller runs no test: on a cold emulator cache it builds the emulator while the
-    workers run their other tests, instead of one worker building it as the other waits on
-    the lock (about a minute of one core idle on 2 cores). Not with a library or build folder of
-    one's own (MF_EXT_EMU_LIBRARY, _BUILD_DIR: no lock there) or AddressSanitizer's."""
-    global _prebuild
-    own_build = any(os.environ.get(f"MF_EXT_EMU_{name}")
-                    for name in ("LIBRARY", "BUILD_DIR", "ASAN"))
-    if _prebuild is None and not own_build and any("emulated" in nodeid for nodeid in ids):
-        _prebuild = threading.Thread(target=_build_emulator, daemon=True)
-        _prebuild.start()
-
-
-def pytest_sessionfinish(session):
-    if _prebuild is not None:
-        _prebuild.join()  # a build cut short would leave its scratch folder in the cache
 
 
 @pytest.fixture(autouse=True)
