@@ -33,7 +33,9 @@ PARITY_CASES = {
     "early_stopping": (dict(rank=16, epochs=400, lr=0.01, reg=0.02, validation_fraction=0.2,
                             patience=5, seed=1, dtype=torch.float64), dict(noise=0.8)),
 }
-MINIBATCH = dict(rank=4, epochs=30, lr=0.01, reg=0.01, batch_size=64, seed=0,
+# Few epochs at a larger step: every step is collectives, slow on a loaded machine (the RMSE
+# still falls from 0.92 to about 0.25, test_minibatches_learn's bound is 0.74).
+MINIBATCH = dict(rank=4, epochs=10, lr=0.03, reg=0.01, batch_size=64, seed=0,
                  dtype=torch.float64)
 
 

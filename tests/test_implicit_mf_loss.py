@@ -1,8 +1,8 @@
 """mf_ext.implicit_mf_loss (the all-cells, iALS loss) on the cpu and cuda backends against the
-dense float64 reference, its relation to observed_mf_loss, its layouts, autograd, compile and
-bad inputs. The CUDA emulator does not run this op (its CUDA kernel calls the observed op
-through the dispatcher under the mf_ext namespace, which the emulator does not translate), so the
-emulated cases are deselected."""
+dense float64 reference, its relation to observed_mf_loss, its layouts, autograd and bad inputs
+(torch.compile: tests/test_torch_compile.py). The CUDA emulator does not run this op (its CUDA
+kernel calls the observed op through the dispatcher under the mf_ext namespace, which the
+emulator does not translate), so the emulated cases are deselected."""
 
 from __future__ import annotations
 
@@ -157,31 +157,6 @@ def _opcheck_samples(device):
 @pytest.mark.parametrize("sample", range(6))
 def test_opcheck(backend, sample):
     torch.library.opcheck(OP, list(_opcheck_samples(backend.device))[sample])
-
-
-# inductor on the CPU compiles C++ for half a minute: CUDA only, to keep the suite fast
-@cases(lambda backend, compiler, **_: backend == "cuda" or backend == "cpu" and
-       compiler == "aot_eager")
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend, compiler):
-    torch._dynamo.reset()
-    args = problem(33, 21, 5, 600, F32, device=backend.device)
-    kwargs = dict(backend="aot_eager") if compiler == "aot_eager" else {}
-
-    @torch.compile(fullgraph=True, **kwargs)
-    def step(rows, cols, P, Q, values, weights, unobserved_weight, reduction):
-        return implicit_mf_loss(rows, cols, P, Q, values, weights, unobserved_weight,
-                                reduction) * 2
-
-    def eager(**a):
-        return implicit_mf_loss(**a) * 2
-
-    want = loss_and_grads(eager, args, 0.4, "mean")
-    tolerance = dict(rtol=0, atol=0) if compiler == "aot_eager" else dict(rtol=1e-5, atol=1e-6)
-    for _ in range(2):
-        got = loss_and_grads(step, args, 0.4, "mean")
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, **tolerance)
 
 
 def test_hu_koren_volinsky_confidence_form(backend):

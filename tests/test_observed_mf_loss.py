@@ -303,31 +303,6 @@ def test_opcheck(backend, sample):
     torch.library.opcheck(OP, list(_opcheck_samples(backend.device))[sample])
 
 
-@cases(lambda backend, compiler, **_: backend == "cuda" or backend == "cpu" and
-       compiler != "reduce-overhead")
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor", "reduce-overhead"])
-def test_torch_compile_fullgraph(backend, compiler):
-    """aot_eager (bitwise the eager result), inductor, and on CUDA CUDA graphs ("reduce-overhead":
-    the op runs under stream capture, where it skips its host-side index check; it records a
-    graph on a later call, then replays it)."""
-    torch._dynamo.reset()
-    args = random_triples(33, 21, 5, 600, F32, biases=True, weights=True, device=backend.device)
-    kwargs = dict(backend="aot_eager") if compiler == "aot_eager" else \
-        dict(mode="reduce-overhead" if compiler == "reduce-overhead" else None)
-
-    @torch.compile(fullgraph=True, **kwargs)
-    def step(rows, cols, values, P, Q, row_bias, col_bias, weights):
-        return observed_mf_loss(rows, cols, values, P, Q, row_bias, col_bias, weights, "mean") * 2
-
-    want = loss_and_grads(lambda reduction, **a: observed_mf_loss(**a, reduction=reduction) * 2,
-                          args, "mean")
-    tolerance = dict(rtol=0, atol=0) if compiler == "aot_eager" else dict(rtol=1e-5, atol=1e-6)
-    for _ in range(3):
-        got = loss_and_grads(lambda reduction, **a: step(**a), args)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, **tolerance)
-
-
 # ------------------------------------------------------------------------------------ errors
 
 ERRORS = [  # (overrides, exception, message regex)

@@ -311,29 +311,6 @@ def test_double_backward_is_refused():
         dP.sum().backward()
 
 
-# ------------------------------------------------------------------------ torch.compile
-
-def test_dense_path_still_compiles_fullgraph():
-    R, stored, P, Q = dense_problem(9, 7, 2)
-    compiled = torch.compile(masked_mf_loss, fullgraph=True, backend="eager")
-    P.requires_grad_(True)
-    loss = compiled(R, P, Q, reduction="mean")
-    (dP,) = torch.autograd.grad(loss, P)
-    (dP_eager,) = torch.autograd.grad(masked_mf_loss(R, P, Q, reduction="mean"), P)
-    torch.testing.assert_close(dP, dP_eager, rtol=0, atol=0)
-
-
-def test_sparse_R_under_torch_compile():
-    """Dynamo refuses sparse tensors (torch 2.14): fullgraph=True raises torch's own error;
-    without fullgraph the call runs eagerly and gives the eager result."""
-    R, stored, P, Q = dense_problem(9, 7, 2)
-    Rs = sparse_R(R, stored, "csr")
-    with pytest.raises(Exception, match="sparse"):
-        torch.compile(masked_mf_loss, fullgraph=True, backend="eager")(Rs, P, Q)
-    got = torch.compile(masked_mf_loss, backend="eager")(Rs, P, Q, reduction="mean")
-    assert torch.equal(got, masked_mf_loss(Rs, P, Q, reduction="mean"))
-
-
 # ------------------------------------------------------------------------ bad input
 
 def _ok():
