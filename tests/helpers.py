@@ -324,3 +324,82 @@ def assert_equal(a_list, b_list, what=""):
     """Bitwise equal results (None where both are None)."""
     for i, (a, b) in enumerate(zip(a_list, b_list)):
         assert (a is None and b is None) or torch.equal(a, b), f"{what} output {i}"
+
+
+# The implicit op's problems (tests/test_implicit_mf_loss.py, tests/test_torch_compile.py)
+
+IMPLICIT_FLOATS = ("P", "Q", "values", "weights")
+
+
+def implicit_problem(m, n, r, nnz, dtype=torch.float64, seed=0, values=True, weights=True,
+                     device="cpu", index_dtype=torch.int64, skip_rows=1, skip_cols=1):
+    """Random triples (with duplicates when nnz is large), P (r, m), Q (r, n), values in [1, 5),
+    weights in [0.5, 1.5) (or None). skip_rows / skip_cols > 1: only every such row / column
+    has triples (the others are empty)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, max(-(-m // skip_rows), 1), (nnz,), generator=g) * skip_rows
+    cols = torch.randint(0, max(-(-n // skip_cols), 1), (nnz,), generator=g) * skip_cols
+    floats = dict(P=torch.rand(r, m, generator=g, dtype=torch.float64) - 0.3,
+                  Q=torch.rand(r, n, generator=g, dtype=torch.float64) - 0.3,
+                  values=(torch.rand(nnz, generator=g, dtype=torch.float64) * 4 + 1
+                          if values else None),
+                  weights=(torch.rand(nnz, generator=g, dtype=torch.float64) + 0.5
+                           if weights else None))
+    args = dict(rows=rows.to(index_dtype).to(device), cols=cols.to(index_dtype).to(device))
+    args.update({k: None if v is None else v.to(dtype).to(device) for k, v in floats.items()})
+    return args
+
+
+def implicit_loss_and_grads(fn, args, alpha=1.0, reduction="sum"):
+    """fn's loss and the gradients of the floats that are present (None for the others)."""
+    args = {k: v.detach().requires_grad_(k in IMPLICIT_FLOATS) if v is not None else v
+            for k, v in args.items()}
+    loss = fn(**args, unobserved_weight=alpha, reduction=reduction)
+    present = [k for k in IMPLICIT_FLOATS if args[k] is not None]
+    grads = dict(zip(present, torch.autograd.grad(loss, [args[k] for k in present])))
+    return [loss.detach(), *(grads.get(k) for k in IMPLICIT_FLOATS)]
+
+
+# A sparse R and its dense twin (tests/test_sparse_R.py, tests/test_torch_compile.py)
+
+def dense_problem(m, n, r, dtype=torch.float64, seed=0, observed=0.5, stored_zeros=0.15,
+                  device="cpu"):
+    """R (m, n) with about `observed` non-zero entries, row 1 and column 2 empty (where they
+    exist); `stored` (m, n) bool: the non-zeros plus about `stored_zeros` explicit zeros;
+    P (r, m), Q (r, n)."""
+    g = torch.Generator().manual_seed(seed)
+    R = (torch.rand(m, n, generator=g, dtype=torch.float64) * 4 + 1)
+    R = R * (torch.rand(m, n, generator=g) < observed)
+    if m > 1:
+        R[1] = 0
+    if n > 2:
+        R[:, 2] = 0
+    stored = (R != 0) | (torch.rand(m, n, generator=g) < stored_zeros)
+    P = torch.rand(r, m, generator=g, dtype=torch.float64)
+    Q = torch.rand(r, n, generator=g, dtype=torch.float64)
+    return (R.to(dtype=dtype, device=device), stored.to(device), P.to(dtype=dtype, device=device),
+            Q.to(dtype=dtype, device=device))
+
+
+def sparse_R(R, stored, layout, seed=0):
+    """R's entries at `stored` (explicit zeros included) as a sparse tensor of `layout`.
+    "coo_uncoalesced": each entry split in two duplicates (a quarter and the rest, so their
+    sum is exact), in a shuffled order."""
+    indices = stored.nonzero().t()
+    values = R[stored]
+    coo = torch.sparse_coo_tensor(indices, values, R.shape).coalesce()
+    assert coo.values().numel() == int(stored.sum())  # explicit zeros really stored
+    if layout == "coo":
+        return coo
+    if layout == "csr":
+        return coo.to_sparse_csr()
+    if layout == "csc":
+        return coo.to_sparse_csc()
+    assert layout == "coo_uncoalesced"
+    quarter = values * 0.25
+    order = torch.randperm(2 * values.numel(), generator=torch.Generator().manual_seed(seed))
+    both_indices = torch.cat([indices, indices], 1)[:, order.to(indices.device)]
+    both_values = torch.cat([quarter, values - quarter])[order.to(values.device)]
+    unc = torch.sparse_coo_tensor(both_indices, both_values, R.shape)
+    assert not unc.is_coalesced() or not values.numel()
+    return unc

@@ -1,7 +1,7 @@
 """The ops' backward scales the gradients saved by the forward pass by the loss's incoming
 gradient. In plain eager autograd with the graph not kept it does so in place and hands that
 tensor on (no copy: mf_ext/ops.py _may_scale_saved_in_place); a kept graph must still give the
-same gradients on every backward, and torch.compile the same values."""
+same gradients on every backward. (Under torch.compile: tests/test_torch_compile.py.)"""
 
 import pytest
 import torch
@@ -64,15 +64,3 @@ def test_a_freed_graph_hands_on_the_saved_gradients_scaled(op):
     for leaf, g, u in zip(leaves, grads_of(loss, leaves, 0.5), unscaled):
         assert torch.equal(g, 0.5 * u)
         assert leaf.grad.data_ptr() in saved, "the leaf got a copy of the op's gradient"
-
-
-@pytest.mark.parametrize("op", OPS)
-def test_compiled_backward_scales_as_eager(op):
-    loss_fn, leaves = OPS[op]()
-    eager = grads_of(loss_fn(), leaves, 2.5)
-    compiled = torch.compile(lambda: 2.5 * loss_fn(), backend="aot_eager", fullgraph=True)
-    for leaf in leaves:
-        leaf.grad = None
-    compiled().backward()
-    for leaf, g in zip(leaves, eager):
-        torch.testing.assert_close(leaf.grad, g, rtol=1e-14, atol=0)

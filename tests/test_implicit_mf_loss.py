@@ -9,41 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import IMPLICIT_FLOATS as FLOATS
 from helpers import assert_equal, cases, sliced, stepped, transposed
+from helpers import implicit_loss_and_grads as loss_and_grads
+from helpers import implicit_problem as problem
 from mf_ext import implicit_mf_loss, implicit_mf_loss_reference, observed_mf_loss
 
 F64, F32 = torch.float64, torch.float32
 OP = torch.ops.mf_ext.implicit_mf_loss_and_grads.default
-FLOATS = ("P", "Q", "values", "weights")
 # (a test's own `cases` marker replaces this one: it must leave "emulated" out too)
 pytestmark = cases(lambda backend=None, **_: backend != "emulated")
-
-
-def problem(m, n, r, nnz, dtype=F64, seed=0, values=True, weights=True, device="cpu",
-            index_dtype=torch.int64, skip_rows=1, skip_cols=1):
-    """Random triples (with duplicates when nnz is large), P (r, m), Q (r, n), values in [1, 5),
-    weights in [0.5, 1.5) (or None). skip_rows / skip_cols > 1: only every such row / column
-    has triples (the others are empty)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randint(0, max(-(-m // skip_rows), 1), (nnz,), generator=g) * skip_rows
-    cols = torch.randint(0, max(-(-n // skip_cols), 1), (nnz,), generator=g) * skip_cols
-    floats = dict(P=torch.rand(r, m, generator=g, dtype=F64) - 0.3,
-                  Q=torch.rand(r, n, generator=g, dtype=F64) - 0.3,
-                  values=torch.rand(nnz, generator=g, dtype=F64) * 4 + 1 if values else None,
-                  weights=torch.rand(nnz, generator=g, dtype=F64) + 0.5 if weights else None)
-    args = dict(rows=rows.to(index_dtype).to(device), cols=cols.to(index_dtype).to(device))
-    args.update({k: None if v is None else v.to(dtype).to(device) for k, v in floats.items()})
-    return args
-
-
-def loss_and_grads(fn, args, alpha=1.0, reduction="sum"):
-    """fn's loss and the gradients of the floats that are present (None for the others)."""
-    args = {k: v.detach().requires_grad_(k in FLOATS) if v is not None else v
-            for k, v in args.items()}
-    loss = fn(**args, unobserved_weight=alpha, reduction=reduction)
-    present = [k for k in FLOATS if args[k] is not None]
-    grads = dict(zip(present, torch.autograd.grad(loss, [args[k] for k in present])))
-    return [loss.detach(), *(grads.get(k) for k in FLOATS)]
 
 
 def assert_matches_reference(args, alpha, reduction):

@@ -10,7 +10,7 @@ import torch
 import mf_ext.ranking as ranking
 from mf_ext import MatrixFactorization
 from mf_ext.ranking import top_k
-from test_model import synthetic
+from helpers import synthetic_ratings as synthetic
 
 
 @pytest.fixture(scope="module")

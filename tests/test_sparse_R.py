@@ -7,7 +7,7 @@ both on R.to_dense().
 import pytest
 import torch
 
-from helpers import assert_close_to_reference
+from helpers import assert_close_to_reference, dense_problem, sparse_R
 from mf_ext import masked_mf_loss, observed_mf_loss
 from mf_ext.reference import masked_mf_loss_reference
 
@@ -25,49 +25,6 @@ SHAPES = [  # (m, n, r)
 
 
 # ------------------------------------------------------------------------ problems
-
-def dense_problem(m, n, r, dtype=torch.float64, seed=0, observed=0.5, stored_zeros=0.15,
-                  device="cpu"):
-    """R (m, n) with about `observed` non-zero entries, row 1 and column 2 empty (where they
-    exist); `stored` (m, n) bool: the non-zeros plus about `stored_zeros` explicit zeros;
-    P (r, m), Q (r, n)."""
-    g = torch.Generator().manual_seed(seed)
-    R = (torch.rand(m, n, generator=g, dtype=torch.float64) * 4 + 1)
-    R = R * (torch.rand(m, n, generator=g) < observed)
-    if m > 1:
-        R[1] = 0
-    if n > 2:
-        R[:, 2] = 0
-    stored = (R != 0) | (torch.rand(m, n, generator=g) < stored_zeros)
-    P = torch.rand(r, m, generator=g, dtype=torch.float64)
-    Q = torch.rand(r, n, generator=g, dtype=torch.float64)
-    return (R.to(dtype=dtype, device=device), stored.to(device), P.to(dtype=dtype, device=device),
-            Q.to(dtype=dtype, device=device))
-
-
-def sparse_R(R, stored, layout, seed=0):
-    """R's entries at `stored` (explicit zeros included) as a sparse tensor of `layout`.
-    "coo_uncoalesced": each entry split in two duplicates (a quarter and the rest, so their
-    sum is exact), in a shuffled order."""
-    indices = stored.nonzero().t()
-    values = R[stored]
-    coo = torch.sparse_coo_tensor(indices, values, R.shape).coalesce()
-    assert coo.values().numel() == int(stored.sum())  # explicit zeros really stored
-    if layout == "coo":
-        return coo
-    if layout == "csr":
-        return coo.to_sparse_csr()
-    if layout == "csc":
-        return coo.to_sparse_csc()
-    assert layout == "coo_uncoalesced"
-    quarter = values * 0.25
-    order = torch.randperm(2 * values.numel(), generator=torch.Generator().manual_seed(seed))
-    both_indices = torch.cat([indices, indices], 1)[:, order.to(indices.device)]
-    both_values = torch.cat([quarter, values - quarter])[order.to(values.device)]
-    unc = torch.sparse_coo_tensor(both_indices, both_values, R.shape)
-    assert not unc.is_coalesced() or not values.numel()
-    return unc
-
 
 def loss_and_grads(fn, R, P, Q, reduction="sum", flags=(True, True, True)):
     """fn's loss and the gradients w.r.t. (R, P, Q) that `flags` ask for (None for the others);

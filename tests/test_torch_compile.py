@@ -10,11 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import cases, loss_and_grads, random_problem, random_triples
+from helpers import (cases, dense_problem, implicit_loss_and_grads, implicit_problem,
+                     loss_and_grads, random_problem, random_triples, sparse_R)
 from mf_ext import implicit_mf_loss, masked_mf_loss, observed_mf_loss
-from test_implicit_mf_loss import loss_and_grads as implicit_loss_and_grads
-from test_implicit_mf_loss import problem as implicit_problem
-from test_sparse_R import dense_problem, sparse_R
 
 F64, F32 = torch.float64, torch.float32
 # test_sparse_R.py's filters: its sparse tensors warn that sparse CSR support is in beta
@@ -138,3 +136,28 @@ def test_sparse_R_under_torch_compile():
         torch.compile(masked_mf_loss, fullgraph=True, backend="eager")(Rs, P, Q)
     got = torch.compile(masked_mf_loss, backend="eager")(Rs, P, Q, reduction="mean")
     assert torch.equal(got, masked_mf_loss(Rs, P, Q, reduction="mean"))
+
+
+# ------------------------------------------------------------------------ backward scaling
+
+def test_compiled_backward_scales_the_saved_gradients_as_eager():
+    """Eager backward scales the saved gradients in place (mf_ext/ops.py
+    _may_scale_saved_in_place); a traced backward must scale them all the same."""
+    dense = random_problem(13, 11, 3, seed=1)
+    triples = random_triples(9, 7, 3, 40, seed=2)
+    runs = {
+        "masked": (lambda P, Q: masked_mf_loss(dense["R"], P, Q), dense),
+        "observed": (lambda P, Q: observed_mf_loss(triples["rows"], triples["cols"],
+                                                   triples["values"], P, Q), triples),
+        "implicit": (lambda P, Q: implicit_mf_loss(triples["rows"], triples["cols"], P, Q,
+                                                   triples["values"], unobserved_weight=0.3),
+                     triples),
+    }
+    for name, (fn, args) in runs.items():
+        grads = []
+        for run in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+            P, Q = (args[k].detach().requires_grad_() for k in "PQ")
+            (2.5 * run(P, Q)).backward()
+            grads.append((P.grad, Q.grad))
+        for eager, compiled in zip(*grads):
+            torch.testing.assert_close(compiled, eager, rtol=1e-14, atol=0, msg=name)

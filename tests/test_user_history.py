@@ -12,7 +12,7 @@ from mf_ext.model import (REFERENCE_RATINGS_PER_ITEM, REG_AT_REFERENCE, REG_EXPO
                           default_reg)
 from mf_ext.user_history import UserHistory
 
-from test_model import synthetic
+from helpers import synthetic_ratings as synthetic
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
