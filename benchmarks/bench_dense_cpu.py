@@ -22,13 +22,13 @@ import argparse
 import shlex
 import statistics
 import sys
-import time
 
 import torch
 from torch.utils.benchmark import Timer
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import fix_mmap_threshold, machine_line, peak_rss_delta  # noqa: E402
+from common import (alternating_ms, fix_mmap_threshold, machine_line,  # noqa: E402
+                    peak_rss_delta)
 
 import mf_ext  # noqa: E402
 from mf_ext.ops import _dense_partition  # noqa: E402
@@ -175,16 +175,9 @@ def compare_layouts(args) -> None:
     for m, r, dtype_name in table_rows(args):
         dtype = getattr(torch, dtype_name)
         problems = {layout: make_problem(m, r, dtype, layout=layout) for layout in layouts}
-        wall = {layout: [] for layout in layouts}
-        cpu = {layout: [] for layout in layouts}
-        for layout in layouts:  # warm-up
-            forward_backward(fused, *problems[layout], layout)
-        for call in range(args.calls):
-            for layout in layouts[::-1] if call % 2 else layouts:
-                start, start_cpu = time.perf_counter(), time.process_time()
-                forward_backward(fused, *problems[layout], layout)
-                cpu[layout].append((time.process_time() - start_cpu) * 1e3)
-                wall[layout].append((time.perf_counter() - start) * 1e3)
+        wall, cpu = alternating_ms(
+            {layout: (lambda layout=layout: forward_backward(fused, *problems[layout], layout))
+             for layout in layouts}, args.calls, warmup=1)
         ms = {layout: statistics.median(t) for layout, t in wall.items()}
         cpu_ms = {layout: statistics.median(t) for layout, t in cpu.items()}
         R, P, Q = problems["rm"]

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_dense_cpu import forward_backward, make_problem  # noqa: E402
-from common import machine_line  # noqa: E402
+from common import alternating_ms, machine_line  # noqa: E402
 
 import mf_ext  # noqa: E402
 from mf_ext.reference import masked_mf_loss_reference  # noqa: E402
@@ -42,15 +41,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in (int(x) for x in args.ranks.split(",")):
         R, P, Q = make_problem(args.size, r, getattr(torch, args.dtype))
-        for fn in methods.values():  # warm-up, compilation included
-            for _ in range(2):
-                forward_backward(fn, R, P, Q)
-        ms = {name: [] for name in methods}
-        for _ in range(args.reps):
-            for name, fn in methods.items():
-                start = time.perf_counter()
-                forward_backward(fn, R, P, Q)
-                ms[name].append((time.perf_counter() - start) * 1e3)
+        ms, _ = alternating_ms({name: (lambda fn=fn: forward_backward(fn, R, P, Q))
+                                for name, fn in methods.items()}, args.reps)
         med = {name: statistics.median(v) for name, v in ms.items()}
         pairs = statistics.median(c / f for f, c in zip(ms["fused"], ms["compiled"]))
         print(f"| {args.size}² | {args.dtype} | {r} | {med['fused']:.2f} ({min(ms['fused']):.2f}) "

@@ -8,6 +8,7 @@ import gc
 import os
 import platform
 import statistics
+import time
 
 import torch
 
@@ -80,3 +81,23 @@ def peak_rss_delta(fn) -> float:
     before = _status_kib("VmRSS")
     fn()
     return (_status_kib("VmHWM") - before) / 1024
+
+
+def alternating_ms(fns: dict, calls: int, warmup: int = 2):
+    """Times each of `fns` (name: no-argument callable) `calls` times, calling them in
+    alternation, the order reversed every other round, so that all see the same moments of a
+    shared machine's load. Returns per name the lists of wall-clock and of process CPU times
+    (ms, all threads), in call order (warm-up calls, compilation included, not counted)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    names = list(fns)
+    for call in range(calls):
+        for name in names[::-1] if call % 2 else names:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fns[name]()
+            cpu[name].append((time.process_time() - start_cpu) * 1e3)
+            wall[name].append((time.perf_counter() - start) * 1e3)
+    return wall, cpu
