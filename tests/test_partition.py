@@ -178,16 +178,18 @@ def test_observed_path_variable(monkeypatch):
 
 
 # The dense op. Its kernel picks a unit kernel ("path") by rank and shape: rowwise for small
-# ranks, tiled (BLAS GEMMs on tiles of at most 128 x 256 cells) from r = 16 (float32) / 32
-# (float64) when both sides are at least 256; MF_EXT_DENSE_PATH forces one. Each case below names
-# the path it must reach, and whether it gets there by itself or forced. Shapes: rowwise cuts
-# columns into groups of 256 and rows into up to 4 lanes of those; the tiled shape's units
-# (150 x 550, either way round) end tiles of 128 rows and 256 columns part-way.
+# ranks, tiled (BLAS GEMMs on tiles) from r = 16 (float32) / 32 (float64) when both sides are at
+# least 256; MF_EXT_DENSE_PATH forces one. Each case below names the path it must reach, and
+# whether it gets there by itself or forced. Shapes: rowwise cuts columns into groups of 256 and
+# rows into up to 4 lanes of those. Tiled units are at least 128 x 128 cells (256 x 256 from
+# r = 256), cut into equal tiles of at most 128 (256) rows and 256 columns: the "tiled" units,
+# 150 x 550 either way round, take 2 x 3 tiles, the "tiled-wide" ones, 300 x 550, too.
 DENSE_CASES = {  # id: (m, n, r, path, forced)
     "rowwise": (520, 600, 7, "rowwise", False),
     "rowwise-forced": (520, 600, 40, "rowwise", True),
     "tiled": (300, 1100, 40, "tiled", False),
     "tiled-forced": (300, 1100, 7, "tiled", True),
+    "tiled-wide": (600, 1100, 256, "tiled", False),
 }
 # (reduction, explicit mask, grad_R)
 DENSE_VARIANTS = {"sum": ("sum", False, True), "mean-mask": ("mean", True, True),
@@ -221,6 +223,9 @@ def dense_case(case, dtype, layout, mask, monkeypatch, seed=3):
     assert part["concurrent"] >= 2, part
     assert len(part["tasks"]) == part["row_groups"] * part["col_groups"]
     assert sum(part["tasks"]) == R.numel() and max(part["tasks"]) <= 1.5 * min(part["tasks"])
+    if path == "tiled":  # units of at least 128 x 128 cells, 256 x 256 from r = 256
+        side = 256 if r >= 256 else 128
+        assert all(min(i1 - i0, j1 - j0) >= side for i0, i1, j0, j1 in part["task_ranges"])
     covered = torch.zeros(R.shape, dtype=torch.int64)
     for i0, i1, j0, j1 in part["task_ranges"]:
         covered[i0:i1, j0:j1] += 1
@@ -286,20 +291,21 @@ def test_dense_path_threads_beyond_the_core_count(monkeypatch):
                 assert torch.equal(a, b), f"{case} {name}: thread counts differ"
 
 
-@pytest.mark.parametrize("dtype,r,path", [
-    (torch.float32, 8, "rowwise"), (torch.float32, 256, "tiled"),
-    (torch.float64, 8, "rowwise"), (torch.float64, 128, "tiled")])
-def test_dense_partition_has_work_for_many_threads(dtype, r, path, monkeypatch):
-    """A 4096 x 4096 problem: at least 256 balanced units whichever path runs, and enough of
-    them able to run at once for 64 threads (rowwise) or 32 (tiled, whose units are at least
-    128 x 128 so that each GEMM stays efficient)."""
+@pytest.mark.parametrize("dtype,r,path,at_once", [
+    (torch.float32, 8, "rowwise", 64), (torch.float32, 128, "tiled", 32),
+    (torch.float32, 256, "tiled", 16), (torch.float64, 8, "rowwise", 64),
+    (torch.float64, 128, "tiled", 32)])
+def test_dense_partition_has_work_for_many_threads(dtype, r, path, at_once, monkeypatch):
+    """A 4096 x 4096 problem: at least 256 balanced units whichever path runs, and as many of
+    them able to run at once as the path allows: 64 rowwise; tiled, whose units are at least
+    128 x 128 so that each GEMM stays efficient, 32, and 16 from r = 256 (units of 256 x 256)."""
     monkeypatch.delenv("MF_EXT_DENSE_PATH", raising=False)
     R = torch.empty(4096, 4096, dtype=dtype)
     P, Q = torch.empty(r, 4096, dtype=dtype), torch.empty(r, 4096, dtype=dtype)
     part = _dense_partition(R, P, Q)
     assert part["path"] == path
     assert len(part["tasks"]) >= 256 and max(part["tasks"]) <= 1.05 * min(part["tasks"]), part
-    assert part["concurrent"] >= (64 if path == "rowwise" else 32), part
+    assert part["concurrent"] == at_once, part
 
 
 def test_dense_path_variable_is_checked(monkeypatch):

@@ -19,17 +19,18 @@
 //   while the unit's rows pass over them, four rows at a time. Per rows and tile:
 //     pass 1: pred = p_iᵀ Q[:, tile], e = (R − pred)·observed, the loss and grad_R;
 //     pass 2: dP[:, i] += Q[:, tile]·e and dQ[:, tile] += p_i eᵀ (scaled by −2 at the end).
-// - tiled, for larger ranks, where it is bound by arithmetic: each tile of at most 128 × 256
-//   cells goes through three single-threaded BLAS GEMMs and one elementwise pass in cache
-//   (csrc/cpu/masked_mf_loss_tiled.h).
+// - tiled, for larger ranks, where it is bound by arithmetic: units of at least 128 × 128 cells
+//   (256 × 256 from rank 256, where bigger GEMMs pay most: benchmarks/results/dense_cpu.md), each
+//   cut into equal tiles of at most that many rows and 256 columns; each tile goes through three
+//   single-threaded BLAS GEMMs and one elementwise pass in cache (csrc/cpu/masked_mf_loss_tiled.h).
 // Layouts. P and Q are read in place as (r, m) / (r, n) tensors or as the .T of (m, r) / (n, r)
 // tables (nn.Embedding weights); grad_P / grad_Q take the table layout when P / Q has it, so
 // autograd hands the table a gradient it keeps, with no copy (allocate_masked_outputs).
 // Extra memory besides the outputs: rowwise, a zero-padded copy of Q and K dQ accumulators,
 // (1 + K)·r·n_pad ≤ 5·r·n_pad values (n_pad: n rounded up to 64 float32 / 32 float64 columns),
 // plus 4·(r + 256) values per thread (P is read with any strides); tiled, copies of P and Q
-// only when neither layout holds (r·(m + n) values) plus one 128 × 256 tile buffer per thread
-// (128 KiB float32). Both: K·G² ≤ 4096 loss partials and as many flags.
+// only when neither layout holds (r·(m + n) values) plus one tile buffer per thread (at most
+// 256 × 256 values: 256 KiB float32, 512 KiB float64). Both: K·G² ≤ 4096 loss partials and as many flags.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers only (see setup.py)
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -59,7 +60,9 @@ constexpr int64_t kMaxGroups = 64;         // G (tiled): enough units for 64 thr
 constexpr int64_t kMaxRowwiseGroups = 16;  // G (rowwise), times
 constexpr int64_t kMaxLanes = 4;           // K lanes: 64 row groups
 constexpr int64_t kRowwiseMinRows = 32;    // rows of a rowwise unit, at least (where m allows)
-constexpr int64_t kTiledMinSide = 128;     // rows and columns of a tiled unit, at least
+constexpr int64_t kTiledMinSide = 128;     // rows and columns of a tiled unit, at least,
+constexpr int64_t kTiledWideSide = 256;    // and from this rank on (fewer units at once,
+constexpr int64_t kTiledWideMinRank = 256;  // but GEMMs of twice the size: 10-20 % faster)
 // The rowwise path below these ranks, tiled from them on (measured: benchmarks/results/dense_cpu.md).
 constexpr int64_t kTiledMinRankFloat = 16;
 constexpr int64_t kTiledMinRankDouble = 32;
@@ -99,6 +102,7 @@ struct DensePlan {
   int64_t n_pad;
   int64_t groups;  // G: column groups; rows are cut into lanes · G groups
   int64_t lanes;   // K: each lane of G row groups has its own dQ accumulator (tiled: K = 1)
+  int64_t side;    // tiled: the least side of a unit, and the most rows of a tile
 };
 
 inline const char* forced_dense_path() {
@@ -119,15 +123,16 @@ DensePlan plan_dense(int64_t m, int64_t n, int64_t r) {
                             : r >= min_rank && std::min(m, n) >= 2 * kTiledMinSide &&
                                   blas::has_gemm<T>(std::max({m, n, r}));
   if (tiled) {
-    return {DensePath::Tiled, n,
-            std::clamp<int64_t>(std::min(m, n) / kTiledMinSide, 1, kMaxGroups), 1};
+    const int64_t side = r >= kTiledWideMinRank ? kTiledWideSide : kTiledMinSide;
+    return {DensePath::Tiled, n, std::clamp<int64_t>(std::min(m, n) / side, 1, kMaxGroups), 1,
+            side};
   }
   // Rowwise: column groups of at least kTileCols (narrower ones spend more on the per-row
   // sums of dP than on the cells), then as many lanes as give every row group kRowwiseMinRows.
   const int64_t n_pad = (n + kBlock - 1) / kBlock * kBlock;
   const int64_t groups = std::clamp<int64_t>(n_pad / kTileCols, 1, kMaxRowwiseGroups);
   const int64_t lanes = std::clamp<int64_t>(m / (kRowwiseMinRows * groups), 1, kMaxLanes);
-  return {DensePath::Rowwise, n_pad, groups, lanes};
+  return {DensePath::Rowwise, n_pad, groups, lanes, 0};
 }
 
 // Unit (a, b)'s rows [i0, i1) and columns [j0, j1) (rowwise: padded columns).
@@ -274,7 +279,7 @@ template <typename T, bool kGradP, bool kGradQ>
 MF_EXT_INLINE void run_task(const DenseProblem<T>& pb, int64_t a, int64_t b,
                             RowwiseScratch<T>& scratch, TaskResult& result) {
   constexpr int kRows = RowwiseScratch<T>::kRows;
-  const DensePlan plan{DensePath::Rowwise, pb.n_pad, pb.groups, pb.lanes};
+  const DensePlan plan{DensePath::Rowwise, pb.n_pad, pb.groups, pb.lanes, 0};
   const auto [i0, i1, j0, j1] = task_cells<T>(pb.m, plan, a, b);
   T* dQ = kGradQ ? pb.dQ + (a / pb.groups) * pb.r * pb.n_pad : nullptr;  // this lane's
   T* p = scratch.p.data();
@@ -483,15 +488,17 @@ double tiled_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
   pb.Q = factor_view<T>(Q, Q_copy);
   if (grad_P.defined() && r > 0) pb.dP = gradient_view<T>(grad_P);  // zeroed
   if (grad_Q.defined() && r > 0) pb.dQ = gradient_view<T>(grad_Q);
+  pb.tile_side = plan.side;
 
   const int64_t G = plan.groups;
   std::vector<TaskResult> results(G * G);
   struct Scratch {
-    std::vector<T> E = std::vector<T>(kTiledRows * kTiledCols);
+    explicit Scratch(int64_t tile_rows) : E(tile_rows * kTiledCols) {}
+    std::vector<T> E;
     blas::OneThread one_thread;  // every GEMM of a unit on one thread, whatever the caller's count
   };
   run_units(
-      G, 1, [&] { return std::make_unique<Scratch>(); },
+      G, 1, [&] { return std::make_unique<Scratch>(plan.side); },
       [&](int64_t a, int64_t b, std::unique_ptr<Scratch>& scratch) {
         run_unit_any(pb, task_cells<T>(m, plan, a, b), scratch->E.data(), results[a * G + b]);
       });

@@ -1,6 +1,6 @@
 // The tiled unit of the dense CPU kernel (csrc/cpu/masked_mf_loss.cpp), for ranks where the op
-// is bound by arithmetic: each tile of R (at most kTiledRows × kTiledCols cells) goes through
-// three single-threaded GEMMs and one elementwise pass, all in cache:
+// is bound by arithmetic: each tile of R (at most tile_side × kTiledCols cells, tile_side = 128
+// or 256 by rank) goes through three single-threaded GEMMs and one elementwise pass, in cache:
 //   S   = P_Iᵀ Q_J                    (the prediction tile, written into the tile buffer)
 //   E   = (R_IJ − S) · observed_IJ     (in place; the loss, the count and grad_R = 2E from it)
 //   dP_I += −2 Q_J E_IJᵀ,  dQ_J += −2 P_I E_IJ   (straight into grad_P and grad_Q)
@@ -18,8 +18,7 @@
 
 namespace mf_ext {
 
-constexpr int64_t kTiledRows = 128;  // a tile buffer: 128 × 256 values (128 KiB float32)
-constexpr int64_t kTiledCols = 256;
+constexpr int64_t kTiledCols = 256;  // columns of a tile, at most; rows: TiledProblem::tile_side
 
 // R (m, n) with any strides; P (r, m), Q (r, n) and their gradients (dP.p, dQ.p nullptr: not
 // wanted) as BLAS views of either layout; each unit (rows [i0, i1), columns [j0, j1)) adds its
@@ -35,6 +34,7 @@ struct TiledProblem {
   int64_t G_s0, G_s1;
   blas::Matrix<const T> P, Q;  // (r, m), (r, n)
   blas::Matrix<T> dP, dQ;      // (r, m), (r, n)
+  int64_t tile_side;           // rows of a tile, at most (the tile buffer: tile_side × kTiledCols)
 };
 
 // E (rows × cols, row-major) holds S on entry and the masked error on exit; returns through
@@ -85,16 +85,23 @@ MF_EXT_INLINE void error_tile(const TiledProblem<T>& pb, int64_t ti, int64_t tj,
   }
 }
 
-// One unit: rows [i0, i1) × columns [j0, j1), tile by tile. E: a kTiledRows × kTiledCols buffer.
+// The number of tiles of at most `side` that cut `length` into equal parts (no thin last tile).
+inline int64_t tile_count(int64_t length, int64_t side) { return (length + side - 1) / side; }
+
+// One unit: rows [i0, i1) × columns [j0, j1), in equal tiles. E: a tile_side × kTiledCols buffer.
 template <typename T>
 MF_EXT_INLINE void run_tiled_unit(const TiledProblem<T>& pb, int64_t i0, int64_t i1, int64_t j0,
                                   int64_t j1, T* E, double& loss, int64_t& count) {
   const int64_t r = pb.r;
-  for (int64_t ti = i0; ti < i1; ti += kTiledRows) {
-    const int64_t rows = std::min(kTiledRows, i1 - ti);
+  const int64_t row_tiles = tile_count(i1 - i0, pb.tile_side);
+  const int64_t col_tiles = tile_count(j1 - j0, kTiledCols);
+  for (int64_t it = 0; it < row_tiles; ++it) {
+    const int64_t ti = i0 + (i1 - i0) * it / row_tiles;
+    const int64_t rows = i0 + (i1 - i0) * (it + 1) / row_tiles - ti;
     const blas::Matrix<const T> P_I = pb.P.from(0, ti);
-    for (int64_t tj = j0; tj < j1; tj += kTiledCols) {
-      const int64_t cols = std::min(kTiledCols, j1 - tj);
+    for (int64_t jt = 0; jt < col_tiles; ++jt) {
+      const int64_t tj = j0 + (j1 - j0) * jt / col_tiles;
+      const int64_t cols = j0 + (j1 - j0) * (jt + 1) / col_tiles - tj;
       const blas::Matrix<const T> Q_J = pb.Q.from(0, tj);
       const blas::Matrix<T> E_IJ{E, cols, true};  // rows × cols, row-major
       blas::gemm<T>(rows, cols, r, 1, P_I.t(), Q_J, 0, E_IJ);
