@@ -283,7 +283,7 @@ def test_dense_paths_propagate_nan_and_inf(case, monkeypatch):
 
 def test_dense_path_threads_beyond_the_core_count(monkeypatch):
     """More threads than units of a round, and than cores: the same bits."""
-    for case in ("rowwise", "tiled"):
+    for case in ("rowwise", "tiled", "tiled-wide"):
         R, P, Q, M = dense_case(case, torch.float32, "row-major", True, monkeypatch)
         runs = [run_dense(R, P, Q, M, "mean", True, threads) for threads in (1, 3, 8)]
         for run in runs[1:]:
