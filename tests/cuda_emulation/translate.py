@@ -368,7 +368,9 @@ def load(verbose=False):
     if os.environ.get("MF_EXT_EMU_ASAN"):  # needs LD_PRELOAD of libasan and libstdc++ (README)
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
         ldflags += ["-fsanitize=address"]
-    name = f"mf_ext_cuda_emu_{hashlib.sha1(' '.join(flags).encode()).hexdigest()[:8]}"
+    # Named without the clone's path (in -I), as cache_key does, so that clones share the build.
+    flags_text = " ".join(flags).replace(str(REPO), "<repo>")
+    name = f"mf_ext_cuda_emu_{hashlib.sha1(flags_text.encode()).hexdigest()[:8]}"
 
     def build(out_dir, sources):
         cpp_load(name=name, sources=[str(p) for p in sources], extra_cflags=flags,
