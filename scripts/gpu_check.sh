@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with an NVIDIA GPU where torch, pytest and nvcc are preinstalled
 # and nothing can be downloaded: builds the extension in place (CUDA kernels included), runs the
-# CUDA tests, the GPU benchmarks (dense, observed entries, implicit) and then the rest of the
-# test suite. Logs and result tables go to OUTDIR (8 files). Each step has its own timeout, cut to
-# what is left of an overall budget (MF_EXT_GPU_CHECK_BUDGET_S, default 470 s), so the whole
-# check ends within 8 minutes and fits one device call. The most valuable steps come first;
+# CUDA tests, the GPU benchmarks (dense, observed entries, implicit), the CPU kernels' thread
+# scaling and then the rest of the test suite. Logs and result tables go to OUTDIR (9 files).
+# Each step has its own timeout, cut to what is left of an overall budget
+# (MF_EXT_GPU_CHECK_BUDGET_S, default 470 s), so the whole check ends within 8 minutes and fits
+# one device call. The most valuable steps come first;
 # the CPU suite, last, gets the time that is left (and pytest-xdist workers where installed).
 #
 #   scripts/gpu_check.sh OUTDIR        (PYTHON=... to pick the interpreter; default python3)
@@ -66,6 +67,11 @@ step "benchmark: benchmarks/bench_implicit_op.py --device cuda"
 timeout "$(limit 60)" "$PY" benchmarks/bench_implicit_op.py --device cuda --ranks 64 128 2>&1 | tee "$OUT/bench_implicit_cuda.md"
 implicit_rc=${PIPESTATUS[0]}
 
+# Issue 12 §2: the CPU kernels' thread scaling, which the 2-core CI machines cannot show.
+step "benchmark: benchmarks/bench_cpu_scaling.py (threads 1 .. cores)"
+timeout "$(limit 60)" "$PY" benchmarks/bench_cpu_scaling.py --out "$OUT/cpu_scaling.md" 2>&1 | tee -a "$OUT/bench.log"
+scaling_rc=${PIPESTATUS[0]}
+
 # CI runs these on every change; here they check the GPU machine's other torch version.
 step "the rest of the suite (CPU tests) on this machine's torch"
 timeout "$(limit 600)" "$PY" -m pytest -q -p no:cacheprovider $workers -m "not gpu" tests 2>&1 \
@@ -73,5 +79,5 @@ timeout "$(limit 600)" "$PY" -m pytest -q -p no:cacheprovider $workers -m "not g
 cpu_rc=${PIPESTATUS[0]}
 tail -n 1 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
 
-step "done: CUDA tests rc=$cuda_rc, dense benchmark rc=$dense_rc, observed benchmark rc=$observed_rc, implicit benchmark rc=$implicit_rc, CPU tests rc=$cpu_rc"
-[ "$cuda_rc" -eq 0 ] && [ "$dense_rc" -eq 0 ] && [ "$observed_rc" -eq 0 ] && [ "$implicit_rc" -eq 0 ] && [ "$cpu_rc" -eq 0 ]
+step "done: CUDA tests rc=$cuda_rc, dense benchmark rc=$dense_rc, observed benchmark rc=$observed_rc, implicit benchmark rc=$implicit_rc, CPU scaling rc=$scaling_rc, CPU tests rc=$cpu_rc"
+[ "$cuda_rc" -eq 0 ] && [ "$dense_rc" -eq 0 ] && [ "$observed_rc" -eq 0 ] && [ "$implicit_rc" -eq 0 ] && [ "$scaling_rc" -eq 0 ] && [ "$cpu_rc" -eq 0 ]
