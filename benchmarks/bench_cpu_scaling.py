@@ -3,11 +3,12 @@ of the observed op at each thread count, with the speed-up over 1 thread, the pa
 efficiency, how the kernel cut the problem, and whether every thread count gave the same bits.
 
     ./dev python benchmarks/bench_cpu_scaling.py [--threads 1,2,4,8,16] [--out FILE]
-        [--dense 4096:32,4096:256] [--observed 138493:26744:20000000:64]
+        [--dense 4096:32,4096:256,512x32768:64] [--observed 138493:26744:20000000:64]
 
-Defaults: a 4096² dense problem (half observed, float32) at r = 32 and r = 256, and an
-ML-20M-sized observed problem (138,493 × 26,744, 20M Zipf-distributed triples, r = 64, biases),
-float32, thread counts up to the machine's cores. scripts/gpu_check.sh runs it on the 16-core GPU
+Defaults: a 4096² dense problem (half observed, float32) at r = 32 and r = 256, a 512 × 32768
+one at r = 64 (an oblong R, whose long side is cut into lanes), and an ML-20M-sized observed
+problem (138,493 × 26,744, 20M Zipf-distributed triples, r = 64, biases), float32, thread counts
+up to the machine's cores. scripts/gpu_check.sh runs it on the 16-core GPU
 machines; these 2-core machines can only show 1 → 2.
 """
 
@@ -23,7 +24,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
-from bench_dense_cpu import make_problem as dense_problem  # noqa: E402
 from bench_observed_cpu import make_problem as observed_problem  # noqa: E402
 from common import machine_line  # noqa: E402
 
@@ -32,8 +32,15 @@ from mf_ext.ops import _dense_partition, _observed_partition  # noqa: E402
 
 
 def dense_case(spec: str):
-    size, r = (int(x) for x in spec.split(":"))
-    R, P, Q = dense_problem(size, r, torch.float32)
+    """"size:r" (a size² matrix) or "MxN:r" (an oblong one: its long side gets the lanes)."""
+    shape, r = spec.split(":")
+    m, n = (int(x) for x in shape.split("x")) if "x" in shape else (int(shape),) * 2
+    r = int(r)
+    g = torch.Generator().manual_seed(0)  # as bench_dense_cpu.make_problem, for any m × n
+    R = (torch.rand(m, n, generator=g) * 4 + 1) * (torch.rand(m, n, generator=g) < 0.5)
+    P = torch.rand(r, m, generator=g).requires_grad_()
+    Q = torch.rand(r, n, generator=g).requires_grad_()
+    size = f"{m} × {n}" if m != n else f"{m}²"
     part = _dense_partition(R, P.detach(), Q.detach())
     how = f"{part['path']}, {len(part['tasks'])} units, {part['concurrent']} at once"
 
@@ -44,7 +51,7 @@ def dense_case(spec: str):
         P.grad = Q.grad = None
         return out
 
-    return f"dense {size}², r = {r}", how, run
+    return f"dense {size}, r = {r}", how, run
 
 
 def observed_case(spec: str):
@@ -79,7 +86,8 @@ def main() -> None:
     cores = os.cpu_count() or 1
     default_threads = ",".join(str(t) for t in (1, 2, 4, 8, 16, 32, 64) if t <= cores)
     parser.add_argument("--threads", default=default_threads)
-    parser.add_argument("--dense", default="4096:32,4096:256", help="size:rank, comma-separated")
+    parser.add_argument("--dense", default="4096:32,4096:256,512x32768:64",
+                        help="size:rank or MxN:rank, comma-separated")
     parser.add_argument("--observed", default="138493:26744:20000000:64",
                         help="m:n:nnz:rank, comma-separated ('' for none)")
     parser.add_argument("--calls", type=int, default=3, help="timed calls per thread count")

@@ -180,16 +180,21 @@ def test_observed_path_variable(monkeypatch):
 # The dense op. Its kernel picks a unit kernel ("path") by rank and shape: rowwise for small
 # ranks, tiled (BLAS GEMMs on tiles) from r = 16 (float32) / 32 (float64) when both sides are at
 # least 256; MF_EXT_DENSE_PATH forces one. Each case below names the path it must reach, and
-# whether it gets there by itself or forced. Shapes: rowwise cuts columns into groups of 256 and
-# rows into up to 4 lanes of those. Tiled units are at least 128 x 128 cells (256 x 256 from
-# r = 256), cut into equal tiles of at most 128 (256) rows and 256 columns: the "tiled" units,
-# 150 x 550 either way round, take 2 x 3 tiles, the "tiled-wide" ones, 300 x 550, too.
-DENSE_CASES = {  # id: (m, n, r, path, forced)
-    "rowwise": (520, 600, 7, "rowwise", False),
-    "rowwise-forced": (520, 600, 40, "rowwise", True),
-    "tiled": (300, 1100, 40, "tiled", False),
-    "tiled-forced": (300, 1100, 7, "tiled", True),
-    "tiled-wide": (600, 1100, 256, "tiled", False),
+# whether it gets there by itself or forced, and whether it has lanes. Shapes: rowwise cuts
+# columns into groups of 256 and rows into up to 4 lanes of those. Tiled units are at least
+# 128 x 128 cells (256 x 256 from r = 256 where both sides have room for two), cut into equal
+# tiles of at most 128 (256) rows and 256 columns; the longer side of an oblong R is cut into
+# up to 4 lanes of groups, each with its own accumulator of the other factor's gradient: the
+# "tiled" units (130 x 135) have no lanes and take 2 x 1 tiles, the "tiled-lanes" ones
+# (150 x 137; lanes on the columns, or on the rows when R is read column-major) 2 x 1, the
+# "tiled-wide" ones (300 x 275, 2 lanes) 2 x 2.
+DENSE_CASES = {  # id: (m, n, r, path, forced, lanes)
+    "rowwise": (520, 600, 7, "rowwise", False, True),
+    "rowwise-forced": (520, 600, 40, "rowwise", True, True),
+    "tiled": (520, 540, 40, "tiled", False, False),
+    "tiled-lanes": (300, 1100, 40, "tiled", False, True),
+    "tiled-forced": (300, 1100, 7, "tiled", True, True),
+    "tiled-wide": (600, 1100, 256, "tiled", False, True),
 }
 # (reduction, explicit mask, grad_R)
 DENSE_VARIANTS = {"sum": ("sum", False, True), "mean-mask": ("mean", True, True),
@@ -201,7 +206,7 @@ def dense_case(case, dtype, layout, mask, monkeypatch, seed=3):
     if the case says so; asserts through _dense_partition that the kernel reaches that path with
     several row and column groups, several units able to run at once, the units covering R once
     and balanced."""
-    m, n, r, path, forced = DENSE_CASES[case]
+    m, n, r, path, forced, lanes = DENSE_CASES[case]
     R, P, Q, M = random_problem(m, n if layout != "strided" else 2 * n, r, dtype=dtype, seed=seed,
                                 mask=mask).values()
     if layout == "strided":  # every other column of a wider matrix: no unit stride anywhere
@@ -221,6 +226,8 @@ def dense_case(case, dtype, layout, mask, monkeypatch, seed=3):
     assert part["transposed"] == (layout == "column-major")
     assert part["row_groups"] >= 2 and part["col_groups"] >= 2, part
     assert part["concurrent"] >= 2, part
+    fewer_groups = min(part["row_groups"], part["col_groups"])
+    assert (part["concurrent"] > fewer_groups) == lanes, part  # lanes: more at once than that
     assert len(part["tasks"]) == part["row_groups"] * part["col_groups"]
     assert sum(part["tasks"]) == R.numel() and max(part["tasks"]) <= 1.5 * min(part["tasks"])
     if path == "tiled":  # units of at least 128 x 128 cells, 256 x 256 from r = 256
@@ -283,7 +290,7 @@ def test_dense_paths_propagate_nan_and_inf(case, monkeypatch):
 
 def test_dense_path_threads_beyond_the_core_count(monkeypatch):
     """More threads than units of a round, and than cores: the same bits."""
-    for case in ("rowwise", "tiled", "tiled-wide"):
+    for case in ("rowwise", "tiled", "tiled-lanes", "tiled-wide"):
         R, P, Q, M = dense_case(case, torch.float32, "row-major", True, monkeypatch)
         runs = [run_dense(R, P, Q, M, "mean", True, threads) for threads in (1, 3, 8)]
         for run in runs[1:]:
@@ -291,20 +298,26 @@ def test_dense_path_threads_beyond_the_core_count(monkeypatch):
                 assert torch.equal(a, b), f"{case} {name}: thread counts differ"
 
 
-@pytest.mark.parametrize("dtype,r,path,at_once", [
-    (torch.float32, 8, "rowwise", 64), (torch.float32, 128, "tiled", 32),
-    (torch.float32, 256, "tiled", 16), (torch.float64, 8, "rowwise", 64),
-    (torch.float64, 128, "tiled", 32)])
-def test_dense_partition_has_work_for_many_threads(dtype, r, path, at_once, monkeypatch):
+SQUARE = (4096, 4096)
+
+
+@pytest.mark.parametrize("dtype,r,path,shape,at_once", [
+    (torch.float32, 8, "rowwise", SQUARE, 64), (torch.float32, 128, "tiled", SQUARE, 32),
+    (torch.float32, 256, "tiled", SQUARE, 16), (torch.float64, 8, "rowwise", SQUARE, 64),
+    (torch.float64, 128, "tiled", SQUARE, 32), (torch.float32, 64, "tiled", (512, 32768), 16),
+    (torch.float32, 64, "tiled", (32768, 512), 16)])
+def test_dense_partition_has_work_for_many_threads(dtype, r, path, shape, at_once, monkeypatch):
     """A 4096 x 4096 problem: at least 256 balanced units whichever path runs, and as many of
     them able to run at once as the path allows: 64 rowwise; tiled, whose units are at least
-    128 x 128 so that each GEMM stays efficient, 32, and 16 from r = 256 (units of 256 x 256)."""
+    128 x 128 so that each GEMM stays efficient, 32, and 16 from r = 256 (units of 256 x 256).
+    An oblong one (either way round): its 4 groups on the short side times 4 lanes on the long."""
     monkeypatch.delenv("MF_EXT_DENSE_PATH", raising=False)
-    R = torch.empty(4096, 4096, dtype=dtype)
-    P, Q = torch.empty(r, 4096, dtype=dtype), torch.empty(r, 4096, dtype=dtype)
+    R = torch.empty(*shape, dtype=dtype)
+    P, Q = torch.empty(r, shape[0], dtype=dtype), torch.empty(r, shape[1], dtype=dtype)
     part = _dense_partition(R, P, Q)
     assert part["path"] == path
-    assert len(part["tasks"]) >= 256 and max(part["tasks"]) <= 1.05 * min(part["tasks"]), part
+    assert len(part["tasks"]) >= (256 if shape[0] == shape[1] else 64), part
+    assert max(part["tasks"]) <= 1.05 * min(part["tasks"]), part
     assert part["concurrent"] == at_once, part
 
 
@@ -319,7 +332,7 @@ def test_dense_path_variable_is_checked(monkeypatch):
 def test_dense_partition_ignores_threads(monkeypatch):
     monkeypatch.delenv("MF_EXT_DENSE_PATH", raising=False)
     for case in ("rowwise", "tiled"):
-        m, n, r, _, _ = DENSE_CASES[case]
+        m, n, r, *_ = DENSE_CASES[case]
         R, P, Q, _ = random_problem(m, n, r, dtype=torch.float32).values()
         parts = []
         for threads in (1, 2):

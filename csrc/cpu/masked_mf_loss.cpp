@@ -6,11 +6,14 @@
 // the cells of row group a × column group b, K·G² units in all. They run in G rounds: round s
 // runs, in every lane, the units (a, (a + s) mod G), in parallel. Within a round no two units
 // share a row group, nor a column group within a lane, so each adds its dP contribution
-// straight into grad_P and its dQ contribution into its lane's accumulator (tiled: K = 1,
-// straight into grad_Q), with no per-unit partials, and every entry receives its contributions
-// in the fixed order of the rounds (lanes are summed in order at the end): results are bitwise
-// the same whatever the thread count. Up to K·G units run at once (64 on a 4096² matrix); the
-// rounds overlap, with no barrier between them (run_units).
+// straight into grad_P and its dQ contribution into its lane's accumulator (lane 0: straight
+// into grad_Q on the tiled path), with no per-unit partials, and every entry receives its
+// contributions in the fixed order of the rounds (lanes are summed in order at the end): results
+// are bitwise the same whatever the thread count. The tiled path puts its lanes on the longer
+// side: when R has more columns than rows, the roles swap (a: column groups, b: row groups, a
+// dP accumulator per lane), so a 500 × 50000 matrix gets as many units at once as 50000 × 500.
+// Up to K·G units run at once (on a 4096² matrix: 64 rowwise, 32 tiled, 16 tiled from rank
+// 256); the rounds overlap, with no barrier between them (run_units).
 //
 // Two unit kernels, chosen by rank and shape (plan_dense; MF_EXT_DENSE_PATH=rowwise|tiled
 // forces one, for tests and benchmarks):
@@ -29,8 +32,10 @@
 // Extra memory besides the outputs: rowwise, a zero-padded copy of Q and K dQ accumulators,
 // (1 + K)·r·n_pad ≤ 5·r·n_pad values (n_pad: n rounded up to 64 float32 / 32 float64 columns),
 // plus 4·(r + 256) values per thread (P is read with any strides); tiled, copies of P and Q
-// only when neither layout holds (r·(m + n) values) plus one tile buffer per thread (at most
-// 256 × 256 values: 256 KiB float32, 512 KiB float64). Both: K·G² ≤ 4096 loss partials and as many flags.
+// only when neither layout holds (r·(m + n) values), K − 1 ≤ 3 lane accumulators of the shorter
+// side's gradient ((K − 1)·r·min(m, n) values; K = 1 on square shapes) plus one tile buffer per
+// thread (at most 256 × 256 values: 256 KiB float32, 512 KiB float64). Both: K·G² ≤ 4096 loss
+// partials and as many flags.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers only (see setup.py)
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -58,12 +63,12 @@ using simd::Vec;
 constexpr int64_t kTileCols = 256;
 constexpr int64_t kMaxGroups = 64;         // G (tiled): enough units for 64 threads
 constexpr int64_t kMaxRowwiseGroups = 16;  // G (rowwise), times
-constexpr int64_t kMaxLanes = 4;           // K lanes: 64 row groups
+constexpr int64_t kMaxLanes = 4;           // K lanes: 64 row groups (tiled: K·G ≤ kMaxGroups)
 constexpr int64_t kRowwiseMinRows = 32;    // rows of a rowwise unit, at least (where m allows)
 constexpr int64_t kTiledMinSide = 128;     // rows and columns of a tiled unit, at least,
 constexpr int64_t kTiledWideSide = 256;    // and from this rank on (fewer units at once,
 constexpr int64_t kTiledWideMinRank = 256;  // but GEMMs of twice the size: 10-20 % faster)
-// The rowwise path below these ranks, tiled from them on (measured: benchmarks/results/dense_cpu.md).
+// The rowwise path below these ranks, tiled from them on (benchmarks/results/dense_cpu.md).
 constexpr int64_t kTiledMinRankFloat = 16;
 constexpr int64_t kTiledMinRankDouble = 32;
 
@@ -101,8 +106,9 @@ struct DensePlan {
   DensePath path;
   int64_t n_pad;
   int64_t groups;  // G: column groups; rows are cut into lanes · G groups
-  int64_t lanes;   // K: each lane of G row groups has its own dQ accumulator (tiled: K = 1)
+  int64_t lanes;   // K: each lane of G row groups has its own dQ accumulator
   int64_t side;    // tiled: the least side of a unit, and the most rows of a tile
+  bool lanes_on_cols = false;  // tiled, n > m: columns are cut into K·G groups, rows into G
 };
 
 inline const char* forced_dense_path() {
@@ -123,9 +129,14 @@ DensePlan plan_dense(int64_t m, int64_t n, int64_t r) {
                             : r >= min_rank && std::min(m, n) >= 2 * kTiledMinSide &&
                                   blas::has_gemm<T>(std::max({m, n, r}));
   if (tiled) {
-    const int64_t side = r >= kTiledWideMinRank ? kTiledWideSide : kTiledMinSide;
-    return {DensePath::Tiled, n, std::clamp<int64_t>(std::min(m, n) / side, 1, kMaxGroups), 1,
-            side};
+    // Wide units only where they still leave two groups a side.
+    const int64_t side = r >= kTiledWideMinRank && std::min(m, n) >= 2 * kTiledWideSide
+                             ? kTiledWideSide
+                             : kTiledMinSide;
+    const int64_t groups = std::clamp<int64_t>(std::min(m, n) / side, 1, kMaxGroups);
+    const int64_t lanes = std::clamp<int64_t>(
+        std::min(std::max(m, n) / (side * groups), kMaxGroups / groups), 1, kMaxLanes);
+    return {DensePath::Tiled, n, groups, lanes, side, n > m};
   }
   // Rowwise: column groups of at least kTileCols (narrower ones spend more on the per-row
   // sums of dP than on the cells), then as many lanes as give every row group kRowwiseMinRows.
@@ -142,6 +153,11 @@ struct TaskCells {
 
 template <typename T>
 MF_EXT_INLINE TaskCells task_cells(int64_t m, const DensePlan& plan, int64_t a, int64_t b) {
+  if (plan.path == DensePath::Tiled && plan.lanes_on_cols) {
+    const Range cols = split(plan.n_pad, plan.lanes * plan.groups, a);
+    const Range rows = split(m, plan.groups, b);
+    return {rows.begin, rows.end, cols.begin, cols.end};
+  }
   const Range rows = split(m, plan.lanes * plan.groups, a);
   if (plan.path == DensePath::Tiled) {
     const Range cols = split(plan.n_pad, plan.groups, b);
@@ -311,11 +327,19 @@ MF_EXT_INLINE void run_rowwise_unit(const DenseProblem<T>& pb, int64_t a, int64_
 }
 
 template <typename T>
-MF_EXT_INLINE void run_tiled(const TiledProblem<T>& pb, const TaskCells& c, T* E,
+MF_EXT_INLINE void run_tiled(const TiledProblem<T>& pb, const TaskCells& c, int64_t lane, T* E,
                              TaskResult& result) {
   double loss = 0;
   int64_t count = 0;
-  run_tiled_unit(pb, c.i0, c.i1, c.j0, c.j1, E, loss, count);
+  if (lane == 0) {
+    run_tiled_unit(pb, c.i0, c.i1, c.j0, c.j1, E, loss, count);
+  } else {  // lanes 1, 2, ... add the lane side's gradient into accumulators of their own
+    TiledProblem<T> lane_pb = pb;
+    blas::Matrix<T>& target = pb.lanes_on_cols ? lane_pb.dP : lane_pb.dQ;
+    const int64_t length = pb.lanes_on_cols ? pb.m : pb.n;
+    if (target.p) target = {pb.lane_sums + (lane - 1) * pb.r * length, length, true};
+    run_tiled_unit(lane_pb, c.i0, c.i1, c.j0, c.j1, E, loss, count);
+  }
   result.loss = loss;
   result.count = count;
 }
@@ -330,12 +354,12 @@ MF_EXT_TARGET_CLONES void run_unit_double(const DenseProblem<double>& pb, int64_
   run_rowwise_unit(pb, a, b, s, result);
 }
 MF_EXT_TARGET_CLONES void run_unit_float(const TiledProblem<float>& pb, const TaskCells& c,
-                                         float* E, TaskResult& result) {
-  run_tiled(pb, c, E, result);
+                                         int64_t lane, float* E, TaskResult& result) {
+  run_tiled(pb, c, lane, E, result);
 }
 MF_EXT_TARGET_CLONES void run_unit_double(const TiledProblem<double>& pb, const TaskCells& c,
-                                          double* E, TaskResult& result) {
-  run_tiled(pb, c, E, result);
+                                          int64_t lane, double* E, TaskResult& result) {
+  run_tiled(pb, c, lane, E, result);
 }
 template <typename... Args>
 inline void run_unit_any(const DenseProblem<float>& pb, Args&&... args) {
@@ -489,19 +513,32 @@ double tiled_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
   if (grad_P.defined() && r > 0) pb.dP = gradient_view<T>(grad_P);  // zeroed
   if (grad_Q.defined() && r > 0) pb.dQ = gradient_view<T>(grad_Q);
   pb.tile_side = plan.side;
+  pb.lanes_on_cols = plan.lanes_on_cols;
+  const at::Tensor& lane_grad = plan.lanes_on_cols ? grad_P : grad_Q;  // the shorter side's
+  at::Tensor lane_sums;
+  if (plan.lanes > 1 && lane_grad.defined() && r > 0) {
+    lane_sums = at::zeros({plan.lanes - 1, r, plan.lanes_on_cols ? m : n}, R.options());
+    pb.lane_sums = lane_sums.mutable_data_ptr<T>();
+  }
 
   const int64_t G = plan.groups;
-  std::vector<TaskResult> results(G * G);
+  std::vector<TaskResult> results(plan.lanes * G * G);
   struct Scratch {
     explicit Scratch(int64_t tile_rows) : E(tile_rows * kTiledCols) {}
     std::vector<T> E;
     blas::OneThread one_thread;  // every GEMM of a unit on one thread, whatever the caller's count
   };
   run_units(
-      G, 1, [&] { return std::make_unique<Scratch>(plan.side); },
+      G, plan.lanes, [&] { return std::make_unique<Scratch>(plan.side); },
       [&](int64_t a, int64_t b, std::unique_ptr<Scratch>& scratch) {
-        run_unit_any(pb, task_cells<T>(m, plan, a, b), scratch->E.data(), results[a * G + b]);
+        run_unit_any(pb, task_cells<T>(m, plan, a, b), a / G, scratch->E.data(),
+                     results[a * G + b]);
       });
+  if (lane_sums.defined()) {  // lane 0 (in the gradient) + (lane 1 + lane 2 + ...), in order
+    at::Tensor sum = lane_sums[0];
+    for (int64_t lane = 2; lane < plan.lanes; ++lane) sum = sum.add(lane_sums[lane - 1]);
+    lane_grad.add_(sum);
+  }
 
   const LossAndScale ls = total(results, reduction);
   if (ls.scale != 1.0) {  // the units added −2·(Q Eᵀ) and −2·(P E)
@@ -555,8 +592,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mf_loss_and_gr
 // mf_ext::_dense_partition: how the kernel above cuts R (m, n) into units, computed by its own
 // planning code, for tests. In R's coordinates, flattened: [transposed (the kernel reads R
 // column-major), path (0 rowwise, 1 tiled), row groups, column groups, units, units that can
-// run at once, then per unit in unit order (row group · G + column group, in the kernel's
-// orientation) its rows [begin, end) and columns [begin, end)]; no units when R is empty.
+// run at once, then per unit in unit order (a · G + b: a the group on the lanes' side, rows
+// unless the tiled path puts its lanes on the columns, in the kernel's orientation) its rows
+// [begin, end) and columns [begin, end)]; no units when R is empty.
 std::vector<int64_t> dense_partition_cpu(const at::Tensor& R, const at::Tensor& P,
                                          const at::Tensor& Q) {
   check_masked_mf_loss_args(R, P, Q, std::nullopt);
@@ -569,13 +607,13 @@ std::vector<int64_t> dense_partition_cpu(const at::Tensor& R, const at::Tensor& 
   if (m == 0 || n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "dense_partition_cpu", [&] {
     const DensePlan plan = plan_dense<scalar_t>(m, n, P.size(0));
-    const int64_t G = plan.groups, row_groups = plan.lanes * G;
+    const int64_t G = plan.groups, lane_groups = plan.lanes * G;
     out[1] = static_cast<int64_t>(plan.path);
-    out[2 + transposed] = row_groups;
-    out[3 - transposed] = G;
-    out[4] = row_groups * G;
-    out[5] = row_groups;  // units that can run at once: one per row group
-    for (int64_t a = 0; a < row_groups; ++a) {
+    out[2 + transposed] = plan.lanes_on_cols ? G : lane_groups;  // row groups
+    out[3 - transposed] = plan.lanes_on_cols ? lane_groups : G;  // column groups
+    out[4] = lane_groups * G;
+    out[5] = lane_groups;  // units that can run at once: one per group of the lanes' side
+    for (int64_t a = 0; a < lane_groups; ++a) {
       for (int64_t b = 0; b < G; ++b) {
         const TaskCells c = task_cells<scalar_t>(m, plan, a, b);
         const int64_t rows[2] = {c.i0, c.i1}, cols[2] = {c.j0, std::min(c.j1, n)};

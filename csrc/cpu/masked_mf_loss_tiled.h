@@ -35,6 +35,8 @@ struct TiledProblem {
   blas::Matrix<const T> P, Q;  // (r, m), (r, n)
   blas::Matrix<T> dP, dQ;      // (r, m), (r, n)
   int64_t tile_side;           // rows of a tile, at most (the tile buffer: tile_side × kTiledCols)
+  bool lanes_on_cols;          // units of lane k > 0 add dP (else dQ) into lane_sums[k − 1]
+  T* lane_sums;                // (lanes − 1, r, m or n), row-major, or nullptr
 };
 
 // E (rows × cols, row-major) holds S on entry and the masked error on exit; returns through
