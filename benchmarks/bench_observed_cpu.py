@@ -4,6 +4,7 @@ in the same run. Prints a Markdown table.
 
     ./dev python benchmarks/bench_observed_cpu.py [--m M] [--n N] [--nnz NNZ] [--rank R]
         [--threads T] [--fused-only] [--per-call [--grad-P-only] [--calls C]]
+        [--compare-layouts [--calls C]]
 
 Prints the threads and how the kernel cut the problem (mf_ext.ops._observed_partition: path,
 units of each pass and their balance). MF_EXT_OBSERVED_PATH=chunks|units forces a path.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -30,6 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import mf_ext  # noqa: E402
 from mf_ext import observed_mf_loss, observed_mf_loss_reference  # noqa: E402
 from mf_ext.ops import _observed_partition  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import alternating_ms  # noqa: E402
 
 
 def zipf_indices(count: int, size: int, exponent: float, g: torch.Generator) -> torch.Tensor:
@@ -87,6 +92,27 @@ def per_call(args, rows, cols, values, P, Q, row_bias, col_bias) -> None:
           f"{sorted(cpu)[len(cpu) // 2] * 1e3:.3f} min {min(cpu) * 1e3:.3f} ms")
 
 
+def compare_layouts(args, rows, cols, values, P, Q, row_bias, col_bias) -> None:
+    """Medians of forward + backward with P, Q as (r, m) leaves and as the .T of (m, r) leaf
+    tables (nn.Embedding weights), called in alternation; .grad is reset after each call."""
+    tables = (P.detach().T.contiguous().requires_grad_(),
+              Q.detach().T.contiguous().requires_grad_())
+
+    def run(factors, leaves):
+        def call():
+            observed_mf_loss(rows, cols, values, *factors, row_bias, col_bias).backward()
+            for t in (*leaves, row_bias, col_bias):
+                t.grad = None
+        return call
+
+    wall, _ = alternating_ms({"(r, m)": run((P, Q), (P, Q)),
+                              "tables": run((tables[0].T, tables[1].T), tables)}, args.calls)
+    med = {name: statistics.median(v) for name, v in wall.items()}
+    print(f"{args.m} x {args.n}, nnz {args.nnz:,}, r {args.rank}, {args.threads} thread(s), "
+          f"{args.calls} calls each: (r, m) {med['(r, m)']:.2f} ms, .T of tables "
+          f"{med['tables']:.2f} ms, tables / (r, m) {med['tables'] / med['(r, m)']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, default=6040)
@@ -99,6 +125,9 @@ def main() -> None:
     parser.add_argument("--per-call", action="store_true")
     parser.add_argument("--grad-P-only", action="store_true")
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--compare-layouts", action="store_true",
+                        help="the fused op on (r, m) factors against the .T of (m, r) tables, "
+                             "forward + backward, in alternation (--calls each)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.float32
@@ -107,6 +136,9 @@ def main() -> None:
     if args.per_call:
         per_call(args, rows, cols, values, P.detach(), Q.detach(), row_bias.detach(),
                  col_bias.detach())
+        return
+    if args.compare_layouts:
+        compare_layouts(args, rows, cols, values, P, Q, row_bias, col_bias)
         return
     params = (P, Q, row_bias, col_bias)
     compiled_reference = torch.compile(observed_mf_loss_reference)

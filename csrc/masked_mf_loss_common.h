@@ -9,6 +9,7 @@
 
 #include <optional>
 
+#include "factor_grad_layout.h"
 #include "reduction.h"
 
 #if defined(__CUDACC__)
@@ -70,23 +71,10 @@ inline void check_masked_mf_loss_args(const at::Tensor& R, const at::Tensor& P,
 }
 
 // The op's outputs; a gradient that is not wanted is an empty (0,) tensor. grad_R has R's
-// layout (at::empty_like). grad_P and grad_Q are contiguous; with table_layouts (the CPU
-// kernel), one whose input is the .T of a contiguous (m, r) table (an nn.Embedding weight's) is
-// the .T of a contiguous table too. The fake kernel (mf_ext/ops.py) says the same.
+// layout (at::empty_like); grad_P and grad_Q that of factor_grad_layout.h.
 struct MaskedMfOutputs {
   at::Tensor loss, grad_R, grad_P, grad_Q;
 };
-
-// Whether X (r, m) is the .T of a contiguous (m, r) table, and not contiguous itself.
-inline bool is_table_transpose(const at::Tensor& X) {
-  return !X.is_contiguous() && X.t().is_contiguous();
-}
-
-inline at::Tensor allocate_factor_grad(const at::Tensor& X, bool table_layouts,
-                                       const at::TensorOptions& opts) {
-  if (table_layouts && is_table_transpose(X)) return at::empty({X.size(1), X.size(0)}, opts).t();
-  return at::empty({X.size(0), X.size(1)}, opts);
-}
 
 inline MaskedMfOutputs allocate_masked_outputs(const at::Tensor& R, const at::Tensor& P,
                                                const at::Tensor& Q, bool grad_R, bool grad_P,

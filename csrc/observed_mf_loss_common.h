@@ -11,6 +11,7 @@
 #include <string_view>
 #include <tuple>
 
+#include "factor_grad_layout.h"
 #include "reduction.h"
 
 namespace mf_ext {
@@ -146,17 +147,20 @@ inline Reduction check_observed_call(const at::Tensor& rows, const at::Tensor& c
 }
 
 // Uninitialized outputs on values' device: the loss, and each gradient of its input's shape
-// (grad_P (r, m) and grad_Q (r, n) contiguous, as the fake kernel says) or (0,) if not wanted.
+// (grad_P (r, m) and grad_Q (r, n) in the layout of factor_grad_layout.h, as the fake kernel
+// says) or (0,) if not wanted.
 inline ObservedOutputs allocate_observed_outputs(const at::Tensor& values, const at::Tensor& P,
                                                  const at::Tensor& Q,
-                                                 const ObservedGradFlags& want) {
-  const int64_t nnz = values.size(0), r = P.size(0), m = P.size(1), n = Q.size(1);
+                                                 const ObservedGradFlags& want,
+                                                 bool table_layouts) {
+  const int64_t nnz = values.size(0), m = P.size(1), n = Q.size(1);
   const auto opts = values.options();
   auto maybe = [&](bool wanted, at::IntArrayRef shape) {
     return wanted ? at::empty(shape, opts) : at::empty({0}, opts);
   };
   return {at::empty({}, opts),          maybe(want.values, {nnz}),
-          maybe(want.P, {r, m}),        maybe(want.Q, {r, n}),
+          want.P ? allocate_factor_grad(P, table_layouts, opts) : at::empty({0}, opts),
+          want.Q ? allocate_factor_grad(Q, table_layouts, opts) : at::empty({0}, opts),
           maybe(want.row_bias, {m}),    maybe(want.col_bias, {n}),
           maybe(want.weights, {nnz})};
 }

@@ -141,9 +141,10 @@ def _check_masked_mf_loss_args(R, P, Q, mask, reduction) -> None:
 
 
 def _factor_grad_fake(R, X):
-    """grad_P / grad_Q as the kernels allocate them (csrc/masked_mf_loss_common.h): on the CPU,
-    the .T of a contiguous table when X (r, m) is one (an nn.Embedding weight's .T), so that
-    autograd hands the table its gradient without a copy; contiguous otherwise."""
+    """grad_P / grad_Q as the dense and observed kernels allocate them (csrc/factor_grad_layout.h;
+    R: any tensor of the outputs' dtype and device): on the CPU, the .T of a contiguous table when
+    X (r, m) is one (an nn.Embedding weight's .T), so that autograd hands the table its gradient
+    without a copy; contiguous otherwise."""
     r, m = X.shape
     if X.device.type == "cpu" and not X.is_contiguous() and X.t().is_contiguous():
         return R.new_empty((m, r)).t()
@@ -362,7 +363,7 @@ def _observed_mf_loss_and_grads_fake(rows, cols, values, P, Q, row_bias, col_bia
                           (grad_col_bias, "col_bias", col_bias), (grad_weights, "weights", weights)):
         if flag and t is None:
             raise ValueError(f"mf_ext.observed_mf_loss: grad_{name}=True but {name} is None")
-    nnz, r, m, n = values.shape[0], P.shape[0], P.shape[1], Q.shape[1]
+    nnz, m, n = values.shape[0], P.shape[1], Q.shape[1]
 
     def maybe(wanted, shape):
         return values.new_empty(shape if wanted else (0,))
@@ -370,8 +371,8 @@ def _observed_mf_loss_and_grads_fake(rows, cols, values, P, Q, row_bias, col_bia
     return (
         values.new_empty(()),
         maybe(grad_values, (nnz,)),
-        maybe(grad_P, (r, m)),
-        maybe(grad_Q, (r, n)),
+        _factor_grad_fake(values, P) if grad_P else maybe(False, ()),
+        _factor_grad_fake(values, Q) if grad_Q else maybe(False, ()),
         maybe(grad_row_bias, (m,)),
         maybe(grad_col_bias, (n,)),
         maybe(grad_weights, (nnz,)),

@@ -161,6 +161,22 @@ def test_layouts(backend, mode, m, n, r, nnz, index_dtype, dtype):
         assert_equal(loss_and_grads(backend.observed_mf_loss, strided, "mean"), contiguous, name)
 
 
+def test_embedding_tables_keep_their_layout(backend, mode):
+    """P, Q as the .T of (m, r) / (n, r) tables (nn.Embedding weights): the CPU kernel returns
+    grad_P / grad_Q in the tables' layout, so autograd keeps them as the tables' .grad with no
+    copy; the CUDA kernel returns them contiguous. Either way bitwise the (r, m) results (on CUDA
+    in deterministic mode)."""
+    args = random_triples(67, 131, 5, 1000, biases=True, device=backend.device)
+    tables = dict(args, P=args["P"].t().contiguous().t(), Q=args["Q"].t().contiguous().t())
+    flags = [False, True, True, True, True, False]
+    got, expected = backend.raw(tables, "sum", flags), backend.raw(args, "sum", flags)
+    for name, grad, X in (("P", got[2], tables["P"]), ("Q", got[3], tables["Q"])):
+        assert grad.stride() == (X.stride() if backend.name == "cpu" else (X.shape[1], 1)), name
+    exact = backend.name != "cuda" or mode == "deterministic"
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b) if exact else torch.allclose(a, b)
+
+
 def test_grad_flags(backend, mode):
     """Through autograd, any subset of inputs requiring grad; the raw op, every combination of
     grad flags: the loss bitwise the same, the requested gradients as with all flags (bitwise

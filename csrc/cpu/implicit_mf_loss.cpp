@@ -136,6 +136,10 @@ ImplicitResult implicit_mf_loss_and_grads_cpu(
   auto [loss, d_values, dP, dQ, d_row_bias, d_col_bias, d_weights] = observed_part(
       rows, cols, P, Q, values, weights, red_name, grad_values, grad_P, grad_Q, grad_weights);
   check_cpu_weights(weights);  // after the indices, as on CUDA
+  // The observed op gives a table's .T its gradient in the table layout; this op's are
+  // contiguous (its fake kernel's contract, and add_gram_product's).
+  if (grad_P && !dP.is_contiguous()) dP = dP.contiguous();
+  if (grad_Q && !dQ.is_contiguous()) dQ = dQ.contiguous();
   if (unobserved_weight == 0) {  // exactly the observed op, bit for bit
     return {loss, d_values, dP, dQ, d_weights};
   }

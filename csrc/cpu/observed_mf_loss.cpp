@@ -182,13 +182,12 @@ double observed_mf_loss_impl(const at::Tensor& rows, const at::Tensor& cols,
   double loss = 0;
   for (const double l : losses) loss += l;
   if (pb.outer.grad) {
-    reduce_rows_transposed<T>(pb.outer.grad, 1, na, r, r_pad, A_grad_out.mutable_data_ptr<T>());
+    reduce_rows_transposed<T>(pb.outer.grad, 1, na, r, r_pad, A_grad_out);
   } else if (A_grad_out.defined()) {
     A_grad_out.zero_();  // r == 0
   }
   if (pb.inner.grad) {
-    reduce_rows_transposed<T>(pb.inner.grad, parts, nb, r, r_pad,
-                              B_grad_out.mutable_data_ptr<T>());
+    reduce_rows_transposed<T>(pb.inner.grad, parts, nb, r, r_pad, B_grad_out);
   } else if (B_grad_out.defined()) {
     B_grad_out.zero_();
   }
@@ -211,7 +210,10 @@ ObservedResult observed_mf_loss_and_grads_cpu(
   TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
                    "mf_ext.observed_mf_loss: the CPU kernel supports float32 and float64, got ",
                    values.scalar_type());
-  const ObservedOutputs all = allocate_observed_outputs(values, P, Q, want);
+  // grad_P / grad_Q in the layout of a P / Q that is a table's .T: the kernel's row layout
+  // then reaches them as plain row copies, and autograd hands the table its gradient uncopied.
+  const ObservedOutputs all =
+      allocate_observed_outputs(values, P, Q, want, /*table_layouts=*/true);
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "observed_mf_loss_cpu", [&] {
     const double value = observed_mf_loss_impl<scalar_t>(rows, cols, values, P, Q, row_bias,
                                                          col_bias, weights, red,

@@ -75,10 +75,13 @@ at::Tensor padded_rows(const at::Tensor& X, int64_t r_pad) {
   return rows_layout;
 }
 
-// out (r, count) = Σ_c parts[c] (count, r_pad)ᵀ, chunks summed in order: back to P's layout.
+// out (r, count) = Σ_c parts[c] (count, r_pad)ᵀ, chunks summed in order: back to P's shape, in
+// out's layout (contiguous, or the .T of a contiguous table: then each row is a plain copy).
 template <typename T>
 void reduce_rows_transposed(const T* parts, int64_t chunks, int64_t count, int64_t r,
-                            int64_t r_pad, T* out) {
+                            int64_t r_pad, const at::Tensor& out_tensor) {
+  T* out = out_tensor.mutable_data_ptr<T>();
+  const int64_t out_s0 = out_tensor.stride(0), out_s1 = out_tensor.stride(1);
   const int64_t blocks = (count + kTransposeRows - 1) / kTransposeRows;
   at::parallel_for(0, blocks, std::max<int64_t>(1, 8192 / std::max<int64_t>(r_pad, 1)),
                    [&](int64_t begin, int64_t end) {
@@ -95,8 +98,15 @@ void reduce_rows_transposed(const T* parts, int64_t chunks, int64_t count, int64
         }
         first = acc.data();
       }
-      for (int64_t k = 0; k < r; ++k) {
-        for (int64_t i = 0; i < rows; ++i) out[k * count + i0 + i] = first[i * r_pad + k];
+      if (out_s0 == 1) {  // a table's .T: row i of the parts is row i of the table
+        for (int64_t i = 0; i < rows; ++i) {
+          std::copy(first + i * r_pad, first + i * r_pad + r, out + (i0 + i) * out_s1);
+        }
+      } else {
+        for (int64_t k = 0; k < r; ++k) {
+          T* out_k = out + k * out_s0 + i0 * out_s1;
+          for (int64_t i = 0; i < rows; ++i) out_k[i * out_s1] = first[i * r_pad + k];
+        }
       }
     }
   });

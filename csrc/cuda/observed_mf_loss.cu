@@ -534,7 +534,8 @@ ObservedResult observed_mf_loss_and_grads_cuda(
       check_observed_call(rows, cols, values, P, Q, row_bias, col_bias, weights, reduction, want);
   const c10::cuda::CUDAGuard guard(values.device());
   raise_recorded_bad_index(values);
-  const ObservedOutputs all = allocate_observed_outputs(values, P, Q, want);
+  const ObservedOutputs all =
+      allocate_observed_outputs(values, P, Q, want, /*table_layouts=*/false);
   if (values.size(0) == 0) {  // nothing observed: zero loss and gradients, no kernel
     for (const at::Tensor* t : {&all.loss, &all.grad_P, &all.grad_Q, &all.grad_row_bias,
                                 &all.grad_col_bias}) {
