@@ -17,11 +17,8 @@
 //
 // Two unit kernels, chosen by rank and shape (plan_dense; MF_EXT_DENSE_PATH=rowwise|tiled
 // forces one, for tests and benchmarks):
-// - rowwise, for small ranks, where the op is bound by reading R: the columns of a unit are
-//   swept in tiles of kTileCols so that a tile's Q and dQ slices (r × kTileCols) stay in cache
-//   while the unit's rows pass over them, four rows at a time. Per rows and tile:
-//     pass 1: pred = p_iᵀ Q[:, tile], e = (R − pred)·observed, the loss and grad_R;
-//     pass 2: dP[:, i] += Q[:, tile]·e and dQ[:, tile] += p_i eᵀ (scaled by −2 at the end).
+// - rowwise, for small ranks, where the op is bound by reading R: a unit's rows sweep its
+//   columns tile by tile, each tile's Q and dQ slices in cache (csrc/cpu/masked_mf_loss_rowwise.h).
 // - tiled, for larger ranks, where it is bound by arithmetic: units of at least 128 × 128 cells
 //   (256 × 256 from rank 256, where bigger GEMMs pay most: benchmarks/results/dense_cpu.md), each
 //   cut into equal tiles of at most that many rows and 256 columns; each tile goes through three
@@ -51,6 +48,7 @@
 #include <vector>
 
 #include "../masked_mf_loss_common.h"
+#include "masked_mf_loss_rowwise.h"
 #include "masked_mf_loss_tiled.h"
 #include "unit_rounds.h"
 #include "simd.h"
@@ -60,7 +58,6 @@ namespace {
 
 using simd::Vec;
 
-constexpr int64_t kTileCols = 256;
 constexpr int64_t kMaxGroups = 64;         // G (tiled): enough units for 64 threads
 constexpr int64_t kMaxRowwiseGroups = 16;  // G (rowwise), times
 constexpr int64_t kMaxLanes = 4;           // K lanes: 64 row groups (tiled: K·G ≤ kMaxGroups)
@@ -73,27 +70,6 @@ constexpr int64_t kTiledMinRankFloat = 16;
 constexpr int64_t kTiledMinRankDouble = 32;
 
 enum class DensePath : int64_t { Rowwise = 0, Tiled = 1 };
-
-// Everything a rowwise unit reads and writes, as raw pointers taken once. P and dP have any
-// strides (a unit reads a few of P's columns and adds one sum per rank into dP per tile); Q is a
-// contiguous copy zero-padded to n_pad columns so every tile is a whole number of 4-vector blocks.
-template <typename T>
-struct DenseProblem {
-  int64_t m, n, n_pad, r;
-  const T* R;
-  int64_t R_s0, R_s1;
-  const bool* mask;  // nullptr: observed where R != 0
-  int64_t M_s0, M_s1;
-  T* grad_R;  // nullptr: not wanted
-  int64_t G_s0, G_s1;
-  const T* P;  // (r, m)
-  int64_t P_s0, P_s1;
-  const T* Q;  // (r, n_pad)
-  T* dP;       // (r, m) or nullptr
-  int64_t dP_s0, dP_s1;
-  T* dQ;       // (lanes, r, n_pad) or nullptr
-  int64_t groups, lanes;
-};
 
 struct TaskResult {
   double loss = 0;
@@ -147,183 +123,29 @@ DensePlan plan_dense(int64_t m, int64_t n, int64_t r) {
 }
 
 // Unit (a, b)'s rows [i0, i1) and columns [j0, j1) (rowwise: padded columns).
-struct TaskCells {
-  int64_t i0, i1, j0, j1;
-};
-
 template <typename T>
 MF_EXT_INLINE TaskCells task_cells(int64_t m, const DensePlan& plan, int64_t a, int64_t b) {
-  if (plan.path == DensePath::Tiled && plan.lanes_on_cols) {
+  if (plan.path == DensePath::Rowwise) {
+    return rowwise_cells<T>(m, plan.n_pad, plan.groups, plan.lanes, a, b);
+  }
+  if (plan.lanes_on_cols) {
     const Range cols = split(plan.n_pad, plan.lanes * plan.groups, a);
     const Range rows = split(m, plan.groups, b);
     return {rows.begin, rows.end, cols.begin, cols.end};
   }
   const Range rows = split(m, plan.lanes * plan.groups, a);
-  if (plan.path == DensePath::Tiled) {
-    const Range cols = split(plan.n_pad, plan.groups, b);
-    return {rows.begin, rows.end, cols.begin, cols.end};
-  }
-  constexpr int64_t kBlock = 4 * Vec<T>::width;
-  const Range blocks = split(plan.n_pad / kBlock, plan.groups, b);
-  return {rows.begin, rows.end, blocks.begin * kBlock, blocks.end * kBlock};
-}
-
-// W entries of a row starting at `p` with stride `stride`, of which only `lanes` exist (the
-// rest read as 0).
-template <typename T>
-MF_EXT_INLINE typename Vec<T>::type load_chunk(const T* p, int64_t stride, int64_t lanes) {
-  constexpr int W = Vec<T>::width;
-  if (stride == 1 && lanes >= W) return simd::load(p);
-  alignas(64) T tmp[W] = {};
-  for (int64_t l = 0; l < std::min<int64_t>(lanes, W); ++l) tmp[l] = p[l * stride];
-  return simd::load(tmp);
+  const Range cols = split(plan.n_pad, plan.groups, b);
+  return {rows.begin, rows.end, cols.begin, cols.end};
 }
 
 template <typename T>
-MF_EXT_INLINE typename Vec<T>::type load_mask_chunk(const bool* p, int64_t stride, int64_t lanes) {
-  constexpr int W = Vec<T>::width;
-  if (stride == 1 && lanes >= W) return simd::load_mask<T>(p);
-  alignas(64) bool tmp[W] = {};
-  for (int64_t l = 0; l < std::min<int64_t>(lanes, W); ++l) tmp[l] = p[l * stride];
-  return simd::load_mask<T>(tmp);
-}
-
-template <typename T>
-MF_EXT_INLINE void store_chunk(T* p, int64_t stride, int64_t lanes, typename Vec<T>::type v) {
-  constexpr int W = Vec<T>::width;
-  if (stride == 1 && lanes >= W) return simd::store(p, v);
-  for (int64_t l = 0; l < std::min<int64_t>(lanes, W); ++l) p[l * stride] = v[l];
-}
-
-// Rows i .. i+NR−1 against one column tile [jt, jt + width). Several rows at once let every
-// load of Q and dQ feed NR multiply-adds instead of one.
-template <typename T, int NR, bool kGradP, bool kGradQ>
-MF_EXT_INLINE void process_rows(const DenseProblem<T>& pb, int64_t i, int64_t jt, int64_t width,
-                                T* dP, T* dQ, T* p, T* e_buf, double& loss, int64_t& count) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
-  constexpr int64_t kBlock = 4 * W;
-  const int64_t r = pb.r, n_pad = pb.n_pad;
-  const int64_t valid = pb.n - jt;  // real columns from jt on
-  const V zero = simd::broadcast<T>(0), one = simd::broadcast<T>(1), two = simd::broadcast<T>(2);
-
-  for (int t = 0; t < NR; ++t) {
-    for (int64_t k = 0; k < r; ++k) p[t * r + k] = pb.P[k * pb.P_s0 + (i + t) * pb.P_s1];
-  }
-
-  // Pass 1: prediction, masked error, loss, grad_R.
-  for (int64_t jj = 0; jj < width; jj += kBlock) {
-    V pred[NR][4];
-    for (int t = 0; t < NR; ++t) {
-      for (int u = 0; u < 4; ++u) pred[t][u] = zero;
-    }
-    const T* q = pb.Q + jt + jj;
-    for (int64_t k = 0; k < r; ++k, q += n_pad) {
-      V qv[4];
-      for (int u = 0; u < 4; ++u) qv[u] = simd::load(q + u * W);
-      for (int t = 0; t < NR; ++t) {
-        const V pk = simd::broadcast(p[t * r + k]);
-        for (int u = 0; u < 4; ++u) pred[t][u] += pk * qv[u];
-      }
-    }
-    for (int t = 0; t < NR; ++t) {
-      const int64_t row = i + t;
-      const T* R_row = pb.R + row * pb.R_s0 + jt * pb.R_s1;
-      const bool* M_row = pb.mask ? pb.mask + row * pb.M_s0 + jt * pb.M_s1 : nullptr;
-      T* G_row = pb.grad_R ? pb.grad_R + row * pb.G_s0 + jt * pb.G_s1 : nullptr;
-      V loss_v = zero, count_v = zero;
-      for (int u = 0; u < 4; ++u) {
-        const int64_t col = jj + u * W;
-        const int64_t lanes = valid - col;
-        const V rv = load_chunk(R_row + col * pb.R_s1, pb.R_s1, lanes);
-        const V observed = M_row ? load_mask_chunk<T>(M_row + col * pb.M_s1, pb.M_s1, lanes)
-                                 : (rv != zero ? one : zero);
-        // Multiply (not select) by the mask, as the reference does: NaN/Inf propagate alike.
-        V e = (rv - pred[t][u]) * observed;
-        if (lanes < W) {
-          for (int l = std::max<int64_t>(lanes, 0); l < W; ++l) e[l] = 0;  // padding
-        }
-        loss_v += e * e;
-        count_v += observed;
-        simd::store(e_buf + t * kTileCols + col, e);
-        if (G_row) store_chunk(G_row + col * pb.G_s1, pb.G_s1, lanes, two * e);
-      }
-      loss += static_cast<double>(simd::sum_lanes<T>(loss_v));
-      count += static_cast<int64_t>(simd::sum_lanes<T>(count_v));
-    }
-  }
-
-  // Pass 2: Σ_j e_j q_j into dP[:, i] and e_j p_i into dQ[:, j].
-  if constexpr (kGradP || kGradQ) {
-    const T* q = pb.Q + jt;
-    T* dq = kGradQ ? dQ + jt : nullptr;
-    for (int64_t k = 0; k < r; ++k, q += n_pad) {
-      V pk[NR], acc[NR];
-      for (int t = 0; t < NR; ++t) {
-        pk[t] = simd::broadcast(p[t * r + k]);
-        acc[t] = zero;
-      }
-      for (int64_t col = 0; col < width; col += W) {
-        const V qv = simd::load(q + col);
-        V dqv = kGradQ ? simd::load(dq + col) : zero;
-        for (int t = 0; t < NR; ++t) {
-          const V e = simd::load(e_buf + t * kTileCols + col);
-          if constexpr (kGradP) acc[t] += e * qv;
-          if constexpr (kGradQ) dqv += e * pk[t];
-        }
-        if constexpr (kGradQ) simd::store(dq + col, dqv);
-      }
-      if constexpr (kGradP) {
-        for (int t = 0; t < NR; ++t) {
-          dP[k * pb.dP_s0 + (i + t) * pb.dP_s1] += simd::sum_lanes<T>(acc[t]);
-        }
-      }
-      if constexpr (kGradQ) dq += n_pad;
-    }
-  }
-}
-
-// Per-thread buffers of a rowwise unit.
-template <typename T>
-struct RowwiseScratch {
-  static constexpr int kRows = 4;
-  std::vector<T> p, e_buf;
-  explicit RowwiseScratch(int64_t r) : p(kRows * r), e_buf(kRows * kTileCols) {}
-};
-
-template <typename T, bool kGradP, bool kGradQ>
-MF_EXT_INLINE void run_task(const DenseProblem<T>& pb, int64_t a, int64_t b,
-                            RowwiseScratch<T>& scratch, TaskResult& result) {
-  constexpr int kRows = RowwiseScratch<T>::kRows;
-  const DensePlan plan{DensePath::Rowwise, pb.n_pad, pb.groups, pb.lanes, 0};
-  const auto [i0, i1, j0, j1] = task_cells<T>(pb.m, plan, a, b);
-  T* dQ = kGradQ ? pb.dQ + (a / pb.groups) * pb.r * pb.n_pad : nullptr;  // this lane's
-  T* p = scratch.p.data();
-  T* e_buf = scratch.e_buf.data();
+MF_EXT_INLINE void run_rowwise(const DenseProblem<T>& pb, int64_t a, int64_t b,
+                               RowwiseScratch<T>& scratch, TaskResult& result) {
   double loss = 0;
   int64_t count = 0;
-  for (int64_t jt = j0; jt < j1; jt += kTileCols) {
-    const int64_t width = std::min(kTileCols, j1 - jt);  // a multiple of kBlock
-    int64_t i = i0;
-    for (; i + kRows <= i1; i += kRows) {
-      process_rows<T, kRows, kGradP, kGradQ>(pb, i, jt, width, pb.dP, dQ, p, e_buf, loss, count);
-    }
-    for (; i < i1; ++i) {
-      process_rows<T, 1, kGradP, kGradQ>(pb, i, jt, width, pb.dP, dQ, p, e_buf, loss, count);
-    }
-  }
+  run_rowwise_unit(pb, a, b, scratch, loss, count);
   result.loss = loss;
   result.count = count;
-}
-
-template <typename T>
-MF_EXT_INLINE void run_rowwise_unit(const DenseProblem<T>& pb, int64_t a, int64_t b,
-                                    RowwiseScratch<T>& scratch, TaskResult& result) {
-  const bool gP = pb.dP != nullptr, gQ = pb.dQ != nullptr;
-  if (gP && gQ) run_task<T, true, true>(pb, a, b, scratch, result);
-  else if (gP) run_task<T, true, false>(pb, a, b, scratch, result);
-  else if (gQ) run_task<T, false, true>(pb, a, b, scratch, result);
-  else run_task<T, false, false>(pb, a, b, scratch, result);
 }
 
 template <typename T>
@@ -347,11 +169,11 @@ MF_EXT_INLINE void run_tiled(const TiledProblem<T>& pb, const TaskCells& c, int6
 // Non-template entry points, so that each can be cloned per instruction set.
 MF_EXT_TARGET_CLONES void run_unit_float(const DenseProblem<float>& pb, int64_t a, int64_t b,
                                          RowwiseScratch<float>& s, TaskResult& result) {
-  run_rowwise_unit(pb, a, b, s, result);
+  run_rowwise(pb, a, b, s, result);
 }
 MF_EXT_TARGET_CLONES void run_unit_double(const DenseProblem<double>& pb, int64_t a, int64_t b,
                                           RowwiseScratch<double>& s, TaskResult& result) {
-  run_rowwise_unit(pb, a, b, s, result);
+  run_rowwise(pb, a, b, s, result);
 }
 MF_EXT_TARGET_CLONES void run_unit_float(const TiledProblem<float>& pb, const TaskCells& c,
                                          int64_t lane, float* E, TaskResult& result) {
@@ -394,26 +216,6 @@ inline LossAndScale total(const std::vector<TaskResult>& results, Reduction redu
   return {loss * scale, scale};
 }
 
-// R, the mask and grad_R as raw pointers and strides, for either path's problem struct (both
-// name these fields alike).
-template <typename T, typename Problem>
-void set_matrix_pointers(Problem& pb, const at::Tensor& R, const std::optional<at::Tensor>& mask,
-                         const at::Tensor& grad_R) {
-  pb.R = R.const_data_ptr<T>();
-  pb.R_s0 = R.stride(0);
-  pb.R_s1 = R.stride(1);
-  if (mask.has_value()) {
-    pb.mask = mask->const_data_ptr<bool>();
-    pb.M_s0 = mask->stride(0);
-    pb.M_s1 = mask->stride(1);
-  }
-  if (grad_R.defined()) {
-    pb.grad_R = grad_R.mutable_data_ptr<T>();
-    pb.G_s0 = grad_R.stride(0);
-    pb.G_s1 = grad_R.stride(1);
-  }
-}
-
 template <typename T>
 double rowwise_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
                     const std::optional<at::Tensor>& mask, Reduction reduction,
@@ -429,7 +231,7 @@ double rowwise_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& 
   pb.n = n;
   pb.n_pad = n_pad;
   pb.r = r;
-  set_matrix_pointers<T>(pb, R, mask, grad_R);
+  pb.set(R, mask, grad_R);
   pb.P = P.const_data_ptr<T>();
   pb.P_s0 = P.stride(0);
   pb.P_s1 = P.stride(1);
@@ -506,7 +308,7 @@ double tiled_impl(const at::Tensor& R, const at::Tensor& P, const at::Tensor& Q,
   pb.m = m;
   pb.n = n;
   pb.r = r;
-  set_matrix_pointers<T>(pb, R, mask, grad_R);
+  pb.set(R, mask, grad_R);
   at::Tensor P_copy, Q_copy;
   pb.P = factor_view<T>(P, P_copy);
   pb.Q = factor_view<T>(Q, Q_copy);

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "blas.h"
+#include "masked_mf_loss_cells.h"
 #include "simd.h"
 
 namespace mf_ext {
@@ -24,14 +25,8 @@ constexpr int64_t kTiledCols = 256;  // columns of a tile, at most; rows: TiledP
 // wanted) as BLAS views of either layout; each unit (rows [i0, i1), columns [j0, j1)) adds its
 // part of −2·dP, −2·dQ.
 template <typename T>
-struct TiledProblem {
+struct TiledProblem : DenseCells<T> {
   int64_t m, n, r;
-  const T* R;
-  int64_t R_s0, R_s1;
-  const bool* mask;  // nullptr: observed where R != 0
-  int64_t M_s0, M_s1;
-  T* grad_R;  // nullptr: not wanted
-  int64_t G_s0, G_s1;
   blas::Matrix<const T> P, Q;  // (r, m), (r, n)
   blas::Matrix<T> dP, dQ;      // (r, m), (r, n)
   int64_t tile_side;           // rows of a tile, at most (the tile buffer: tile_side × kTiledCols)
