@@ -84,7 +84,7 @@ struct DensePlan {
   int64_t groups;  // G: column groups; rows are cut into lanes · G groups
   int64_t lanes;   // K: each lane of G row groups has its own dQ accumulator
   int64_t side;    // tiled: the least side of a unit, and the most rows of a tile
-  bool lanes_on_cols = false;  // tiled, n > m: columns are cut into K·G groups, rows into G
+  bool lanes_on_cols = false;  // tiled, K > 1 and n > m: columns cut into K·G groups, rows G
 };
 
 inline const char* forced_dense_path() {
@@ -112,7 +112,7 @@ DensePlan plan_dense(int64_t m, int64_t n, int64_t r) {
     const int64_t groups = std::clamp<int64_t>(std::min(m, n) / side, 1, kMaxGroups);
     const int64_t lanes = std::clamp<int64_t>(
         std::min(std::max(m, n) / (side * groups), kMaxGroups / groups), 1, kMaxLanes);
-    return {DensePath::Tiled, n, groups, lanes, side, n > m};
+    return {DensePath::Tiled, n, groups, lanes, side, lanes > 1 && n > m};
   }
   // Rowwise: column groups of at least kTileCols (narrower ones spend more on the per-row
   // sums of dP than on the cells), then as many lanes as give every row group kRowwiseMinRows.
